@@ -1,0 +1,22 @@
+"""galore_optax: GaLore (Gradient Low-Rank Projection) as composable optax transforms."""
+
+from galore_optax.alias import galore_adafactor
+from galore_optax.alias import galore_adam
+from galore_optax.alias import galore_adamw
+from galore_optax.alias import galore_lamb
+from galore_optax.alias import galore_lion
+from galore_optax.alias import galore_sgd
+from galore_optax.inner import add_decoupled_weight_decay
+from galore_optax.inner import scale_by_reference_adam
+from galore_optax.memory import memory_report
+from galore_optax.memory import MemoryReport
+from galore_optax.projection import MatrixAxes
+from galore_optax.projection import PROJ_TYPES
+from galore_optax.targets import DEFAULT_EXCLUDE
+from galore_optax.targets import match_paths
+from galore_optax.targets import plan_leaves
+from galore_optax.transform import GaLoreProjector
+from galore_optax.transform import GaLoreState
+from galore_optax.transform import scale_by_galore
+
+__version__ = "0.1.0"

@@ -1,0 +1,211 @@
+"""Ready-made GaLore optimizers, named and shaped like optax's own aliases.
+
+Each takes ``learning_rate`` (a float or an optax schedule), its optimizer's own
+hyperparameters, and the GaLore keywords of :func:`galore_optax.scale_by_galore`:
+``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``targets``, ``matrix_axes``.
+Weight decay is always applied to the full weights, never in the subspace; ``mask`` (a
+pytree of bools or a callable on params) selects the leaves it applies to.
+
+With ``optax.inject_hyperparams`` list ``rank``, ``update_proj_gap`` and ``proj_type`` (and
+``targets`` or ``matrix_axes`` if they are callables) in ``static_args``; the learning rate,
+``scale`` and the float hyperparameters can then be changed between steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import optax
+
+from galore_optax import inner as inner_lib
+from galore_optax import targets as targets_lib
+from galore_optax.transform import scale_by_galore
+
+Mask = Optional[Any]
+
+
+def galore_adamw(
+    learning_rate: inner_lib.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+    *,
+    rank: targets_lib.RankSpec = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    targets: targets_lib.TargetsSpec = None,
+    matrix_axes: targets_lib.AxesSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GaLore-AdamW, step for step galore-torch's ``GaLoreAdamW``.
+
+  ``p <- (p - lr_t * c_t * scale * back(m / (sqrt(v) + eps))) * (1 - lr_t * weight_decay)``
+  with ``c_t = sqrt(1 - b2^t) / (1 - b1^t)``, Adam's moments ``m, v`` kept in the subspace
+  (:func:`galore_optax.scale_by_reference_adam`), and the reference defaults
+  (eps 1e-6, no weight decay).
+  """
+  return optax.chain(
+      scale_by_galore(
+          inner_lib.scale_by_reference_adam(b1=b1, b2=b2, eps=eps),
+          rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+          targets=targets, matrix_axes=matrix_axes),
+      optax.scale_by_learning_rate(learning_rate),
+      inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
+  )
+
+
+def galore_adam(
+    learning_rate: inner_lib.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    *,
+    rank: targets_lib.RankSpec = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    targets: targets_lib.TargetsSpec = None,
+    matrix_axes: targets_lib.AxesSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore-Adam: :func:`galore_adamw` without weight decay."""
+  return galore_adamw(
+      learning_rate, b1, b2, eps, 0.0, rank=rank, update_proj_gap=update_proj_gap,
+      scale=scale, proj_type=proj_type, targets=targets, matrix_axes=matrix_axes)
+
+
+def galore_sgd(
+    learning_rate: inner_lib.ScalarOrSchedule,
+    momentum: Optional[float] = None,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+    *,
+    rank: targets_lib.RankSpec = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    targets: targets_lib.TargetsSpec = None,
+    matrix_axes: targets_lib.AxesSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore-SGD: the momentum buffer (``optax.trace``) lives in the subspace.
+
+  Without ``momentum`` the subspace holds no state and the update is
+  ``-lr * scale * back(project(G))``, a projected gradient step.
+  """
+  inner = optax.identity() if momentum is None else optax.trace(decay=momentum, nesterov=nesterov)
+  return optax.chain(
+      scale_by_galore(
+          inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+          proj_type=proj_type, targets=targets, matrix_axes=matrix_axes),
+      optax.scale_by_learning_rate(learning_rate),
+      inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
+  )
+
+
+def galore_lion(
+    learning_rate: inner_lib.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+    *,
+    rank: targets_lib.RankSpec = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    targets: targets_lib.TargetsSpec = None,
+    matrix_axes: targets_lib.AxesSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore-Lion: ``optax.scale_by_lion`` (sign of interpolated momentum) in the subspace."""
+  return optax.chain(
+      scale_by_galore(
+          optax.scale_by_lion(b1=b1, b2=b2), rank=rank, update_proj_gap=update_proj_gap,
+          scale=scale, proj_type=proj_type, targets=targets, matrix_axes=matrix_axes),
+      optax.scale_by_learning_rate(learning_rate),
+      inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
+  )
+
+
+def _params_from_updates(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Gives ``tx`` the updates as params: for ``scale_by_factored_rms``, which reads only
+  their shapes and dtypes, in a subspace where the real params do not fit."""
+  return optax.GradientTransformation(tx.init, lambda u, s, params=None: tx.update(u, s, u))
+
+
+def galore_adafactor(
+    learning_rate: inner_lib.ScalarOrSchedule,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: Optional[float] = 1.0,
+    momentum: Optional[float] = None,
+    eps: float = 1e-30,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+    *,
+    rank: targets_lib.RankSpec = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    targets: targets_lib.TargetsSpec = None,
+    matrix_axes: targets_lib.AxesSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore-Adafactor: factored second moments of the low-rank gradient.
+
+  As in galore-torch's ``GaLoreAdafactor``, the factored statistics, the update clipping
+  and the optional momentum act on the projected gradient, and the finished update is
+  projected back. The parameter-scale factor ``max(1e-3, RMS(p))`` reads the full weights,
+  so it is applied after the back-projection. Defaults follow ``optax.adafactor``.
+  """
+  inner = [_params_from_updates(optax.scale_by_factored_rms(
+      factored=True, decay_rate=decay_rate, step_offset=decay_offset,
+      min_dim_size_to_factor=min_dim_size_to_factor, epsilon=eps))]
+  if clipping_threshold is not None:
+    inner.append(optax.clip_by_block_rms(clipping_threshold))
+  if momentum is not None:
+    inner.append(optax.ema(momentum, debias=False))
+  outer = [optax.scale_by_learning_rate(learning_rate)]
+  if multiply_by_parameter_scale:
+    outer.insert(0, optax.scale_by_param_block_rms())
+  return optax.chain(
+      scale_by_galore(
+          optax.chain(*inner), rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+          proj_type=proj_type, targets=targets, matrix_axes=matrix_axes),
+      *outer,
+      inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
+  )
+
+
+def galore_lamb(
+    learning_rate: inner_lib.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+    *,
+    rank: targets_lib.RankSpec = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    targets: targets_lib.TargetsSpec = None,
+    matrix_axes: targets_lib.AxesSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore-LAMB: Adam in the subspace; decay and trust ratio in the full space.
+
+  The back-projected Adam direction ``d`` becomes ``d + weight_decay * p`` and is rescaled
+  layer by layer by ``||p|| / ||d + weight_decay * p||`` (LAMB's trust ratio, computed on
+  full weights, as ``optax.lamb`` does).
+  """
+  return optax.chain(
+      scale_by_galore(
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank=rank,
+          update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+          targets=targets, matrix_axes=matrix_axes),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_trust_ratio(),
+      optax.scale_by_learning_rate(learning_rate),
+  )

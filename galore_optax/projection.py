@@ -1,0 +1,165 @@
+"""Projection math: a leaf seen as a batch of matrices, its low-rank basis, and the two projections.
+
+A targeted leaf of any shape is viewed as ``G`` of shape ``(*batch, m, n)``: the axes named as
+rows are flattened into ``m``, the axes named as columns into ``n``, and every other axis is a
+batch axis with a basis of its own (for example the layer axis of weights stacked for ``scan``).
+
+A basis has up to two factors, taken from the float32 SVD ``G = U S V^T``:
+
+- ``left = U_r``, shape ``(*batch, m, r)``;
+- ``right = V_r^T``, shape ``(*batch, r, n)`` (stored transposed, as galore-torch does).
+
+With only ``left``: ``R = left^T G`` (r x n) and back-projection ``left N``.
+With only ``right``: ``R = G right^T`` (m x r) and back-projection ``N right``.
+With both (``proj_type='full'``): ``R = left^T G right^T`` (r x r) and ``left N right``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+Axes = Union[int, Sequence[int]]
+
+
+class MatrixAxes(NamedTuple):
+  """Which axes of a leaf form the rows and which the columns of its matrix.
+
+  Axes not named are batch axes: each index along them gets its own basis.
+  For a Flax attention kernel stored as ``(embed, heads, head_dim)`` use
+  ``MatrixAxes(rows=0, cols=(1, 2))``; for MLP kernels stacked over layers as
+  ``(layers, d_in, d_out)`` use ``MatrixAxes(rows=1, cols=2)``.
+  """
+
+  rows: Axes = 0
+  cols: Axes = 1
+
+
+class MatrixView(NamedTuple):
+  """A static reshaping of one leaf into a batch of ``(m, n)`` matrices."""
+
+  shape: tuple[int, ...]
+  perm: tuple[int, ...]
+  batch_shape: tuple[int, ...]
+  m: int
+  n: int
+
+  def to_matrix(self, x: jax.Array) -> jax.Array:
+    """``x`` of ``shape`` -> ``(*batch_shape, m, n)``."""
+    return jnp.transpose(x, self.perm).reshape(self.batch_shape + (self.m, self.n))
+
+  def from_matrix(self, y: jax.Array) -> jax.Array:
+    """Inverse of :meth:`to_matrix`."""
+    permuted_shape = tuple(self.shape[a] for a in self.perm)
+    inverse = tuple(sorted(range(len(self.perm)), key=self.perm.__getitem__))
+    return jnp.transpose(y.reshape(permuted_shape), inverse)
+
+
+def _as_axes(axes: Axes, ndim: int) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(f"axis {a} is out of range for {ndim} axes")
+  return tuple(a % ndim for a in axes)
+
+
+def matrix_view(shape: Sequence[int], axes: MatrixAxes) -> MatrixView:
+  """Builds the view of a leaf of ``shape`` as matrices with rows/cols ``axes``.
+
+  Raises:
+    ValueError: if the axes are out of range, overlap or leave rows or columns empty.
+  """
+  shape = tuple(shape)
+  rows = _as_axes(axes.rows, len(shape))
+  cols = _as_axes(axes.cols, len(shape))
+  if not rows or not cols:
+    raise ValueError(f"rows {axes.rows} and cols {axes.cols} must each name at least one axis")
+  if set(rows) & set(cols) or len(set(rows)) < len(rows) or len(set(cols)) < len(cols):
+    raise ValueError(f"rows {axes.rows} and cols {axes.cols} must be distinct axes")
+  batch = tuple(a for a in range(len(shape)) if a not in rows + cols)
+  return MatrixView(
+      shape=shape,
+      perm=batch + rows + cols,
+      batch_shape=tuple(shape[a] for a in batch),
+      m=math.prod(shape[a] for a in rows),
+      n=math.prod(shape[a] for a in cols),
+  )
+
+
+def basis_sides(m: int, n: int, proj_type: str) -> tuple[bool, bool]:
+  """Returns ``(use_left, use_right)`` for an ``m x n`` matrix, by galore-torch's rules.
+
+  'std' keeps the basis on the smaller side, so the low-rank moments lie along the larger
+  one: ``m >= n`` -> right (``R`` is m x r), else left (``R`` is r x n). 'reverse_std'
+  chooses the other side; 'left' and 'right' force one; 'full' uses both.
+  """
+  if proj_type == "std":
+    return (False, True) if m >= n else (True, False)
+  if proj_type == "reverse_std":
+    return (True, False) if m >= n else (False, True)
+  if proj_type == "left":
+    return True, False
+  if proj_type == "right":
+    return False, True
+  if proj_type == "full":
+    return True, True
+  raise ValueError(f"unknown proj_type {proj_type!r}; expected one of {PROJ_TYPES}")
+
+
+def low_rank_shape(view: MatrixView, rank: int, use_left: bool, use_right: bool) -> tuple[int, ...]:
+  """Shape of the projected gradient ``R`` of a leaf."""
+  return view.batch_shape + (rank if use_left else view.m, rank if use_right else view.n)
+
+
+def canonical_signs(u: jax.Array, vt: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Flips singular pairs so that the largest-magnitude entry of each ``u_i`` is positive.
+
+  Singular vectors are defined up to a joint sign flip of ``(u_i, v_i)``, which LAPACK,
+  cuSOLVER and TPU kernels resolve differently. Fixing it makes the basis a deterministic
+  function of ``G``, so a run's trajectory does not depend on the SVD kernel.
+  ``u``: ``(*batch, m, k)``, ``vt``: ``(*batch, k, n)``.
+  """
+  pivot = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)  # (*batch, 1, k)
+  signs = jnp.sign(jnp.take_along_axis(u, pivot, axis=-2))
+  signs = jnp.where(signs == 0, 1, signs).astype(u.dtype)
+  return u * signs, vt * jnp.swapaxes(signs, -1, -2)
+
+
+def svd_basis(
+    g: jax.Array, rank: int, use_left: bool, use_right: bool
+) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+  """The top-``rank`` singular vectors of ``g`` (``(*batch, m, n)``), cast to ``g.dtype``.
+
+  The SVD runs in float32 (float64 if ``g`` is float64), whatever the dtype of ``g``, and
+  the signs are made canonical (:func:`canonical_signs`).
+  Returns ``(U_r, V_r^T)`` with ``None`` for an unused side.
+  """
+  work_dtype = jnp.promote_types(g.dtype, jnp.float32)
+  u, _, vt = jnp.linalg.svd(g.astype(work_dtype), full_matrices=False)
+  u, vt = canonical_signs(u[..., :, :rank], vt[..., :rank, :])
+  left = u.astype(g.dtype) if use_left else None
+  right = vt.astype(g.dtype) if use_right else None
+  return left, right
+
+
+def project(g: jax.Array, left: Optional[jax.Array], right: Optional[jax.Array]) -> jax.Array:
+  """``R = left^T G right^T``, skipping an absent factor."""
+  if left is not None:
+    g = jnp.matmul(jnp.swapaxes(left, -1, -2), g)
+  if right is not None:
+    g = jnp.matmul(g, jnp.swapaxes(right, -1, -2))
+  return g
+
+
+def project_back(n: jax.Array, left: Optional[jax.Array], right: Optional[jax.Array]) -> jax.Array:
+  """``left N right``, skipping an absent factor: the inverse map of :func:`project`."""
+  if left is not None:
+    n = jnp.matmul(left, n)
+  if right is not None:
+    n = jnp.matmul(n, right)
+  return n

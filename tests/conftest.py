@@ -1,0 +1,92 @@
+"""Shared helpers: a small params tree, gradient sequences and a float64 NumPy GaLore."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+def small_params(dtype=jnp.float32):
+  """A transformer-like tree: two matrices GaLore targets by default, and two it does not."""
+  rng = np.random.default_rng(0)
+  shapes = {"attn": {"kernel": (16, 8)}, "mlp": {"kernel": (8, 24), "bias": (24,)}, "embed": (30, 8)}
+  return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s), dtype), shapes,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def grad_sequence(params, steps, seed=1):
+  """Gradients that drift slowly, as real ones do, so successive bases differ moderately."""
+  rng = np.random.default_rng(seed)
+  drift = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
+  return [jax.tree.map(lambda d, p: jnp.asarray(d + 0.5 * rng.standard_normal(p.shape), p.dtype), drift, params)
+          for _ in range(steps)]
+
+
+def run(tx, params, grads, jit=True):
+  """Applies ``tx`` to ``grads`` in turn; returns the params after each step and the last state."""
+  def step(params, state, g):
+    updates, state = tx.update(g, state, params)
+    return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), state
+
+  step = jax.jit(step) if jit else step
+  state = tx.init(params)
+  trajectory = []
+  for g in grads:
+    params, state = step(params, state, g)
+    trajectory.append(params)
+  return trajectory, state
+
+
+def np_canonical(u, vt):
+  """The sign rule of galore_optax.projection.canonical_signs, in NumPy."""
+  idx = np.argmax(np.abs(u), axis=0)
+  signs = np.sign(u[idx, np.arange(u.shape[1])])
+  signs[signs == 0] = 1
+  return u * signs, vt * signs[:, None]
+
+
+def np_sides(m, n, proj_type):
+  return {"std": (m < n, m >= n), "reverse_std": (m >= n, m < n), "left": (True, False),
+          "right": (False, True), "full": (True, True)}[proj_type]
+
+
+def np_basis(g, rank, proj_type):
+  u, _, vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
+  u, vt = np_canonical(u[:, :rank], vt[:rank])
+  use_left, use_right = np_sides(*g.shape, proj_type)
+  return (u if use_left else None), (vt if use_right else None)
+
+
+def np_project(g, left, right):
+  r = np.asarray(g, np.float64)
+  r = left.T @ r if left is not None else r
+  return r @ right.T if right is not None else r
+
+
+def np_project_back(n, left, right):
+  n = left @ n if left is not None else n
+  return n @ right if right is not None else n
+
+
+def np_galore_adamw(p0, grads, *, rank, gap, scale, lr, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0,
+                    proj_type="std"):
+  """GaLore-AdamW on one matrix, in float64, written from the formulas (moments kept)."""
+  p = np.asarray(p0, np.float64)
+  m = v = left = right = None
+  out = []
+  for t, g in enumerate(grads):
+    if t % gap == 0:
+      left, right = np_basis(g, rank, proj_type)
+    r = np_project(g, left, right)
+    m = (1 - b1) * r if m is None else b1 * m + (1 - b1) * r
+    v = (1 - b2) * r**2 if v is None else b2 * v + (1 - b2) * r**2
+    c = np.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))
+    p = p - lr * scale * np_project_back(c * m / (np.sqrt(v) + eps), left, right)
+    p = p * (1 - lr * weight_decay)
+    out.append(p)
+  return out
+
+
+@pytest.fixture
+def params():
+  return small_params()

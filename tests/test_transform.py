@@ -1,0 +1,179 @@
+"""scale_by_galore and the aliases: the algorithm, targets, ranks, axes, state and jit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import galore_optax
+from conftest import grad_sequence, np_galore_adamw, run, small_params
+from galore_optax import MatrixAxes
+
+
+@pytest.mark.parametrize("proj_type", galore_optax.PROJ_TYPES)
+def test_galore_adamw_matches_float64_statement(params, proj_type):
+  grads = grad_sequence(params, 7)
+  hp = dict(rank=3, scale=0.5, lr=1e-2, weight_decay=0.05, proj_type=proj_type)
+  if proj_type == "full":
+    hp.update(b2=0.0, eps=0.1)  # see test_reference_parity: damp noise off the r x r diagonal
+  tx = galore_optax.galore_adamw(hp["lr"], b2=hp.get("b2", 0.999), eps=hp.get("eps", 1e-6),
+                                 weight_decay=hp["weight_decay"], rank=3, update_proj_gap=3,
+                                 scale=0.5, proj_type=proj_type)
+  trajectory, _ = run(tx, params, grads)
+  for name in ("attn", "mlp"):
+    ref = np_galore_adamw(params[name]["kernel"], [g[name]["kernel"] for g in grads], gap=3, **hp)
+    for t, (ours, want) in enumerate(zip(trajectory, ref)):
+      np.testing.assert_allclose(ours[name]["kernel"], want, atol=2e-5, err_msg=f"{name} step {t}")
+
+
+def test_untargeted_leaves_get_the_plain_inner_update(params):
+  grads = grad_sequence(params, 3)
+  galore, _ = run(galore_optax.galore_adamw(1e-2, rank=2), params, grads)
+  plain, _ = run(optax.chain(galore_optax.scale_by_reference_adam(), optax.scale_by_learning_rate(1e-2)),
+                 params, grads)
+  for leaf in (("embed",), ("mlp", "bias")):  # unscaled, full rank
+    get = lambda t: t[leaf[0]] if len(leaf) == 1 else t[leaf[0]][leaf[1]]
+    np.testing.assert_allclose(get(galore[-1]), get(plain[-1]), rtol=1e-6)
+  assert not np.allclose(galore[-1]["attn"]["kernel"], plain[-1]["attn"]["kernel"], rtol=1e-3)
+
+
+def test_refresh_happens_exactly_every_gap_steps(params):
+  tx = galore_optax.scale_by_galore(rank=2, update_proj_gap=3)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  bases = []
+  for g in grad_sequence(params, 8):
+    _, state = update(g, state)
+    bases.append(np.asarray(state.projector.right["attn"]["kernel"]))
+  changed = [t for t in range(1, 8) if not np.array_equal(bases[t], bases[t - 1])]
+  assert changed == [3, 6]
+  assert update._cache_size() == 1  # the refresh is a lax.cond, not a retrace
+
+
+def test_default_targets_skip_embeddings_heads_and_vectors():
+  params = {"tok_embed": jnp.ones((50, 8)), "wte": jnp.ones((50, 8)), "lm_head": {"kernel": jnp.ones((8, 50))},
+            "head": jnp.ones((8, 10)), "block": {"mlp": {"kernel": jnp.ones((8, 32)), "bias": jnp.ones(32)},
+                                                 "norm": {"scale": jnp.ones(8)}, "qkv": jnp.ones((2, 8, 8))}}
+  plans = galore_optax.plan_leaves(params, rank=4, proj_type="std")
+  targeted = [p.path for p in plans if p is not None]
+  assert targeted == ["block/mlp/kernel"]
+
+
+def test_targets_by_path_rule_bool_tree_and_callable(params):
+  by_rule = galore_optax.plan_leaves(params, rank=4, proj_type="std",
+                                     targets=galore_optax.match_paths(["attn", "embed"]))
+  assert [p.path for p in by_rule if p] == ["attn/kernel", "embed"]
+  flags = jax.tree.map(lambda _: False, params)
+  flags["mlp"]["kernel"] = True
+  by_tree = galore_optax.plan_leaves(params, rank=4, proj_type="std", targets=flags)
+  assert [p.path for p in by_tree if p] == ["mlp/kernel"]
+  by_callable = galore_optax.plan_leaves(params, rank=4, proj_type="std",
+                                         targets=lambda ps: jax.tree.map(lambda x: x.shape == (16, 8), ps))
+  assert [p.path for p in by_callable if p] == ["attn/kernel"]
+  # and the state follows: embed gets a basis only when targeted
+  state = galore_optax.scale_by_galore(rank=4, targets=galore_optax.match_paths("embed")).init(params)
+  assert state.projector.right["embed"].shape == (4, 8) and state.projector.right["attn"]["kernel"].size == 0
+
+
+def test_per_leaf_ranks_from_pytree_and_callable_are_clamped(params):
+  ranks = {"attn": {"kernel": 2}, "mlp": {"kernel": 100, "bias": None}, "embed": None}
+  state = galore_optax.scale_by_galore(rank=ranks).init(params)
+  assert state.projector.right["attn"]["kernel"].shape == (2, 8)
+  assert state.projector.left["mlp"]["kernel"].shape == (8, 8)  # clamped to min(8, 24)
+  assert state.inner_state.mu["mlp"]["kernel"].shape == (8, 24)
+  state = galore_optax.scale_by_galore(rank=lambda path, shape: 1 if "attn" in path else 3).init(params)
+  assert state.projector.right["attn"]["kernel"].shape == (1, 8)
+  assert state.projector.left["mlp"]["kernel"].shape == (8, 3)
+
+
+def test_attention_kernel_and_stacked_layers_with_matrix_axes():
+  rng = np.random.default_rng(7)
+  params = {"attn": jnp.asarray(rng.standard_normal((8, 2, 4)), jnp.float32),   # (embed, heads, head_dim)
+            "mlp": jnp.asarray(rng.standard_normal((3, 8, 16)), jnp.float32)}   # (layers, d_in, d_out)
+  axes = {"attn": MatrixAxes(rows=0, cols=(1, 2)), "mlp": MatrixAxes(rows=1, cols=2)}
+  tx = galore_optax.galore_adamw(1e-2, rank=2, update_proj_gap=2, matrix_axes=axes)
+  state = tx.init(params)
+  assert state[0].projector.right["attn"].shape == (2, 8)
+  assert state[0].projector.left["mlp"].shape == (3, 8, 2)  # one basis per layer
+  grads = grad_sequence(params, 5)
+  trajectory, _ = run(tx, params, grads)
+  for layer in range(3):  # each stacked layer behaves as its own GaLore matrix
+    ref = np_galore_adamw(params["mlp"][layer], [g["mlp"][layer] for g in grads], rank=2, gap=2,
+                          scale=0.25, lr=1e-2)
+    np.testing.assert_allclose(trajectory[-1]["mlp"][layer], ref[-1], atol=2e-5)
+  ref = np_galore_adamw(params["attn"].reshape(8, 8), [g["attn"].reshape(8, 8) for g in grads],
+                        rank=2, gap=2, scale=0.25, lr=1e-2)
+  np.testing.assert_allclose(trajectory[-1]["attn"].reshape(8, 8), ref[-1], atol=2e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: galore_optax.galore_adamw(0.05, weight_decay=0.01, **kw),
+    lambda **kw: galore_optax.galore_adam(0.05, **kw),
+    lambda **kw: galore_optax.galore_sgd(0.02, momentum=0.9, nesterov=True, **kw),
+    lambda **kw: galore_optax.galore_sgd(0.05, **kw),
+    lambda **kw: galore_optax.galore_adafactor(0.05, min_dim_size_to_factor=2, momentum=0.9, **kw),
+    lambda **kw: galore_optax.galore_lion(0.02, weight_decay=0.01, **kw),
+    lambda **kw: galore_optax.galore_lamb(0.05, weight_decay=0.01, **kw),
+], ids=["adamw", "adam", "sgd_nesterov", "sgd", "adafactor", "lion", "lamb"])
+def test_every_alias_minimises_a_quadratic_with_low_rank_state(make):
+  """Each alias trains: it lowers ||W - W*||^2 for targeted and other leaves alike."""
+  params = small_params()
+  target = jax.tree.map(lambda p: p + 1.0, params)
+  loss = lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target)))
+  tx = make(rank=4, update_proj_gap=5)
+  state = tx.init(params)
+  projector = optax.tree.get(state, "projector")  # found, and only once
+  assert isinstance(projector, galore_optax.GaLoreProjector)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  start = loss(params)
+  for _ in range(30):
+    params, state = step(params, state)
+  assert loss(params) < 0.9 * start
+  # targeted moments are low-rank
+  mu_like = [x for x in jax.tree.leaves(optax.tree.get(state, "inner_state")) if x.ndim == 2]
+  assert all(min(x.shape) <= 4 or x.shape == (30, 8) for x in mu_like)
+
+
+def test_lamb_trust_ratio_is_taken_in_full_space():
+  params = {"w": jnp.full((16, 8), 2.0)}
+  tx = galore_optax.galore_lamb(1.0, rank=2)
+  g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((16, 8)), jnp.float32)}
+  updates, _ = tx.update(g, tx.init(params), params)
+  # LAMB's defining property: the update's norm equals lr * ||p|| whatever the gradient.
+  np.testing.assert_allclose(jnp.linalg.norm(updates["w"]), jnp.linalg.norm(params["w"]), rtol=1e-5)
+
+
+def test_bfloat16_params_keep_their_dtype():
+  params = small_params(jnp.bfloat16)
+  trajectory, state = run(galore_optax.galore_adamw(1e-2, rank=4, update_proj_gap=2), params,
+                          grad_sequence(params, 3))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(trajectory[-1]))
+  assert state[0].projector.right["attn"]["kernel"].dtype == jnp.bfloat16
+  assert not np.array_equal(np.asarray(trajectory[-1]["attn"]["kernel"], np.float32),
+                            np.asarray(params["attn"]["kernel"], np.float32))
+
+
+def test_jit_with_donated_state(params):
+  tx = galore_optax.galore_adamw(1e-2, rank=4, update_proj_gap=2)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  donated = jax.jit(step, donate_argnums=(0, 1))
+  grads = grad_sequence(params, 4)
+  p, s = jax.tree.map(jnp.copy, params), tx.init(params)
+  for g in grads:
+    old_count = s[0].count
+    p, s = donated(p, s, g)
+    assert old_count.is_deleted()  # the buffers really were donated
+  expected, _ = run(tx, params, grads)
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(expected[-1])):
+    np.testing.assert_array_equal(a, b)
