@@ -55,17 +55,18 @@ class MemoryReport(NamedTuple):
     shown = rows if max_rows is None else rows[:max_rows]
     lines = [f"{'leaf':<40} {'shape':>16} {'params':>10} {'state':>10} {'adamw':>10}"]
     for l in shown:
-      lines.append(f"{l.path[-40:]:<40} {str(l.shape):>16} {_human(l.param_bytes):>10} "
-                   f"{_human(l.state_bytes):>10} {_human(l.adamw_bytes):>10}")
+      lines.append(f"{l.path[-40:]:<40} {str(l.shape):>16} {human_bytes(l.param_bytes):>10} "
+                   f"{human_bytes(l.state_bytes):>10} {human_bytes(l.adamw_bytes):>10}")
     if len(shown) < len(rows):
       lines.append(f"... {len(rows) - len(shown)} more leaves")
-    lines.append(f"{'total':<40} {'':>16} {_human(self.param_bytes):>10} "
-                 f"{_human(self.state_bytes):>10} {_human(self.adamw_bytes):>10}")
+    lines.append(f"{'total':<40} {'':>16} {human_bytes(self.param_bytes):>10} "
+                 f"{human_bytes(self.state_bytes):>10} {human_bytes(self.adamw_bytes):>10}")
     lines.append(f"optimizer state: {self.state_ratio:.1%} of AdamW's")
     return "\n".join(lines)
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+  """1536 -> '1.50K' (binary units)."""
   for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
     if n >= size:
       return f"{n / size:.2f}{unit}"

@@ -18,8 +18,8 @@ class GaLoreProjector(NamedTuple):
 
   For a targeted leaf seen as ``(*batch, m, n)`` matrices, ``left`` holds ``U_r``
   ``(*batch, m, r)`` and ``right`` holds ``V_r^T`` ``(*batch, r, n)`` where its projection
-  type uses that side. Unused entries, and all entries of leaves left alone, are empty
-  arrays of shape ``(0,)``.
+  type uses that side. Unused entries, and all entries of leaves left alone, are scalar
+  zeros.
   """
 
   left: optax.Updates
@@ -51,8 +51,9 @@ def _check_static_int(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be positive, got {value}")
 
 
-def _empty(dtype) -> jax.Array:
-  return jnp.zeros((0,), dtype)
+def _unused(dtype) -> jax.Array:
+  # A scalar, not a zero-size array: orbax refuses to save zero-size arrays.
+  return jnp.zeros((), dtype)
 
 
 def scale_by_galore(
@@ -115,13 +116,13 @@ def scale_by_galore(
     lefts, rights, proxies = [], [], []
     for leaf, p in zip(leaves, plan(params)):
       if p is None:
-        lefts.append(_empty(leaf.dtype))
-        rights.append(_empty(leaf.dtype))
+        lefts.append(_unused(leaf.dtype))
+        rights.append(_unused(leaf.dtype))
         proxies.append(leaf)
         continue
       v = p.view
-      lefts.append(jnp.zeros(v.batch_shape + (v.m, p.rank), leaf.dtype) if p.use_left else _empty(leaf.dtype))
-      rights.append(jnp.zeros(v.batch_shape + (p.rank, v.n), leaf.dtype) if p.use_right else _empty(leaf.dtype))
+      lefts.append(jnp.zeros(v.batch_shape + (v.m, p.rank), leaf.dtype) if p.use_left else _unused(leaf.dtype))
+      rights.append(jnp.zeros(v.batch_shape + (p.rank, v.n), leaf.dtype) if p.use_right else _unused(leaf.dtype))
       proxies.append(jnp.zeros(p.low_rank_shape, leaf.dtype))
     unflatten = treedef.unflatten
     return GaLoreState(

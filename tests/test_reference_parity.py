@@ -73,7 +73,7 @@ def _run_ours(p0, grads, *, proj_type, rank, gap, scale, lr, b1, b2, eps, weight
     params, state = step(params, state, {"w": jnp.asarray(g)})
     out.append(np.asarray(params["w"]))
     projector = state[0].projector
-    bases.append([np.asarray(b["w"]) for b in (projector.left, projector.right) if b["w"].size])
+    bases.append([np.asarray(b["w"]) for b in (projector.left, projector.right) if b["w"].ndim])
   return out, bases
 
 

@@ -73,7 +73,7 @@ def test_targets_by_path_rule_bool_tree_and_callable(params):
   assert [p.path for p in by_callable if p] == ["attn/kernel"]
   # and the state follows: embed gets a basis only when targeted
   state = galore_optax.scale_by_galore(rank=4, targets=galore_optax.match_paths("embed")).init(params)
-  assert state.projector.right["embed"].shape == (4, 8) and state.projector.right["attn"]["kernel"].size == 0
+  assert state.projector.right["embed"].shape == (4, 8) and state.projector.right["attn"]["kernel"].shape == ()
 
 
 def test_per_leaf_ranks_from_pytree_and_callable_are_clamped(params):

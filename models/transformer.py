@@ -1,0 +1,70 @@
+"""Pre-LayerNorm transformer blocks shared by GPT-2 and ViT.
+
+Parameter paths read ``blocks/<i>/attn/{qkv,proj}/kernel`` and ``blocks/<i>/mlp/{fc,proj}/kernel``,
+so the paper's GaLore rule (attention and MLP matrices only) is the regex :data:`GALORE_TARGETS`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Attention and MLP weight matrices; not embeddings, norms, biases or heads.
+GALORE_TARGETS = r"/(attn|mlp)/\w+/kernel$"
+
+
+def _dense(d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(std),
+                    bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with one fused ``qkv`` matrix (d, 3d) and an output ``proj`` (d, d)."""
+
+  def __init__(self, d_model: int, n_heads: int, *, causal: bool, out_std: float, rngs: nnx.Rngs):
+    if d_model % n_heads:
+      raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+    self.n_heads, self.causal = n_heads, causal
+    self.qkv = _dense(d_model, 3 * d_model, 0.02, rngs)
+    self.proj = _dense(d_model, d_model, out_std, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``x``: (batch, length, d_model) -> same shape."""
+    b, t, d = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.n_heads, d // self.n_heads), 3, axis=2)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+    return self.proj(out.reshape(b, t, d))
+
+
+class MLP(nnx.Module):
+  """``proj(gelu(fc(x)))`` with hidden width ``mlp_ratio * d_model``."""
+
+  def __init__(self, d_model: int, mlp_ratio: int, *, out_std: float, rngs: nnx.Rngs):
+    self.fc = _dense(d_model, mlp_ratio * d_model, 0.02, rngs)
+    self.proj = _dense(mlp_ratio * d_model, d_model, out_std, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.proj(jax.nn.gelu(self.fc(x), approximate=True))
+
+
+class Block(nnx.Module):
+  """``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
+
+  def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, n_layers: int, *, causal: bool,
+               rngs: nnx.Rngs):
+    out_std = 0.02 / (2 * n_layers) ** 0.5  # GPT-2's scaling of the residual projections
+    self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
+    self.attn = Attention(d_model, n_heads, causal=causal, out_std=out_std, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
+    self.mlp = MLP(d_model, mlp_ratio, out_std=out_std, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(self.ln1(x))
+    return x + self.mlp(self.ln2(x))
+
+
+def blocks(d_model: int, n_heads: int, mlp_ratio: int, n_layers: int, *, causal: bool,
+           rngs: nnx.Rngs) -> nnx.List:
+  return nnx.List([Block(d_model, n_heads, mlp_ratio, n_layers, causal=causal, rngs=rngs)
+                   for _ in range(n_layers)])

@@ -1,0 +1,72 @@
+"""ViT in Flax NNX: patch embedding, class token, learned positions, pre-norm encoder, linear head."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  image_size: int = 224
+  patch_size: int = 16
+  channels: int = 3
+  num_classes: int = 1000
+  d_model: int = 768
+  n_layers: int = 12
+  n_heads: int = 12
+  mlp_ratio: int = 4
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+PRESETS = {
+    "tiny": ViTConfig(image_size=8, patch_size=2, channels=1, num_classes=10, d_model=32,
+                      n_layers=2, n_heads=2),                                       # tests
+    "cpu": ViTConfig(image_size=8, patch_size=2, channels=1, num_classes=10, d_model=128,
+                     n_layers=4, n_heads=4),                                        # digits, the default run
+    "b16": ViTConfig(),                                                             # ViT-B/16
+}
+
+
+class ViT(nnx.Module):
+  """``images`` (batch, height, width, channels) float -> class logits (batch, num_classes)."""
+
+  def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+    if config.image_size % config.patch_size:
+      raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+    self.config = config
+    d = config.d_model
+    self.patch_embed = nnx.Linear(config.patch_size**2 * config.channels, d, rngs=rngs)
+    self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
+    self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, config.num_patches + 1, d)))
+    self.blocks = transformer.blocks(d, config.n_heads, config.mlp_ratio, config.n_layers,
+                                     causal=False, rngs=rngs)
+    self.ln = nnx.LayerNorm(d, rngs=rngs)
+    self.head = nnx.Linear(d, config.num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+  def patchify(self, images: jax.Array) -> jax.Array:
+    """(b, H, W, C) -> (b, num_patches, patch_size^2 C)."""
+    b, h, w, c = images.shape
+    cfg = self.config
+    if (h, w, c) != (cfg.image_size, cfg.image_size, cfg.channels):
+      raise ValueError(f"images of shape {(h, w, c)} do not fit the model's "
+                       f"{(cfg.image_size, cfg.image_size, cfg.channels)}")
+    p = cfg.patch_size
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = self.patch_embed(self.patchify(images))
+    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+    for block in self.blocks:
+      x = block(x)
+    return self.head(self.ln(x[:, 0]))

@@ -1,0 +1,116 @@
+"""The training CLI on tiny presets: every optimizer, outputs, resume, compare and bad input."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from train import config as config_lib
+from train.__main__ import main
+from train.loop import train
+
+TINY = dict(preset="tiny", steps=4, batch_size=4, seq_len=32, max_data_bytes=100_000, log_every=2,
+            eval_every=4, eval_batches=2, checkpoint_every=2, update_proj_gap=2)
+
+
+def _cfg(tmp_path, **kw):
+  return config_lib.TrainConfig(**{"task": "gpt2", "out": str(tmp_path / "run"), **TINY, **kw})
+
+
+@pytest.mark.parametrize("optimizer", sorted(config_lib.OPTIMIZERS))
+def test_a_few_steps_with_each_optimizer(tmp_path, optimizer):
+  result = train(_cfg(tmp_path, optimizer=optimizer, steps=3, eval_every=3), verbose=False)
+  s = result.summary
+  assert s["finished"] and s["steps"] == 3 and np.isfinite(s["val_loss"])
+  if optimizer.startswith("galore"):
+    assert s["optimizer_state_bytes"] < s["adamw_state_bytes"]
+    assert s["refresh"]["steps"] == [0, 2]
+
+
+def test_gpt2_run_writes_metrics_summary_config_and_plot(tmp_path):
+  cfg = _cfg(tmp_path, steps=40, eval_every=20, lr=3e-2)
+  result = train(cfg, verbose=False)
+  out = tmp_path / "run"
+  rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(2, 41, 2))
+  assert all({"step", "loss", "lr"} <= r.keys() for r in rows)
+  assert "val_loss" in rows[9] and "val_ppl" in rows[-1]
+  assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["val_loss"] == rows[-1]["val_loss"] == result.summary["val_loss"]
+  for key in ("final_train_loss", "tok_per_s", "optimizer_state_bytes", "adamw_state_bytes", "refresh",
+              "unigram_entropy"):
+    assert summary[key] is not None
+  assert summary["val_loss"] < summary["unigram_entropy"]
+  assert json.loads((out / "config.json").read_text())["rank"] == 16  # d_model // 4
+  assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vit_run_reports_accuracy(tmp_path):
+  cfg = config_lib.TrainConfig(task="vit", preset="tiny", steps=60, batch_size=32, eval_every=60, log_every=10,
+                               out=str(tmp_path / "vit"), lr=1e-2, scale=1.0, update_proj_gap=10)
+  s = train(cfg, verbose=False).summary
+  assert s["val_accuracy"] > 0.2  # well above chance (0.1) after 60 steps
+  assert "img_per_s" in s
+
+
+def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path):
+  whole = train(_cfg(tmp_path, out=str(tmp_path / "whole"), steps=6), verbose=False)
+  cfg = _cfg(tmp_path, out=str(tmp_path / "parts"), steps=6)
+  first = train(cfg, stop_after=3, verbose=False)
+  assert not first.summary["finished"]
+  resumed = train(config_lib.TrainConfig(**{**cfg.__dict__, "resume": True}), verbose=False)
+  assert resumed.summary["finished"]
+  for a, b in zip(jax.tree.leaves((whole.params, whole.opt_state)), jax.tree.leaves((resumed.params, resumed.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rows = [json.loads(l) for l in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [2, 3, 4, 6]  # the log continues where it stopped
+
+
+def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
+  out = tmp_path / "cmp"
+  args = ["gpt2", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
+          "--max-data-bytes", "100000", "--eval-every", "3", "--eval-batches", "1", "--out", str(out),
+          "--compare", "galore_adamw,adamw"]
+  assert main(args) == 0
+  table = (out / "compare.md").read_text()
+  assert "| galore_adamw |" in table and "| adamw |" in table
+  assert (out / "compare.png").exists() and (out / "galore_adamw" / "summary.json").exists()
+  assert "| adamw |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "unknown gpt2 preset 'huge'"),
+    (["--optimizer", "adamx"], "unknown optimizer 'adamx'"),
+    (["--rank", "1000"], "--rank 1000 is larger than the matrix 'blocks/0/attn/proj/kernel' (64 x 64)"),
+    (["--data", "/nonexistent/corpus"], "data path '/nonexistent/corpus' does not exist"),
+    (["--seq-len", "4096"], "--seq-len 4096 exceeds the max_len of preset 'tiny', 128"),
+    (["--compare", "galore_adamw,nope"], "unknown optimizer 'nope'"),
+])
+def test_bad_input_stops_before_training(tmp_path, capsys, args, message):
+  out = tmp_path / "bad"
+  assert main(["gpt2", "--preset", "tiny", "--steps", "2", "--out", str(out), *args]) == 2
+  assert message in capsys.readouterr().err
+  assert not (out / "metrics.jsonl").exists()
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(tmp_path, capsys):
+  out = str(tmp_path / "run")
+  base = ["gpt2", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "32",
+          "--max-data-bytes", "100000", "--eval-batches", "1", "--out", out]
+  assert main(base) == 0
+  assert main([*base, "--resume", "--rank", "8"]) == 2
+  assert "from another config (rank: checkpoint 16 vs now 8)" in capsys.readouterr().err
+  assert main([*base[:-2], "--out", str(tmp_path / "empty"), "--resume"]) == 2
+  assert "--resume: no checkpoint in" in capsys.readouterr().err
+
+
+def test_module_entry_point(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "train", "vit", "--preset", "tiny", "--steps", "2", "--batch-size", "8",
+       "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert "validation loss" in proc.stdout and "AdamW would hold" in proc.stdout

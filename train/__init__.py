@@ -1,0 +1,1 @@
+"""Training CLI: ``python -m train gpt2`` / ``python -m train vit``."""

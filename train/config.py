@@ -1,0 +1,111 @@
+"""Training configuration: one dataclass, with per-task defaults and the optimizer registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import optax
+
+import galore_optax
+from models import gpt2, vit
+
+TASKS = ("gpt2", "vit")
+MODEL_PRESETS = {"gpt2": gpt2.PRESETS, "vit": vit.PRESETS}
+
+# name -> (factory, default peak learning rate, takes GaLore keywords)
+OPTIMIZERS = {
+    "galore_adamw": (galore_optax.galore_adamw, 1e-2, True),
+    "galore_adam": (galore_optax.galore_adam, 1e-2, True),
+    "galore_sgd": (lambda lr, **kw: galore_optax.galore_sgd(lr, momentum=0.9, **kw), 0.3, True),
+    "galore_adafactor": (galore_optax.galore_adafactor, 1e-2, True),
+    "galore_lion": (galore_optax.galore_lion, 1e-3, True),
+    "galore_lamb": (galore_optax.galore_lamb, 1e-2, True),
+    "adamw": (optax.adamw, 3e-3, False),
+    "adam": (optax.adam, 3e-3, False),
+    "sgd": (lambda lr, **kw: optax.sgd(lr, momentum=0.9, **kw), 0.1, False),
+    "adafactor": (optax.adafactor, 1e-2, False),
+    "lion": (optax.lion, 3e-4, False),
+    "lamb": (optax.lamb, 3e-3, False),
+}
+WEIGHT_DECAY_KW = {"adam", "galore_adam", "adafactor"}  # these take no weight_decay keyword
+# Sized so that the default run of each task takes a few minutes on a 2-core CPU.
+TASK_DEFAULTS = {"gpt2": dict(steps=800, batch_size=16, data="stdlib"),
+                 "vit": dict(steps=400, batch_size=64, data="digits")}
+
+
+def _field(default, help_text: str):
+  return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything that defines a run; saved as ``DIR/config.json``."""
+
+  task: str = _field("gpt2", "gpt2 or vit")
+  preset: str = _field("cpu", "model size: see models.GPT2_PRESETS / VIT_PRESETS")
+  optimizer: str = _field("galore_adamw", "one of " + ", ".join(OPTIMIZERS))
+  rank: Optional[int] = _field(None, "GaLore rank r (default: d_model // 4)")
+  update_proj_gap: int = _field(50, "GaLore T: steps between subspace refreshes")
+  scale: float = _field(0.25, "GaLore alpha: scale of the back-projected update")
+  proj_type: str = _field("std", "GaLore projection: std, reverse_std, left, right or full")
+  lr: Optional[float] = _field(None, "peak learning rate (default: per optimizer)")
+  schedule: str = _field("cosine", "cosine (linear warmup, cosine to 10%%) or constant")
+  warmup_steps: Optional[int] = _field(None, "warmup steps (default: 10%% of steps)")
+  weight_decay: float = _field(0.0, "decoupled weight decay on matrices")
+  clip: float = _field(1.0, "global gradient-norm clipping; 0 turns it off")
+  steps: Optional[int] = _field(None, "training steps (default: 800 for gpt2, 400 for vit)")
+  batch_size: Optional[int] = _field(None, "sequences or images per step (default: 16 for gpt2, 64 for vit)")
+  seq_len: int = _field(128, "tokens per sequence (gpt2)")
+  data: Optional[str] = _field(None, "stdlib or digits (the defaults), a local path, or hf:NAME[:CONFIG]")
+  max_data_bytes: int = _field(8 * 2**20, "read at most this much text")
+  seed: int = _field(0, "seed of the initialisation and of the batch order")
+  out: Optional[str] = _field(None, "output directory (default: runs/<task>)")
+  resume: bool = _field(False, "continue from the latest checkpoint in --out")
+  log_every: int = _field(10, "steps between progress lines and metrics rows")
+  eval_every: int = _field(50, "steps between evaluations")
+  eval_batches: int = _field(8, "validation batches per evaluation (gpt2)")
+  checkpoint_every: int = _field(100, "steps between checkpoints")
+  keep_checkpoints: int = _field(2, "checkpoints kept")
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"unknown task {self.task!r}; choose one of {TASKS}")
+    presets = MODEL_PRESETS[self.task]
+    if self.preset not in presets:
+      raise ValueError(f"unknown {self.task} preset {self.preset!r}; choose one of {sorted(presets)}")
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+    if self.proj_type not in galore_optax.PROJ_TYPES:
+      raise ValueError(f"unknown proj_type {self.proj_type!r}; choose one of {galore_optax.PROJ_TYPES}")
+    if self.schedule not in ("cosine", "constant"):
+      raise ValueError(f"unknown schedule {self.schedule!r}; choose 'cosine' or 'constant'")
+    for name, default in TASK_DEFAULTS[self.task].items():
+      if getattr(self, name) is None:
+        setattr(self, name, default)
+    for name in ("steps", "batch_size", "seq_len", "update_proj_gap", "log_every", "eval_every",
+                 "checkpoint_every", "eval_batches", "keep_checkpoints"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+    if self.rank is not None and self.rank <= 0:
+      raise ValueError(f"--rank must be positive, got {self.rank}")
+    self.out = self.out or f"runs/{self.task}"
+    self.rank = self.rank or self.model_config.d_model // 4
+    self.lr = self.lr or OPTIMIZERS[self.optimizer][1]
+    if self.warmup_steps is None:
+      self.warmup_steps = max(self.steps // 10, 1)
+
+  @property
+  def model_config(self):
+    return MODEL_PRESETS[self.task][self.preset]
+
+  @property
+  def uses_galore(self) -> bool:
+    return OPTIMIZERS[self.optimizer][2]
+
+  def identity(self) -> dict:
+    """The fields a checkpoint must agree on to be resumed."""
+    keep = ("task", "preset", "optimizer", "rank", "update_proj_gap", "proj_type", "batch_size",
+            "seq_len", "data", "seed", "steps", "schedule", "lr", "warmup_steps", "weight_decay",
+            "scale", "clip")
+    return {k: getattr(self, k) for k in keep}

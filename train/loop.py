@@ -1,0 +1,278 @@
+"""The training loop: one jitted, donated train step over pytrees; eval, logs, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import galore_optax
+from models import GALORE_TARGETS, GPT2, ViT
+from train import data as data_lib
+from train import report
+from train.checkpoint import Checkpointer
+from train.config import OPTIMIZERS, WEIGHT_DECAY_KW, TrainConfig
+
+
+class ConfigError(ValueError):
+  """The run cannot start as configured; the message says why."""
+
+
+# --------------------------------------------------------------------------- building
+
+def load_data(cfg: TrainConfig):
+  if cfg.task == "gpt2":
+    return data_lib.load_text(cfg.data, cfg.max_data_bytes)
+  mc = cfg.model_config
+  return data_lib.load_images(cfg.data, mc.image_size, mc.channels)
+
+
+def build_model(cfg: TrainConfig, data) -> nnx.Module:
+  rngs = nnx.Rngs(cfg.seed)
+  if cfg.task == "gpt2":
+    mc = dataclasses.replace(cfg.model_config, vocab_size=data.vocab_size)
+    if cfg.seq_len > mc.max_len:
+      raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the max_len of preset {cfg.preset!r}, {mc.max_len}")
+    return GPT2(mc, rngs=rngs)
+  return ViT(dataclasses.replace(cfg.model_config, num_classes=data.num_classes), rngs=rngs)
+
+
+def galore_targets():
+  return galore_optax.match_paths(GALORE_TARGETS)
+
+
+def build_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformation:
+  """The optimizer named by ``cfg``, behind global-norm clipping, with warmup + cosine."""
+  if cfg.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1),
+                                            end_value=0.1 * cfg.lr)
+  else:
+    lr = optax.constant_schedule(cfg.lr)
+  factory, _, uses_galore = OPTIMIZERS[cfg.optimizer]
+  kwargs: dict[str, Any] = {}
+  if cfg.weight_decay:
+    if cfg.optimizer in WEIGHT_DECAY_KW:
+      raise ConfigError(f"--optimizer {cfg.optimizer} takes no weight decay; use its 'w' variant")
+    kwargs.update(weight_decay=cfg.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+  if uses_galore:
+    plans = galore_optax.plan_leaves(params, rank=cfg.rank, proj_type=cfg.proj_type, targets=galore_targets())
+    for plan in filter(None, plans):
+      if cfg.rank > min(plan.view.m, plan.view.n):
+        raise ConfigError(f"--rank {cfg.rank} is larger than the matrix {plan.path!r} "
+                          f"({plan.view.m} x {plan.view.n}); choose at most {min(plan.view.m, plan.view.n)}")
+    kwargs.update(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
+                  proj_type=cfg.proj_type, targets=galore_targets())
+  tx = factory(lr, **kwargs)
+  if cfg.clip:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), tx)
+  return tx, lr
+
+
+def lm_loss(model, batch):
+  inputs, targets = batch
+  logits = model(inputs)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+  return loss, {}
+
+
+def classifier_loss(model, batch):
+  images, labels = batch
+  logits = model(images)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+  return loss, {"accuracy": (logits.argmax(-1) == labels).mean()}
+
+
+def make_steps(graphdef, tx, loss_fn: Callable):
+  """``train_step(params, opt_state, batch)`` (jitted, params and state donated) and ``eval_step``."""
+
+  def train_step(params, opt_state, batch):
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch), has_aux=True)
+    (loss, _), grads = grad_fn(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  def eval_step(params, batch):
+    return loss_fn(nnx.merge(graphdef, params), batch)
+
+  return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step)
+
+
+# --------------------------------------------------------------------------- running
+
+class Progress:
+  """One line per log step: a bar, loss, lr, throughput and ETA (redrawn in place on a TTY)."""
+
+  def __init__(self, total: int, unit: str):
+    self.total, self.unit, self.tty = total, unit, sys.stdout.isatty()
+
+  def show(self, step: int, loss: float, lr: float, rate: float, eta_s: float) -> None:
+    filled = int(20 * step / self.total)
+    line = (f"[{'#' * filled}{'.' * (20 - filled)}] {step:>5}/{self.total}  loss {loss:.4f}  "
+            f"lr {lr:.2e}  {rate / 1000:.1f}k {self.unit}/s  ETA {int(eta_s) // 60}:{int(eta_s) % 60:02d}")
+    print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+  def note(self, text: str) -> None:
+    print(("\n" if self.tty else "") + text, flush=True)
+
+
+def evaluate(cfg: TrainConfig, eval_step, params, data) -> dict:
+  if cfg.task == "gpt2":
+    batches = data_lib.eval_text_batches(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+  else:
+    batches = data_lib.eval_image_batches(data.val_x, data.val_y, cfg.batch_size)
+  losses, accs = [], []
+  for batch in batches:
+    loss, aux = eval_step(params, batch)
+    losses.append(float(loss))
+    accs.append(float(aux.get("accuracy", np.nan)))
+  if not losses:
+    raise ConfigError("the validation split is smaller than one batch; lower --batch-size or --seq-len")
+  out = {"val_loss": float(np.mean(losses))}
+  if cfg.task == "gpt2":
+    out["val_ppl"] = math.exp(out["val_loss"])
+  else:
+    out["val_accuracy"] = float(np.mean(accs))
+  return out
+
+
+def _batch(cfg: TrainConfig, data, step: int):
+  if cfg.task == "gpt2":
+    return data_lib.text_batch(data.train, step, cfg.batch_size, cfg.seq_len, cfg.seed)
+  return data_lib.image_batch(data.train_x, data.train_y, step, cfg.batch_size, cfg.seed)
+
+
+def _read_metrics(path: pathlib.Path, upto: int) -> list[dict]:
+  if not path.exists():
+    return []
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in rows if r["step"] <= upto]
+
+
+class RunResult(NamedTuple):
+  summary: dict  # as written to DIR/summary.json
+  params: Any
+  opt_state: Any
+
+
+def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = True) -> RunResult:
+  """Runs (or resumes) the training ``cfg`` describes.
+
+  ``stop_after`` ends this invocation after that many steps, with a checkpoint, as a
+  preempted job would; ``--resume`` then continues it.
+  """
+  out = pathlib.Path(cfg.out)
+  data = load_data(cfg)
+  model = build_model(cfg, data)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  tx, schedule = build_optimizer(cfg, params)
+  opt_state = tx.init(params)
+  memory = galore_optax.memory_report(params, tx)
+
+  out.mkdir(parents=True, exist_ok=True)
+  checkpointer = Checkpointer(out, cfg.checkpoint_every, cfg.keep_checkpoints, fresh=not cfg.resume)
+  start = 0
+  if cfg.resume:
+    params, opt_state, meta = checkpointer.restore(params, opt_state, cfg.identity())
+    start = meta["step"]
+  (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+  metrics_path = out / "metrics.jsonl"
+  history = _read_metrics(metrics_path, start) if cfg.resume else []
+  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+  unit, per_step = ("tok", cfg.batch_size * cfg.seq_len) if cfg.task == "gpt2" else ("img", cfg.batch_size)
+  train_step, eval_step = make_steps(graphdef, tx, lm_loss if cfg.task == "gpt2" else classifier_loss)
+  progress = Progress(cfg.steps, unit)
+  if verbose:
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"{cfg.task} preset {cfg.preset!r}: {n_params / 1e6:.2f}M params; data: {data.description}")
+    print(f"optimizer {cfg.optimizer}" + (f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {cfg.scale}, "
+                                          f"{cfg.proj_type})" if cfg.uses_galore else "")
+          + f": state {report.human_bytes(memory.state_bytes)} vs AdamW's "
+            f"{report.human_bytes(memory.adamw_bytes)} ({memory.state_ratio:.0%})"
+          + (f"; resuming at step {start}" if start else ""))
+
+  end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+  step_times, refresh_times, window = [], [], []
+  t_begin = time.perf_counter()
+  with open(metrics_path, "a") as log:
+    for step in range(start, end):
+      t0 = time.perf_counter()
+      params, opt_state, loss = train_step(params, opt_state, _batch(cfg, data, step))
+      loss = float(loss)
+      dt = time.perf_counter() - t0
+      if not math.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
+      if step > start:  # the first step compiles
+        step_times.append(dt)
+        if cfg.uses_galore and step % cfg.update_proj_gap == 0:
+          refresh_times.append(dt)
+      window.append(loss)
+      done = step + 1
+      row = None
+      if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == end:
+        rate = per_step / np.median(step_times) if step_times else 0.0
+        row = {"step": done, "loss": float(np.mean(window)), "lr": float(schedule(step)),
+               f"{unit}_per_s": rate}
+        window = []
+        if verbose:
+          progress.show(done, row["loss"], row["lr"], rate, (cfg.steps - done) * (np.median(step_times) if step_times else 0))
+      if done % cfg.eval_every == 0 or done == cfg.steps:
+        row.update(evaluate(cfg, eval_step, params, data))
+        if verbose:
+          progress.note("  eval " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val")))
+      if row:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        history.append(row)
+      meta = {"step": done, "config": cfg.identity(), "rng": {"seed": cfg.seed, "data_position": done}}
+      checkpointer.maybe_save(done, params, opt_state, meta, force=done == end)
+  checkpointer.close()
+
+  summary = _summary(cfg, data, history, memory, step_times, refresh_times, time.perf_counter() - t_begin,
+                     per_step, unit, finished=end == cfg.steps)
+  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  report.plot_losses({cfg.optimizer: history}, out / "loss.png", f"{cfg.task} {cfg.preset}",
+                     report.entropy_line(summary))
+  if verbose:
+    print(report.describe_summary(summary))
+  return RunResult(summary, params, opt_state)
+
+
+def _summary(cfg, data, history, memory, step_times, refresh_times, wall, per_step, unit, finished):
+  evals = [r for r in history if "val_loss" in r]
+  median = float(np.median(step_times)) if step_times else float("nan")
+  summary = {
+      "task": cfg.task, "preset": cfg.preset, "optimizer": cfg.optimizer, "finished": finished,
+      "steps": history[-1]["step"] if history else 0,
+      "final_train_loss": history[-1]["loss"] if history else None,
+      **({k: v for k, v in evals[-1].items() if k.startswith("val")} if evals else {}),
+      f"{unit}_per_s": per_step / median if step_times else None,
+      "median_step_ms": 1000 * median,
+      "wall_time_s": wall,
+      "param_bytes": memory.param_bytes,
+      "optimizer_state_bytes": memory.state_bytes,
+      "adamw_state_bytes": memory.adamw_bytes,
+      "optimizer_state_vs_adamw": memory.state_ratio,
+  }
+  if cfg.task == "gpt2":
+    summary["unigram_entropy"] = data_lib.unigram_entropy(data.train)
+  if cfg.uses_galore:
+    summary["refresh"] = {
+        "every": cfg.update_proj_gap,
+        "steps": [s for s in range(0, summary["steps"], cfg.update_proj_gap)],
+        "mean_refresh_step_ms": 1000 * float(np.mean(refresh_times)) if refresh_times else None,
+        "amortised_overhead": (float(np.mean(refresh_times)) / median - 1) / cfg.update_proj_gap
+        if refresh_times else None,
+    }
+  return summary

@@ -1,0 +1,70 @@
+"""What a run shows a person: the summary in words, loss plots, the comparison table."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt
+
+from galore_optax.memory import human_bytes
+
+
+def plot_losses(histories: dict[str, list[dict]], path: pathlib.Path, title: str,
+                baseline: Optional[tuple[str, float]] = None) -> None:
+  """Train loss (lines) and validation loss (markers) of one or more runs against step,
+  with an optional horizontal ``(label, value)`` line such as the data's unigram entropy."""
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  if baseline is not None:
+    ax.axhline(baseline[1], color="gray", linestyle=":", label=baseline[0])
+  for i, (name, rows) in enumerate(histories.items()):
+    color = f"C{i}"
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, alpha=0.8, label=f"{name} train")
+    evals = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--", color=color, label=f"{name} val")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def entropy_line(summary: dict) -> Optional[tuple[str, float]]:
+  if "unigram_entropy" not in summary:
+    return None
+  return "unigram entropy of the data", summary["unigram_entropy"]
+
+
+def describe_summary(s: dict) -> str:
+  lines = [f"done: {s['steps']} steps of {s['optimizer']} in {s['wall_time_s']:.0f}s"
+           f" ({s['median_step_ms']:.1f} ms/step)"]
+  if "val_ppl" in s:
+    lines.append(f"validation loss {s['val_loss']:.4f} nats (perplexity {s['val_ppl']:.2f}); "
+                 f"unigram entropy of the data {s['unigram_entropy']:.4f} nats")
+  elif "val_accuracy" in s:
+    lines.append(f"validation loss {s['val_loss']:.4f}, accuracy {s['val_accuracy']:.1%}")
+  lines.append(f"optimizer state {human_bytes(s['optimizer_state_bytes'])}, AdamW would hold "
+               f"{human_bytes(s['adamw_state_bytes'])} ({s['optimizer_state_vs_adamw']:.0%}); "
+               f"params {human_bytes(s['param_bytes'])}")
+  refresh = s.get("refresh")
+  if refresh and refresh["mean_refresh_step_ms"]:
+    lines.append(f"{len(refresh['steps'])} subspace refreshes (every {refresh['every']} steps): a refresh step "
+                 f"took {refresh['mean_refresh_step_ms']:.1f} ms, {refresh['amortised_overhead']:+.1%} "
+                 f"per step amortised")
+  return "\n".join(lines)
+
+
+def compare_table(summaries: dict[str, dict]) -> str:
+  """A Markdown table of final validation loss, optimizer-state bytes and step time."""
+  metric = "val_ppl" if any("val_ppl" in s for s in summaries.values()) else "val_accuracy"
+  head = ("| optimizer | final val loss | " + ("val ppl" if metric == "val_ppl" else "val accuracy")
+          + " | optimizer state | vs AdamW | ms/step |\n|---|---|---|---|---|---|")
+  rows = [f"| {name} | {s['val_loss']:.4f} | {s[metric]:.4g} | {human_bytes(s['optimizer_state_bytes'])} | "
+          f"{s['optimizer_state_vs_adamw']:.0%} | {s['median_step_ms']:.1f} |" for name, s in summaries.items()]
+  return "\n".join([head, *rows])
