@@ -139,11 +139,12 @@ def scale_by_galore(
     old_lefts = treedef.flatten_up_to(state.projector.left)
     old_rights = treedef.flatten_up_to(state.projector.right)
 
-    lefts, rights, low = [], [], []
+    lefts, rights, bases, low = [], [], [], []
     for g, p, old_left, old_right in zip(leaves, plans, old_lefts, old_rights):
       if p is None:
         lefts.append(old_left)
         rights.append(old_right)
+        bases.append(None)
         low.append(g)
         continue
       g2 = p.view.to_matrix(g)
@@ -156,17 +157,18 @@ def scale_by_galore(
       left, right = jax.lax.cond(refresh, fresh, lambda l=old_left, r=old_right: (l, r))
       lefts.append(left)
       rights.append(right)
-      low.append(projection.project(g2, left if p.use_left else None, right if p.use_right else None))
+      bases.append((left if p.use_left else None, right if p.use_right else None))
+      low.append(projection.project(g2, *bases[-1]))
 
     inner_updates, inner_state = inner.update(
         treedef.unflatten(low), state.inner_state, None, **extra_args)
 
     out = []
-    for g, p, n, left, right in zip(leaves, plans, treedef.flatten_up_to(inner_updates), lefts, rights):
+    for g, p, n, basis in zip(leaves, plans, treedef.flatten_up_to(inner_updates), bases):
       if p is None:
         out.append(n)
         continue
-      back = projection.project_back(n, left if p.use_left else None, right if p.use_right else None)
+      back = projection.project_back(n, *basis)
       out.append((scale * p.view.from_matrix(back)).astype(g.dtype))
 
     new_state = GaLoreState(
