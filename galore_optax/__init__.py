@@ -10,13 +10,20 @@ from galore_optax.inner import add_decoupled_weight_decay
 from galore_optax.inner import scale_by_reference_adam
 from galore_optax.memory import memory_report
 from galore_optax.memory import MemoryReport
+from galore_optax.moments import MOMENT_POLICIES
 from galore_optax.projection import MatrixAxes
+from galore_optax.rank import adaptive_ranks
 from galore_optax.projection import PROJ_TYPES
+from galore_optax.subspace import LazyRefresh
+from galore_optax.subspace import RandomizedSVD
+from galore_optax.subspace import SVD_METHODS
 from galore_optax.targets import DEFAULT_EXCLUDE
 from galore_optax.targets import match_paths
 from galore_optax.targets import plan_leaves
 from galore_optax.transform import GaLoreProjector
 from galore_optax.transform import GaLoreState
+from galore_optax.transform import refresh_stats
+from galore_optax.transform import RefreshState
 from galore_optax.transform import scale_by_galore
 
 __version__ = "0.1.0"

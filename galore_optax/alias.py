@@ -2,7 +2,8 @@
 
 Each takes ``learning_rate`` (a float or an optax schedule), its optimizer's own
 hyperparameters, and the GaLore keywords of :func:`galore_optax.scale_by_galore`:
-``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``targets``, ``matrix_axes``.
+``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``targets``, ``matrix_axes``, ``svd``,
+``moments`` and ``lazy_refresh``.
 Weight decay is always applied to the full weights, never in the subspace; ``mask`` (a
 pytree of bools or a callable on params) selects the leaves it applies to.
 
@@ -18,6 +19,7 @@ from typing import Any, Optional
 import optax
 
 from galore_optax import inner as inner_lib
+from galore_optax import subspace
 from galore_optax import targets as targets_lib
 from galore_optax.transform import scale_by_galore
 
@@ -38,6 +40,9 @@ def galore_adamw(
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
+    svd: subspace.SvdSpec = "exact",
+    moments: str = "keep",
+    lazy_refresh: Optional[subspace.LazyRefresh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW, step for step galore-torch's ``GaLoreAdamW``.
 
@@ -50,7 +55,8 @@ def galore_adamw(
       scale_by_galore(
           inner_lib.scale_by_reference_adam(b1=b1, b2=b2, eps=eps),
           rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-          targets=targets, matrix_axes=matrix_axes),
+          targets=targets, matrix_axes=matrix_axes,
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh),
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -68,11 +74,15 @@ def galore_adam(
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
+    svd: subspace.SvdSpec = "exact",
+    moments: str = "keep",
+    lazy_refresh: Optional[subspace.LazyRefresh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adam: :func:`galore_adamw` without weight decay."""
   return galore_adamw(
       learning_rate, b1, b2, eps, 0.0, rank=rank, update_proj_gap=update_proj_gap,
-      scale=scale, proj_type=proj_type, targets=targets, matrix_axes=matrix_axes)
+      scale=scale, proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh)
 
 
 def galore_sgd(
@@ -88,6 +98,9 @@ def galore_sgd(
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
+    svd: subspace.SvdSpec = "exact",
+    moments: str = "keep",
+    lazy_refresh: Optional[subspace.LazyRefresh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-SGD: the momentum buffer (``optax.trace``) lives in the subspace.
 
@@ -98,7 +111,8 @@ def galore_sgd(
   return optax.chain(
       scale_by_galore(
           inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-          proj_type=proj_type, targets=targets, matrix_axes=matrix_axes),
+          proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh),
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -117,12 +131,16 @@ def galore_lion(
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
+    svd: subspace.SvdSpec = "exact",
+    moments: str = "keep",
+    lazy_refresh: Optional[subspace.LazyRefresh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Lion: ``optax.scale_by_lion`` (sign of interpolated momentum) in the subspace."""
   return optax.chain(
       scale_by_galore(
           optax.scale_by_lion(b1=b1, b2=b2), rank=rank, update_proj_gap=update_proj_gap,
-          scale=scale, proj_type=proj_type, targets=targets, matrix_axes=matrix_axes),
+          scale=scale, proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh),
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -152,6 +170,9 @@ def galore_adafactor(
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
+    svd: subspace.SvdSpec = "exact",
+    moments: str = "keep",
+    lazy_refresh: Optional[subspace.LazyRefresh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adafactor: factored second moments of the low-rank gradient.
 
@@ -173,7 +194,8 @@ def galore_adafactor(
   return optax.chain(
       scale_by_galore(
           optax.chain(*inner), rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-          proj_type=proj_type, targets=targets, matrix_axes=matrix_axes),
+          proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh),
       *outer,
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -193,6 +215,9 @@ def galore_lamb(
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
+    svd: subspace.SvdSpec = "exact",
+    moments: str = "keep",
+    lazy_refresh: Optional[subspace.LazyRefresh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-LAMB: Adam in the subspace; decay and trust ratio in the full space.
 
@@ -204,7 +229,8 @@ def galore_lamb(
       scale_by_galore(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank=rank,
           update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-          targets=targets, matrix_axes=matrix_axes),
+          targets=targets, matrix_axes=matrix_axes,
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_trust_ratio(),
       optax.scale_by_learning_rate(learning_rate),

@@ -4,7 +4,7 @@ A targeted leaf of any shape is viewed as ``G`` of shape ``(*batch, m, n)``: the
 rows are flattened into ``m``, the axes named as columns into ``n``, and every other axis is a
 batch axis with a basis of its own (for example the layer axis of weights stacked for ``scan``).
 
-A basis has up to two factors, taken from the float32 SVD ``G = U S V^T``:
+A basis has up to two factors (computed in :mod:`galore_optax.subspace`) from ``G = U S V^T``:
 
 - ``left = U_r``, shape ``(*batch, m, r)``;
 - ``right = V_r^T``, shape ``(*batch, r, n)`` (stored transposed, as galore-torch does).
@@ -114,37 +114,6 @@ def basis_sides(m: int, n: int, proj_type: str) -> tuple[bool, bool]:
 def low_rank_shape(view: MatrixView, rank: int, use_left: bool, use_right: bool) -> tuple[int, ...]:
   """Shape of the projected gradient ``R`` of a leaf."""
   return view.batch_shape + (rank if use_left else view.m, rank if use_right else view.n)
-
-
-def canonical_signs(u: jax.Array, vt: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Flips singular pairs so that the largest-magnitude entry of each ``u_i`` is positive.
-
-  Singular vectors are defined up to a joint sign flip of ``(u_i, v_i)``, which LAPACK,
-  cuSOLVER and TPU kernels resolve differently. Fixing it makes the basis a deterministic
-  function of ``G``, so a run's trajectory does not depend on the SVD kernel.
-  ``u``: ``(*batch, m, k)``, ``vt``: ``(*batch, k, n)``.
-  """
-  pivot = jnp.argmax(jnp.abs(u), axis=-2, keepdims=True)  # (*batch, 1, k)
-  signs = jnp.sign(jnp.take_along_axis(u, pivot, axis=-2))
-  signs = jnp.where(signs == 0, 1, signs).astype(u.dtype)
-  return u * signs, vt * jnp.swapaxes(signs, -1, -2)
-
-
-def svd_basis(
-    g: jax.Array, rank: int, use_left: bool, use_right: bool
-) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
-  """The top-``rank`` singular vectors of ``g`` (``(*batch, m, n)``), cast to ``g.dtype``.
-
-  The SVD runs in float32 (float64 if ``g`` is float64), whatever the dtype of ``g``, and
-  the signs are made canonical (:func:`canonical_signs`).
-  Returns ``(U_r, V_r^T)`` with ``None`` for an unused side.
-  """
-  work_dtype = jnp.promote_types(g.dtype, jnp.float32)
-  u, _, vt = jnp.linalg.svd(g.astype(work_dtype), full_matrices=False)
-  u, vt = canonical_signs(u[..., :, :rank], vt[..., :rank, :])
-  left = u.astype(g.dtype) if use_left else None
-  right = vt.astype(g.dtype) if use_right else None
-  return left, right
 
 
 def project(g: jax.Array, left: Optional[jax.Array], right: Optional[jax.Array]) -> jax.Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -9,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_optax import moments as moments_lib
 from galore_optax import projection
+from galore_optax import subspace
 from galore_optax import targets as targets_lib
 
 
@@ -26,20 +29,33 @@ class GaLoreProjector(NamedTuple):
   right: optax.Updates
 
 
+class RefreshState(NamedTuple):
+  """Per-leaf refresh bookkeeping: params-shaped trees of int32 scalars (zero for leaves left alone)."""
+
+  next_step: optax.Updates  # the optimizer step at which the leaf's basis is next recomputed
+  interval: optax.Updates   # its current gap: update_proj_gap, or more under lazy refresh
+  stable: optax.Updates     # similar refreshes in a row (lazy refresh)
+  computed: optax.Updates   # bases computed so far
+  skipped: optax.Updates    # refreshes that kept the previous basis (gradient or basis not finite, or zero)
+
+
 class GaLoreState(NamedTuple):
   """State of :func:`scale_by_galore`.
 
   Attributes:
-    count: optimizer steps taken, int32 scalar; the bases are refreshed when
-      ``count % update_proj_gap == 0``, i.e. at steps 0, T, 2T, ...
+    count: optimizer steps taken, int32 scalar. A leaf's basis is refreshed when
+      ``count >= refresh.next_step``: at steps 0, T, 2T, ... unless lazy refresh widens
+      its interval or a failed refresh retries at the next step.
     projector: the bases, a :class:`GaLoreProjector`.
     inner_state: the inner transform's state, initialised on the low-rank shapes of
       targeted leaves and the full shapes of the others.
+    refresh: per-leaf bookkeeping, a :class:`RefreshState`.
   """
 
   count: jax.Array
   projector: GaLoreProjector
   inner_state: optax.OptState
+  refresh: RefreshState
 
 
 def _check_static_int(name: str, value: Any) -> None:
@@ -56,6 +72,33 @@ def _unused(dtype) -> jax.Array:
   return jnp.zeros((), dtype)
 
 
+def _resolve_svd(svd: subspace.SvdSpec) -> tuple[str, subspace.RandomizedSVD]:
+  if isinstance(svd, subspace.RandomizedSVD):
+    for name in ("oversample", "power_iters", "seed"):
+      value = getattr(svd, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "oversample" else 0):
+        raise ValueError(f"RandomizedSVD.{name} must be an int >= {1 if name == 'oversample' else 0}, got {value!r}")
+    return "randomized", svd
+  if svd not in subspace.SVD_METHODS:
+    raise ValueError(f"unknown svd {svd!r}; expected one of {subspace.SVD_METHODS} or a RandomizedSVD")
+  return svd, subspace.RandomizedSVD()
+
+
+def _resolve_lazy(lazy: Optional[subspace.LazyRefresh], gap: int) -> Optional[subspace.LazyRefresh]:
+  if lazy is None:
+    return None
+  if not isinstance(lazy, subspace.LazyRefresh):
+    raise TypeError(f"lazy_refresh must be a galore_optax.LazyRefresh or None, got {lazy!r}")
+  lazy = lazy._replace(max_gap=lazy.max_gap or 8 * gap)
+  if not 0 <= lazy.threshold <= 1:
+    raise ValueError(f"LazyRefresh.threshold must be in [0, 1], got {lazy.threshold}")
+  _check_static_int("LazyRefresh.patience", lazy.patience)
+  _check_static_int("LazyRefresh.max_gap", lazy.max_gap)
+  if lazy.max_gap < gap:
+    raise ValueError(f"LazyRefresh.max_gap {lazy.max_gap} is below update_proj_gap {gap}")
+  return lazy
+
+
 def scale_by_galore(
     inner: Optional[optax.GradientTransformation] = None,
     *,
@@ -65,6 +108,9 @@ def scale_by_galore(
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
+    svd: subspace.SvdSpec = "exact",
+    moments: str = "keep",
+    lazy_refresh: Optional[subspace.LazyRefresh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore: the ``inner`` transform sees low-rank projections of matrix gradients.
 
@@ -75,14 +121,20 @@ def scale_by_galore(
     N, inner_state = inner.update(R)  # e.g. Adam's m / (sqrt(v) + eps)
     update = scale * project_back(N, P)
 
-  Other leaves pass through ``inner`` at full shape and are not scaled. The inner state is
-  never reset at a refresh (galore-torch's behaviour).
+  Other leaves pass through ``inner`` at full shape and are not scaled. The defaults
+  reproduce galore-torch: exact SVD, moments kept across a refresh.
+
+  A refresh never poisons training: when the gradient or the computed basis is not finite,
+  or the gradient is all zero, the leaf keeps its previous basis (at its very first refresh,
+  the first ``r`` coordinate axes), its moments are left alone, the event is counted in
+  ``state.refresh.skipped`` and the refresh is retried at the next step.
 
   Args:
     inner: a transform that does not read params (``optax.scale_by_adam()``,
       ``optax.trace``, ``optax.scale_by_lion()``, ...). Default: ``optax.scale_by_adam()``.
     rank: an int, a pytree of ints with the structure of params (entries of untargeted
-      leaves are ignored), or ``fn(path, shape) -> int``. Clamped to ``min(m, n)``. Static.
+      leaves are ignored; see :func:`galore_optax.adaptive_ranks`), or
+      ``fn(path, shape) -> int``. Clamped to ``min(m, n)``. Static.
     update_proj_gap: T, steps between refreshes of the bases. Static.
     scale: alpha, multiplies the back-projected update. May be injected.
     proj_type: 'std' (basis on the smaller side, moments along the larger), 'reverse_std',
@@ -94,9 +146,18 @@ def scale_by_galore(
       :class:`galore_optax.MatrixAxes` for all leaves, a pytree of them (None entries for
       non-matrices) or ``fn(path, shape) -> MatrixAxes | None``. Default: 2-D leaves
       are ``(rows=0, cols=1)``, others are not matrices. Unnamed axes are batch axes.
+    svd: how a basis is computed: 'exact', 'randomized' (or a
+      :class:`galore_optax.RandomizedSVD` to tune it) or 'gram'
+      (see :mod:`galore_optax.subspace`). All give canonical signs.
+    moments: the inner state of a refreshed leaf: 'keep', 'reset' or 'transport'
+      (see :mod:`galore_optax.moments`).
+    lazy_refresh: a :class:`galore_optax.LazyRefresh` to let stable leaves refresh less often.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`GaLoreState`.
+
+  Raises:
+    ValueError, TypeError: at construction for bad options, at init for bad leaves.
   """
   inner = optax.with_extra_args_support(optax.scale_by_adam() if inner is None else inner)
   if isinstance(rank, (int, float, jax.Array, np.ndarray)):  # pytrees and callables: per leaf, at init
@@ -104,6 +165,9 @@ def scale_by_galore(
   _check_static_int("update_proj_gap", update_proj_gap)
   if proj_type not in projection.PROJ_TYPES:
     raise ValueError(f"unknown proj_type {proj_type!r}; expected one of {projection.PROJ_TYPES}")
+  method, randomized = _resolve_svd(svd)
+  lazy = _resolve_lazy(lazy_refresh, update_proj_gap)
+  slots = moments_lib.find_slots(inner, moments)
 
   def plan(tree):
     return targets_lib.plan_leaves(
@@ -112,59 +176,110 @@ def scale_by_galore(
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
     if not leaves:  # e.g. the placeholder of optax.tree.map_params: every subtree is params-like
-      return GaLoreState(jnp.zeros([], jnp.int32), GaLoreProjector(params, params), inner.init(params))
-    lefts, rights, proxies = [], [], []
+      return GaLoreState(jnp.zeros([], jnp.int32), GaLoreProjector(params, params), inner.init(params),
+                         RefreshState(*([params] * len(RefreshState._fields))))
+    lefts, rights, proxies, intervals = [], [], [], []
     for leaf, p in zip(leaves, plan(params)):
       if p is None:
         lefts.append(_unused(leaf.dtype))
         rights.append(_unused(leaf.dtype))
         proxies.append(leaf)
+        intervals.append(jnp.zeros([], jnp.int32))
         continue
       v = p.view
       lefts.append(jnp.zeros(v.batch_shape + (v.m, p.rank), leaf.dtype) if p.use_left else _unused(leaf.dtype))
       rights.append(jnp.zeros(v.batch_shape + (p.rank, v.n), leaf.dtype) if p.use_right else _unused(leaf.dtype))
       proxies.append(jnp.zeros(p.low_rank_shape, leaf.dtype))
-    unflatten = treedef.unflatten
+      intervals.append(jnp.full([], update_proj_gap, jnp.int32))
+    # Distinct arrays, not one shared zero: donating the state must not donate a buffer twice.
+    zeros = lambda: treedef.unflatten([jnp.zeros([], jnp.int32) for _ in leaves])
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
-        projector=GaLoreProjector(unflatten(lefts), unflatten(rights)),
-        inner_state=inner.init(unflatten(proxies)),
+        projector=GaLoreProjector(treedef.unflatten(lefts), treedef.unflatten(rights)),
+        inner_state=inner.init(treedef.unflatten(proxies)),
+        refresh=RefreshState(zeros(), treedef.unflatten(intervals), zeros(), zeros(), zeros()),
     )
+
+  def refresh_leaf(g2, p, index, count, basis, book, moment_leaves):
+    """One leaf's refresh: a new basis (or the kept one), its bookkeeping and its moments."""
+    old_left, old_right = basis
+    next_step, interval, stable, computed, skipped = book
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(randomized.seed), count), index)
+    usable = jnp.all(jnp.isfinite(g2)) & jnp.any(g2 != 0)
+    # An unusable gradient never reaches the SVD (LAPACK's can loop forever on inf or NaN).
+    new_left, new_right = jax.lax.cond(
+        usable,
+        lambda: subspace.compute_basis(g2, p.rank, p.use_left, p.use_right, method=method, key=key,
+                                       oversample=randomized.oversample, power_iters=randomized.power_iters),
+        lambda: (None if not p.use_left else jnp.full_like(old_left, jnp.nan),
+                 None if not p.use_right else jnp.full_like(old_right, jnp.nan)))
+    ok = usable & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in (new_left, new_right) if x is not None]))
+    first = computed == 0
+
+    def choose(new, old, side):
+      if new is None:
+        return old
+      fallback = subspace.axis_basis(g2.shape, side, p.rank, old.dtype)
+      return jnp.where(ok, new, jnp.where(first, fallback, old))
+
+    left, right = choose(new_left, old_left, "left"), choose(new_right, old_right, "right")
+
+    if moments == "reset":
+      moment_leaves = tuple(jnp.where(ok, jnp.zeros_like(m), m) for m in moment_leaves)
+    elif moments == "transport":
+      c_left = jnp.swapaxes(left, -1, -2) @ old_left if p.use_left else None
+      c_right = old_right @ jnp.swapaxes(right, -1, -2) if p.use_right else None
+      moment_leaves = tuple(
+          jnp.where(ok & ~first, moments_lib.transport(m, s.kind, c_left, c_right), m)
+          for m, s in zip(moment_leaves, slots))
+
+    if lazy is not None:
+      sims = [subspace.similarity(old_left, left, -2)] if p.use_left else []
+      sims += [subspace.similarity(old_right, right, -1)] if p.use_right else []
+      similar = ok & ~first & (sum(sims) / len(sims) >= lazy.threshold)
+      stable = jnp.where(similar, stable + 1, jnp.where(ok, 0, stable))
+      grow = stable >= lazy.patience
+      interval = jnp.where(grow, jnp.minimum(2 * interval, lazy.max_gap), interval)
+      stable = jnp.where(grow, 0, stable)
+    book = (jnp.where(ok, count + interval, count + 1), interval, stable,
+            computed + ok.astype(jnp.int32), skipped + (~ok).astype(jnp.int32))
+    return (left, right), book, moment_leaves
 
   def update_fn(updates, state, params=None, **extra_args):
     del params  # the inner transform works on projected shapes; params do not fit it
     leaves, treedef = jax.tree.flatten(updates)
     plans = plan(updates)
-    refresh = state.count % update_proj_gap == 0
-    old_lefts = treedef.flatten_up_to(state.projector.left)
-    old_rights = treedef.flatten_up_to(state.projector.right)
+    count = state.count
+    flat = lambda tree: treedef.flatten_up_to(tree)
+    lefts, rights = flat(state.projector.left), flat(state.projector.right)
+    books = list(zip(*(flat(t) for t in state.refresh)))
+    slot_leaves = [flat(moments_lib.get_at(state.inner_state, s.path)) for s in slots]
 
-    lefts, rights, bases, low = [], [], [], []
-    for g, p, old_left, old_right in zip(leaves, plans, old_lefts, old_rights):
+    bases, low = [], []
+    for i, (g, p) in enumerate(zip(leaves, plans)):
       if p is None:
-        lefts.append(old_left)
-        rights.append(old_right)
         bases.append(None)
         low.append(g)
         continue
       g2 = p.view.to_matrix(g)
-
-      def fresh(g2=g2, p=p, old_left=old_left, old_right=old_right):
-        new_left, new_right = projection.svd_basis(g2, p.rank, p.use_left, p.use_right)
-        return (old_left if new_left is None else new_left,
-                old_right if new_right is None else new_right)
-
-      left, right = jax.lax.cond(refresh, fresh, lambda l=old_left, r=old_right: (l, r))
-      lefts.append(left)
-      rights.append(right)
-      bases.append((left if p.use_left else None, right if p.use_right else None))
+      carry = ((lefts[i], rights[i]), books[i], tuple(s[i] for s in slot_leaves))
+      (lefts[i], rights[i]), books[i], moment_leaves = jax.lax.cond(
+          count >= books[i][0],
+          lambda c, g2=g2, p=p, i=i: refresh_leaf(g2, p, i, count, *c),
+          lambda c: c,
+          carry)
+      for s, m in zip(slot_leaves, moment_leaves):
+        s[i] = m
+      bases.append((lefts[i] if p.use_left else None, rights[i] if p.use_right else None))
       low.append(projection.project(g2, *bases[-1]))
 
-    inner_updates, inner_state = inner.update(
-        treedef.unflatten(low), state.inner_state, None, **extra_args)
+    inner_state = state.inner_state
+    for s, leaves_of_slot in zip(slots, slot_leaves):
+      inner_state = moments_lib.set_at(inner_state, s.path, treedef.unflatten(leaves_of_slot))
+    inner_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None, **extra_args)
 
     out = []
-    for g, p, n, basis in zip(leaves, plans, treedef.flatten_up_to(inner_updates), bases):
+    for g, p, n, basis in zip(leaves, plans, flat(inner_updates), bases):
       if p is None:
         out.append(n)
         continue
@@ -172,10 +287,38 @@ def scale_by_galore(
       out.append((scale * p.view.from_matrix(back)).astype(g.dtype))
 
     new_state = GaLoreState(
-        count=optax.safe_int32_increment(state.count),
+        count=optax.safe_int32_increment(count),
         projector=GaLoreProjector(treedef.unflatten(lefts), treedef.unflatten(rights)),
         inner_state=inner_state,
+        refresh=RefreshState(*(treedef.unflatten(list(field)) for field in zip(*books))),
     )
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _galore_states(opt_state: Any) -> list[GaLoreState]:
+  found = []
+  jax.tree.map(lambda x: found.append(x) if isinstance(x, GaLoreState) else None, opt_state,
+               is_leaf=lambda x: isinstance(x, GaLoreState))
+  return found
+
+
+def refresh_stats(opt_state: Any, update_proj_gap: int) -> dict:
+  """Refresh totals over the :class:`GaLoreState` s inside ``opt_state`` (any chain or wrapper).
+
+  Returns a dict with ``steps`` (optimizer steps), ``bases_computed``, ``refreshes_skipped``,
+  ``fixed_schedule`` (the bases a fixed interval of ``update_proj_gap`` would have computed
+  by now) and ``svds_saved`` (``fixed_schedule - bases_computed - refreshes_skipped``: what
+  lazy refresh saved).
+  """
+  totals = dict(steps=0, bases_computed=0, refreshes_skipped=0, fixed_schedule=0)
+  for state in _galore_states(opt_state):
+    steps = int(state.count)
+    totals["steps"] = max(totals["steps"], steps)
+    targeted = [int(i) > 0 for i in jax.tree.leaves(state.refresh.interval)]  # 0 marks leaves left alone
+    totals["bases_computed"] += sum(int(c) for c in jax.tree.leaves(state.refresh.computed))
+    totals["refreshes_skipped"] += sum(int(s) for s in jax.tree.leaves(state.refresh.skipped))
+    totals["fixed_schedule"] += sum(targeted) * math.ceil(steps / update_proj_gap)
+  totals["svds_saved"] = totals["fixed_schedule"] - totals["bases_computed"] - totals["refreshes_skipped"]
+  return totals

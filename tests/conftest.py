@@ -37,12 +37,13 @@ def run(tx, params, grads, jit=True):
   return trajectory, state
 
 
-def np_canonical(u, vt):
-  """The sign rule of galore_optax.projection.canonical_signs, in NumPy."""
-  idx = np.argmax(np.abs(u), axis=0)
-  signs = np.sign(u[idx, np.arange(u.shape[1])])
+def np_canonical(vectors, axis):
+  """The sign rule of galore_optax.subspace.canonical_signs, in NumPy."""
+  pivot = np.argmax(np.abs(vectors), axis=axis)
+  picked = np.take_along_axis(vectors, np.expand_dims(pivot, axis), axis=axis)
+  signs = np.sign(picked)
   signs[signs == 0] = 1
-  return u * signs, vt * signs[:, None]
+  return vectors * signs
 
 
 def np_sides(m, n, proj_type):
@@ -52,7 +53,7 @@ def np_sides(m, n, proj_type):
 
 def np_basis(g, rank, proj_type):
   u, _, vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
-  u, vt = np_canonical(u[:, :rank], vt[:rank])
+  u, vt = np_canonical(u[:, :rank], 0), np_canonical(vt[:rank], 1)
   use_left, use_right = np_sides(*g.shape, proj_type)
   return (u if use_left else None), (vt if use_right else None)
 

@@ -32,13 +32,16 @@ _torch_svd = torch.linalg.svd
 
 
 def _canonical_torch_svd(a, full_matrices=True):
-  """torch's own SVD, with the sign rule of galore_optax.projection.canonical_signs."""
+  """torch's own SVD, with the sign rule of galore_optax.subspace.canonical_signs: each
+  singular vector's largest-magnitude entry is made positive."""
   u, s, vt = _torch_svd(a, full_matrices=full_matrices)
-  k = s.shape[-1]
-  pivot = u[..., :, :k].abs().argmax(dim=-2, keepdim=True)
-  signs = torch.sign(torch.take_along_dim(u[..., :, :k], pivot, dim=-2))
-  signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-  return u[..., :, :k] * signs, s, vt[..., :k, :] * signs.transpose(-1, -2)
+
+  def canonical(x, dim):
+    pivot = x.abs().argmax(dim=dim, keepdim=True)
+    signs = torch.sign(torch.take_along_dim(x, pivot, dim=dim))
+    return x * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+  return canonical(u, -2), s, canonical(vt, -1)
 
 
 def _run_torch(p0, grads, *, proj_type, rank, gap, scale, lr, b1, b2, eps, weight_decay):

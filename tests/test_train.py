@@ -27,7 +27,17 @@ def test_a_few_steps_with_each_optimizer(tmp_path, optimizer):
   assert s["finished"] and s["steps"] == 3 and np.isfinite(s["val_loss"])
   if optimizer.startswith("galore"):
     assert s["optimizer_state_bytes"] < s["adamw_state_bytes"]
-    assert s["refresh"]["steps"] == [0, 2]
+    # 2 layers x 4 matrices, refreshed at steps 0 and 2
+    assert s["refresh"]["bases_computed"] == s["refresh"]["fixed_schedule"] == 16
+
+
+def test_subspace_engine_flags(tmp_path):
+  cfg = _cfg(tmp_path, steps=12, eval_every=12, svd="randomized", moments="transport", lazy_threshold=0.0,
+             lazy_patience=1)
+  refresh = train(cfg, verbose=False).summary["refresh"]
+  # every refresh is "similar" at threshold 0: intervals 2, 4, 8 -> refreshes at 0, 2, 6 (not 0, 2, ..., 10)
+  assert (refresh["svd"], refresh["moments"]) == ("randomized", "transport")
+  assert refresh["bases_computed"] == 8 * 3 and refresh["svds_saved"] == 8 * 3
 
 
 def test_gpt2_run_writes_metrics_summary_config_and_plot(tmp_path):

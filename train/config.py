@@ -49,6 +49,10 @@ class TrainConfig:
   update_proj_gap: int = _field(50, "GaLore T: steps between subspace refreshes")
   scale: float = _field(0.25, "GaLore alpha: scale of the back-projected update")
   proj_type: str = _field("std", "GaLore projection: std, reverse_std, left, right or full")
+  svd: str = _field("exact", "how bases are computed: exact, randomized or gram")
+  moments: str = _field("keep", "the subspace moments at a refresh: keep, reset or transport")
+  lazy_threshold: Optional[float] = _field(None, "turn on lazy refresh with this basis-similarity threshold")
+  lazy_patience: int = _field(5, "similar refreshes in a row before a layer's interval doubles")
   lr: Optional[float] = _field(None, "peak learning rate (default: per optimizer)")
   schedule: str = _field("cosine", "cosine (linear warmup, cosine to 10%%) or constant")
   warmup_steps: Optional[int] = _field(None, "warmup steps (default: 10%% of steps)")
@@ -78,6 +82,10 @@ class TrainConfig:
       raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
     if self.proj_type not in galore_optax.PROJ_TYPES:
       raise ValueError(f"unknown proj_type {self.proj_type!r}; choose one of {galore_optax.PROJ_TYPES}")
+    if self.svd not in galore_optax.SVD_METHODS:
+      raise ValueError(f"unknown svd {self.svd!r}; choose one of {galore_optax.SVD_METHODS}")
+    if self.moments not in galore_optax.MOMENT_POLICIES:
+      raise ValueError(f"unknown moments policy {self.moments!r}; choose one of {galore_optax.MOMENT_POLICIES}")
     if self.schedule not in ("cosine", "constant"):
       raise ValueError(f"unknown schedule {self.schedule!r}; choose 'cosine' or 'constant'")
     for name, default in TASK_DEFAULTS[self.task].items():
@@ -105,7 +113,8 @@ class TrainConfig:
 
   def identity(self) -> dict:
     """The fields a checkpoint must agree on to be resumed."""
-    keep = ("task", "preset", "optimizer", "rank", "update_proj_gap", "proj_type", "batch_size",
+    keep = ("task", "preset", "optimizer", "rank", "update_proj_gap", "proj_type", "svd", "moments",
+            "lazy_threshold", "lazy_patience", "batch_size",
             "seq_len", "data", "seed", "steps", "schedule", "lr", "warmup_steps", "weight_decay",
             "scale", "clip")
     return {k: getattr(self, k) for k in keep}

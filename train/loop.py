@@ -70,8 +70,10 @@ def build_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformati
       if cfg.rank > min(plan.view.m, plan.view.n):
         raise ConfigError(f"--rank {cfg.rank} is larger than the matrix {plan.path!r} "
                           f"({plan.view.m} x {plan.view.n}); choose at most {min(plan.view.m, plan.view.n)}")
+    lazy = None if cfg.lazy_threshold is None else galore_optax.LazyRefresh(cfg.lazy_threshold, cfg.lazy_patience)
     kwargs.update(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
-                  proj_type=cfg.proj_type, targets=galore_targets())
+                  proj_type=cfg.proj_type, targets=galore_targets(), svd=cfg.svd, moments=cfg.moments,
+                  lazy_refresh=lazy)
   tx = factory(lr, **kwargs)
   if cfg.clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip), tx)
@@ -241,6 +243,8 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
 
   summary = _summary(cfg, data, history, memory, step_times, refresh_times, time.perf_counter() - t_begin,
                      per_step, unit, finished=end == cfg.steps)
+  if cfg.uses_galore:
+    summary["refresh"].update(galore_optax.refresh_stats(opt_state, cfg.update_proj_gap))
   (out / "summary.json").write_text(json.dumps(summary, indent=2))
   report.plot_losses({cfg.optimizer: history}, out / "loss.png", f"{cfg.task} {cfg.preset}",
                      report.entropy_line(summary))
@@ -270,7 +274,8 @@ def _summary(cfg, data, history, memory, step_times, refresh_times, wall, per_st
   if cfg.uses_galore:
     summary["refresh"] = {
         "every": cfg.update_proj_gap,
-        "steps": [s for s in range(0, summary["steps"], cfg.update_proj_gap)],
+        "svd": cfg.svd,
+        "moments": cfg.moments,
         "mean_refresh_step_ms": 1000 * float(np.mean(refresh_times)) if refresh_times else None,
         "amortised_overhead": (float(np.mean(refresh_times)) / median - 1) / cfg.update_proj_gap
         if refresh_times else None,

@@ -1,0 +1,37 @@
+"""Shared by the benchmarks: timing, the machine's description, GPT-2 124M shapes."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+
+# One GPT-2 124M block's matrices (Flax layout: in x out): qkv, attention out, MLP in, MLP out.
+GPT2_124M_BLOCK = {"attn_qkv": (768, 2304), "attn_proj": (768, 768), "mlp_fc": (768, 3072), "mlp_proj": (3072, 768)}
+
+
+def gpt2_124m_shapes(layers: int = 12) -> dict:
+  return {f"layer{i}": dict(GPT2_124M_BLOCK) for i in range(layers)}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+  """Median wall time of ``fn()`` (which must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def machine() -> str:
+  device = jax.devices()[0]
+  kind = device.device_kind if device.platform != "cpu" else f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+  return f"{kind}, jax {jax.__version__}, {datetime.date.today().isoformat()}"
