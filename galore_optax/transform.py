@@ -298,10 +298,8 @@ def scale_by_galore(
 
 
 def _galore_states(opt_state: Any) -> list[GaLoreState]:
-  found = []
-  jax.tree.map(lambda x: found.append(x) if isinstance(x, GaLoreState) else None, opt_state,
-               is_leaf=lambda x: isinstance(x, GaLoreState))
-  return found
+  is_galore = lambda x: isinstance(x, GaLoreState)
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_galore) if is_galore(x)]
 
 
 def refresh_stats(opt_state: Any, update_proj_gap: int) -> dict:
