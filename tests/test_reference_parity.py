@@ -10,7 +10,6 @@ happens to pick signs. We pick them canonically. Two comparisons follow from tha
   same subspaces (P P^T) at every step.
 """
 
-import contextlib
 import warnings
 from unittest import mock
 

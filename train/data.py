@@ -8,8 +8,6 @@ resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import math
-import os
 import pathlib
 import sysconfig
 from typing import Iterator, NamedTuple, Optional
