@@ -55,8 +55,9 @@ def describe_summary(s: dict) -> str:
   refresh = s.get("refresh")
   if refresh and refresh["mean_refresh_step_ms"]:
     lines.append(f"{refresh['bases_computed']} bases computed ({refresh['svd']} SVD, every {refresh['every']} steps"
-                 + (f", {refresh['svds_saved']} saved by lazy refresh" if refresh["svds_saved"] else "")
-                 + (f", {refresh['refreshes_skipped']} skipped" if refresh["refreshes_skipped"] else "")
+                 + (f", {refresh['svds_saved']} saved by lazy refresh" if refresh["svds_saved"] > 0 else "")
+                 + (f", {refresh['refreshes_skipped']} retried: gradient zero or not finite"
+                    if refresh["refreshes_skipped"] else "")
                  + f"): a refresh step took {refresh['mean_refresh_step_ms']:.1f} ms, "
                  f"{refresh['amortised_overhead']:+.1%} per step amortised")
   return "\n".join(lines)
