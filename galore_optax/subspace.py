@@ -180,6 +180,13 @@ def axis_basis(shape: tuple[int, ...], side: str, rank: int, dtype) -> jax.Array
   return jnp.broadcast_to(jnp.eye(rank, n, dtype=dtype), batch + (rank, n))
 
 
+def overlap(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
+  """``a^T b`` for bases of column vectors (``axis=-2``), ``a b^T`` for row vectors (``axis=-1``):
+  the ``r x r`` matrix of cosines between the two bases' vectors, in full float32."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return _mm(_t(a), b) if axis == -2 else _mm(a, _t(b))
+
+
 def similarity(old: jax.Array, new: jax.Array, axis: int) -> jax.Array:
   """How much of the new subspace the old one holds: the mean squared cosine of the principal
   angles between them, ``||old^T new||_F^2 / r`` (``axis=-2``: bases of column vectors) or
@@ -188,7 +195,5 @@ def similarity(old: jax.Array, new: jax.Array, axis: int) -> jax.Array:
   A scalar in [0, 1]: 1 for the same subspace whatever the order or signs of its vectors,
   ``r / d`` on average for unrelated random subspaces of a d-dimensional space.
   """
-  old, new = old.astype(jnp.float32), new.astype(jnp.float32)
-  overlap = _mm(_t(old), new) if axis == -2 else _mm(old, _t(new))
   rank = new.shape[-1] if axis == -2 else new.shape[-2]
-  return jnp.mean(jnp.sum(overlap**2, axis=(-2, -1)) / rank)
+  return jnp.mean(jnp.sum(overlap(old, new, axis) ** 2, axis=(-2, -1)) / rank)

@@ -227,8 +227,8 @@ def scale_by_galore(
     if moments == "reset":
       moment_leaves = tuple(jnp.where(ok, jnp.zeros_like(m), m) for m in moment_leaves)
     elif moments == "transport":
-      c_left = jnp.swapaxes(left, -1, -2) @ old_left if p.use_left else None
-      c_right = old_right @ jnp.swapaxes(right, -1, -2) if p.use_right else None
+      c_left = subspace.overlap(left, old_left, -2) if p.use_left else None
+      c_right = subspace.overlap(old_right, right, -1) if p.use_right else None
       moment_leaves = tuple(
           jnp.where(ok & ~first, moments_lib.transport(m, s.kind, c_left, c_right), m)
           for m, s in zip(moment_leaves, slots))
