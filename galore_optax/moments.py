@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_optax import projection
+
 MOMENT_POLICIES = ("keep", "reset", "transport")
 
 # (state type, field) -> "first" or "second" moment.
@@ -110,22 +112,14 @@ def set_at(tree: Any, path: Sequence[Any], value: Any) -> Any:
   return type(tree)(items)
 
 
-def _sandwich(x: jax.Array, c_left: Optional[jax.Array], c_right: Optional[jax.Array]) -> jax.Array:
-  if c_left is not None:
-    x = c_left @ x
-  if c_right is not None:
-    x = x @ c_right
-  return x
-
-
 def transport(moment: jax.Array, kind: str, c_left: Optional[jax.Array], c_right: Optional[jax.Array]) -> jax.Array:
   """Re-expresses one low-rank moment (``(*batch, a, b)``) in the new basis (module docstring)."""
   m = moment.astype(jnp.float32)
   if kind == "first":
-    return _sandwich(m, c_left, c_right).astype(moment.dtype)
+    return projection.project_back(m, c_left, c_right).astype(moment.dtype)
   sq_left = None if c_left is None else c_left**2
   sq_right = None if c_right is None else c_right**2
-  moved = _sandwich(m, sq_left, sq_right)
+  moved = projection.project_back(m, sq_left, sq_right)
   coverage = jnp.ones_like(moved)
   axes = []
   if sq_left is not None:

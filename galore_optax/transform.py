@@ -203,7 +203,7 @@ def scale_by_galore(
   def refresh_leaf(g2, p, index, count, basis, book, moment_leaves):
     """One leaf's refresh: a new basis (or the kept one), its bookkeeping and its moments."""
     old_left, old_right = basis
-    next_step, interval, stable, computed, skipped = book
+    _, interval, stable, computed, skipped = book  # next_step is recomputed below
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(randomized.seed), count), index)
     usable = jnp.all(jnp.isfinite(g2)) & jnp.any(g2 != 0)
     # An unusable gradient never reaches the SVD (LAPACK's can loop forever on inf or NaN).

@@ -223,12 +223,13 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
       done = step + 1
       row = None
       if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == end:
-        rate = per_step / np.median(step_times) if step_times else 0.0
+        median = float(np.median(step_times)) if step_times else 0.0
+        rate = per_step / median if median else 0.0
         row = {"step": done, "loss": float(np.mean(window)), "lr": float(schedule(step)),
                f"{unit}_per_s": rate}
         window = []
         if verbose:
-          progress.show(done, row["loss"], row["lr"], rate, (cfg.steps - done) * (np.median(step_times) if step_times else 0))
+          progress.show(done, row["loss"], row["lr"], rate, (cfg.steps - done) * median)
       if done % cfg.eval_every == 0 or done == cfg.steps:
         row.update(evaluate(cfg, eval_step, params, data))
         if verbose:
