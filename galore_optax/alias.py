@@ -3,7 +3,7 @@
 Each takes ``learning_rate`` (a float or an optax schedule), its optimizer's own
 hyperparameters, and the GaLore keywords of :func:`galore_optax.scale_by_galore`:
 ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``targets``, ``matrix_axes``, ``svd``,
-``moments`` and ``lazy_refresh``.
+``moments``, ``lazy_refresh`` and ``axis_name``.
 Weight decay is always applied to the full weights, never in the subspace; ``mask`` (a
 pytree of bools or a callable on params) selects the leaves it applies to.
 
@@ -43,6 +43,7 @@ def galore_adamw(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW, step for step galore-torch's ``GaLoreAdamW``.
 
@@ -56,7 +57,7 @@ def galore_adamw(
           inner_lib.scale_by_reference_adam(b1=b1, b2=b2, eps=eps),
           rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
           targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh),
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name),
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -77,12 +78,13 @@ def galore_adam(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adam: :func:`galore_adamw` without weight decay."""
   return galore_adamw(
       learning_rate, b1, b2, eps, 0.0, rank=rank, update_proj_gap=update_proj_gap,
       scale=scale, proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh)
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name)
 
 
 def galore_sgd(
@@ -101,6 +103,7 @@ def galore_sgd(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-SGD: the momentum buffer (``optax.trace``) lives in the subspace.
 
@@ -112,7 +115,7 @@ def galore_sgd(
       scale_by_galore(
           inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
           proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh),
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name),
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -134,13 +137,14 @@ def galore_lion(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Lion: ``optax.scale_by_lion`` (sign of interpolated momentum) in the subspace."""
   return optax.chain(
       scale_by_galore(
           optax.scale_by_lion(b1=b1, b2=b2), rank=rank, update_proj_gap=update_proj_gap,
           scale=scale, proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh),
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name),
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -173,6 +177,7 @@ def galore_adafactor(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adafactor: factored second moments of the low-rank gradient.
 
@@ -195,7 +200,7 @@ def galore_adafactor(
       scale_by_galore(
           optax.chain(*inner), rank=rank, update_proj_gap=update_proj_gap, scale=scale,
           proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh),
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name),
       *outer,
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -218,6 +223,7 @@ def galore_lamb(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-LAMB: Adam in the subspace; decay and trust ratio in the full space.
 
@@ -230,7 +236,7 @@ def galore_lamb(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank=rank,
           update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
           targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh),
+          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_trust_ratio(),
       optax.scale_by_learning_rate(learning_rate),

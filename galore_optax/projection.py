@@ -116,12 +116,23 @@ def low_rank_shape(view: MatrixView, rank: int, use_left: bool, use_right: bool)
   return view.batch_shape + (rank if use_left else view.m, rank if use_right else view.n)
 
 
-def project(g: jax.Array, left: Optional[jax.Array], right: Optional[jax.Array]) -> jax.Array:
-  """``R = left^T G right^T``, skipping an absent factor."""
+def _partition(spec: Optional[tuple]):
+  return None if spec is None else jax.P(*spec)
+
+
+def project(g: jax.Array, left: Optional[jax.Array], right: Optional[jax.Array],
+            spec: Optional[tuple] = None) -> jax.Array:
+  """``R = left^T G right^T``, skipping an absent factor.
+
+  ``spec``: ``G``'s partition spec on an explicit mesh (see :mod:`galore_optax.sharding`); a
+  projected side loses its sharding, which XLA must be told when that side was sharded.
+  """
   if left is not None:
-    g = jnp.matmul(jnp.swapaxes(left, -1, -2), g)
+    spec = None if spec is None else spec[:-2] + (None, spec[-1])
+    g = jnp.matmul(jnp.swapaxes(left, -1, -2), g, out_sharding=_partition(spec))
   if right is not None:
-    g = jnp.matmul(g, jnp.swapaxes(right, -1, -2))
+    spec = None if spec is None else spec[:-1] + (None,)
+    g = jnp.matmul(g, jnp.swapaxes(right, -1, -2), out_sharding=_partition(spec))
   return g
 
 

@@ -12,6 +12,7 @@ import optax
 
 from galore_optax import moments as moments_lib
 from galore_optax import projection
+from galore_optax import sharding
 from galore_optax import subspace
 from galore_optax import targets as targets_lib
 
@@ -72,6 +73,10 @@ def _unused(dtype) -> jax.Array:
   return jnp.zeros((), dtype)
 
 
+def _sides(p: targets_lib.LeafPlan, left: jax.Array, right: jax.Array) -> subspace.Basis:
+  return (left if p.use_left else None, right if p.use_right else None)
+
+
 def _resolve_svd(svd: subspace.SvdSpec) -> tuple[str, subspace.RandomizedSVD]:
   if isinstance(svd, subspace.RandomizedSVD):
     for name in ("oversample", "power_iters", "seed"):
@@ -111,6 +116,7 @@ def scale_by_galore(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore: the ``inner`` transform sees low-rank projections of matrix gradients.
 
@@ -152,6 +158,10 @@ def scale_by_galore(
     moments: the inner state of a refreshed leaf: 'keep', 'reset' or 'transport'
       (see :mod:`galore_optax.moments`).
     lazy_refresh: a :class:`galore_optax.LazyRefresh` to let stable leaves refresh less often.
+    axis_name: the ``pmap``/``shard_map`` axis name (or tuple of names) the update runs under
+      with replicated gradients, to spread the refresh SVDs over its devices. Not needed
+      under ``jit`` with ``jax.set_mesh``: the mesh is then used (see
+      :mod:`galore_optax.sharding`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`GaLoreState`.
@@ -187,9 +197,12 @@ def scale_by_galore(
         intervals.append(jnp.zeros([], jnp.int32))
         continue
       v = p.view
-      lefts.append(jnp.zeros(v.batch_shape + (v.m, p.rank), leaf.dtype) if p.use_left else _unused(leaf.dtype))
-      rights.append(jnp.zeros(v.batch_shape + (p.rank, v.n), leaf.dtype) if p.use_right else _unused(leaf.dtype))
-      proxies.append(jnp.zeros(p.low_rank_shape, leaf.dtype))
+      spec = sharding.spec_of(jax.eval_shape(v.to_matrix, leaf))
+      left_spec, right_spec = sharding.basis_specs(spec)
+      new = lambda shape, spec: sharding.zeros(shape, leaf.dtype, spec, like=leaf)
+      lefts.append(new(v.batch_shape + (v.m, p.rank), left_spec) if p.use_left else _unused(leaf.dtype))
+      rights.append(new(v.batch_shape + (p.rank, v.n), right_spec) if p.use_right else _unused(leaf.dtype))
+      proxies.append(new(p.low_rank_shape, sharding.projected_spec(spec, p.use_left, p.use_right)))
       intervals.append(jnp.full([], update_proj_gap, jnp.int32))
     # Distinct arrays, not one shared zero: donating the state must not donate a buffer twice.
     zeros = lambda: treedef.unflatten([jnp.zeros([], jnp.int32) for _ in leaves])
@@ -200,42 +213,52 @@ def scale_by_galore(
         refresh=RefreshState(zeros(), treedef.unflatten(intervals), zeros(), zeros(), zeros()),
     )
 
-  def refresh_leaf(g2, p, index, count, basis, book, moment_leaves):
-    """One leaf's refresh: a new basis (or the kept one), its bookkeeping and its moments."""
+  def new_basis(p):
+    """``(g2, key) ->`` the basis of one matrix gradient, or NaN where it cannot be used."""
+
+    def compute(args):
+      g2, key = args
+      usable = jnp.all(jnp.isfinite(g2)) & jnp.any(g2 != 0)
+      # An unusable gradient never reaches the SVD (LAPACK's can loop forever on inf or NaN).
+      return jax.lax.cond(
+          usable,
+          lambda: subspace.compute_basis(g2, p.rank, p.use_left, p.use_right, method=method, key=key,
+                                         oversample=randomized.oversample, power_iters=randomized.power_iters),
+          lambda: jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), jax.eval_shape(
+              lambda g: subspace.compute_basis(g, p.rank, p.use_left, p.use_right), g2)))
+
+    return compute
+
+  def adopt_basis(g_shape, p, count, candidate, basis, book, moment_leaves):
+    """One leaf's refresh given its candidate basis: the new (or kept) basis, bookkeeping, moments."""
     old_left, old_right = basis
     _, interval, stable, computed, skipped = book  # next_step is recomputed below
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(randomized.seed), count), index)
-    usable = jnp.all(jnp.isfinite(g2)) & jnp.any(g2 != 0)
-    # An unusable gradient never reaches the SVD (LAPACK's can loop forever on inf or NaN).
-    new_left, new_right = jax.lax.cond(
-        usable,
-        lambda: subspace.compute_basis(g2, p.rank, p.use_left, p.use_right, method=method, key=key,
-                                       oversample=randomized.oversample, power_iters=randomized.power_iters),
-        lambda: (None if not p.use_left else jnp.full_like(old_left, jnp.nan),
-                 None if not p.use_right else jnp.full_like(old_right, jnp.nan)))
-    ok = usable & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in (new_left, new_right) if x is not None]))
+    new_left, new_right = candidate
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in candidate if x is not None]))
     first = computed == 0
 
     def choose(new, old, side):
       if new is None:
         return old
-      fallback = subspace.axis_basis(g2.shape, side, p.rank, old.dtype)
-      return jnp.where(ok, new, jnp.where(first, fallback, old))
+      fallback = subspace.axis_basis(g_shape, side, p.rank, old.dtype)
+      spec = sharding.spec_of(old)
+      return jnp.where(ok, sharding.reshard(new, spec), jnp.where(first, sharding.reshard(fallback, spec), old))
 
     left, right = choose(new_left, old_left, "left"), choose(new_right, old_right, "right")
-
+    # Overlaps of whole bases: gathered on a mesh (they are small next to the gradient).
+    whole = sharding.replicate
     if moments == "reset":
       moment_leaves = tuple(jnp.where(ok, jnp.zeros_like(m), m) for m in moment_leaves)
     elif moments == "transport":
-      c_left = subspace.overlap(left, old_left, -2) if p.use_left else None
-      c_right = subspace.overlap(old_right, right, -1) if p.use_right else None
+      c_left = subspace.overlap(whole(left), whole(old_left), -2) if p.use_left else None
+      c_right = subspace.overlap(whole(old_right), whole(right), -1) if p.use_right else None
       moment_leaves = tuple(
           jnp.where(ok & ~first, moments_lib.transport(m, s.kind, c_left, c_right), m)
           for m, s in zip(moment_leaves, slots))
 
     if lazy is not None:
-      sims = [subspace.similarity(old_left, left, -2)] if p.use_left else []
-      sims += [subspace.similarity(old_right, right, -1)] if p.use_right else []
+      sims = [subspace.similarity(whole(old_left), whole(left), -2)] if p.use_left else []
+      sims += [subspace.similarity(whole(old_right), whole(right), -1)] if p.use_right else []
       similar = ok & ~first & (sum(sims) / len(sims) >= lazy.threshold)
       stable = jnp.where(similar, stable + 1, jnp.where(ok, 0, stable))
       grow = stable >= lazy.patience
@@ -245,46 +268,50 @@ def scale_by_galore(
             computed + ok.astype(jnp.int32), skipped + (~ok).astype(jnp.int32))
     return (left, right), book, moment_leaves
 
+  def refresh(count, matrices, plans, due, carries):
+    """Refreshes the leaves that are ``due``: their bases spread over devices, then adopted one by one."""
+    keys = {i: jax.random.fold_in(jax.random.fold_in(jax.random.key(randomized.seed), count), i) for i in plans}
+    candidates = sharding.spread([new_basis(plans[i]) for i in plans],
+                                 [(matrices[i], keys[i]) for i in plans], [due[i] for i in plans], axis_name)
+    return {i: jax.lax.cond(due[i],
+                            lambda c, i=i, cand=cand: adopt_basis(matrices[i].shape, plans[i], count, cand, *c),
+                            lambda c: c, carries[i])
+            for i, cand in zip(plans, candidates)}
+
   def update_fn(updates, state, params=None, **extra_args):
     del params  # the inner transform works on projected shapes; params do not fit it
     leaves, treedef = jax.tree.flatten(updates)
-    plans = plan(updates)
+    plans = {i: p for i, p in enumerate(plan(updates)) if p is not None}
     count = state.count
     flat = lambda tree: treedef.flatten_up_to(tree)
     lefts, rights = flat(state.projector.left), flat(state.projector.right)
     books = list(zip(*(flat(t) for t in state.refresh)))
     slot_leaves = [flat(moments_lib.get_at(state.inner_state, s.path)) for s in slots]
 
-    bases, low = [], []
-    for i, (g, p) in enumerate(zip(leaves, plans)):
-      if p is None:
-        bases.append(None)
-        low.append(g)
-        continue
-      g2 = p.view.to_matrix(g)
-      carry = ((lefts[i], rights[i]), books[i], tuple(s[i] for s in slot_leaves))
-      (lefts[i], rights[i]), books[i], moment_leaves = jax.lax.cond(
-          count >= books[i][0],
-          lambda c, g2=g2, p=p, i=i: refresh_leaf(g2, p, i, count, *c),
-          lambda c: c,
-          carry)
+    matrices = {i: p.view.to_matrix(leaves[i]) for i, p in plans.items()}
+    due = {i: count >= books[i][0] for i in plans}
+    carries = {i: ((lefts[i], rights[i]), books[i], tuple(s[i] for s in slot_leaves)) for i in plans}
+    if plans:  # one cond around all leaves' refreshes: their SVDs can then run on different devices
+      carries = jax.lax.cond(jnp.any(jnp.stack(list(due.values()))),
+                             lambda c: refresh(count, matrices, plans, due, c), lambda c: c, carries)
+    for i, ((lefts[i], rights[i]), books[i], moment_leaves) in carries.items():
       for s, m in zip(slot_leaves, moment_leaves):
         s[i] = m
-      bases.append((lefts[i] if p.use_left else None, rights[i] if p.use_right else None))
-      low.append(projection.project(g2, *bases[-1]))
+
+    low = list(leaves)
+    for i, p in plans.items():
+      spec = sharding.spec_of(matrices[i])
+      low[i] = projection.project(matrices[i], *_sides(p, lefts[i], rights[i]), spec=spec)
 
     inner_state = state.inner_state
     for s, leaves_of_slot in zip(slots, slot_leaves):
       inner_state = moments_lib.set_at(inner_state, s.path, treedef.unflatten(leaves_of_slot))
     inner_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None, **extra_args)
 
-    out = []
-    for g, p, n, basis in zip(leaves, plans, flat(inner_updates), bases):
-      if p is None:
-        out.append(n)
-        continue
-      back = projection.project_back(n, *basis)
-      out.append((scale * p.view.from_matrix(back)).astype(g.dtype))
+    out = flat(inner_updates)
+    for i, p in plans.items():
+      back = projection.project_back(out[i], *_sides(p, lefts[i], rights[i]))
+      out[i] = (scale * p.view.from_matrix(back)).astype(leaves[i].dtype)
 
     new_state = GaLoreState(
         count=optax.safe_int32_increment(count),

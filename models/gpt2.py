@@ -46,7 +46,7 @@ class GPT2(nnx.Module):
     length = tokens.shape[-1]
     if length > self.config.max_len:
       raise ValueError(f"sequence length {length} exceeds the model's max_len {self.config.max_len}")
-    x = self.wte(tokens) + self.wpe(jnp.arange(length))
+    x = transformer.embed(self.wte.embedding[...], tokens) + self.wpe(jnp.arange(length))
     for block in self.blocks:
       x = block(x)
     return self.wte.attend(self.ln_f(x))  # tied output embedding

@@ -14,6 +14,22 @@ from flax import nnx
 GALORE_TARGETS = r"/(attn|mlp)/\w+/kernel$"
 
 
+def batch_spec(like: jax.Array, ndim: int):
+  """A spec sharding the leading (batch) axis as ``like``'s, for an ``ndim``-d result; else None.
+
+  Explicit-sharding meshes refuse to guess where a gather's, broadcast's or reshape's output
+  lives; models pass this as its ``out_sharding``. Without such a mesh it is None.
+  """
+  spec = jax.typeof(like).sharding.spec
+  return jax.P(spec[0], *([None] * (ndim - 1))) if any(spec) else None
+
+
+def embed(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """``table[ids]``: (vocab, d) and (*batch) -> (*batch, d), sharded like ``ids`` on an explicit mesh."""
+  spec = jax.typeof(ids).sharding.spec
+  return table.at[ids].get(out_sharding=jax.P(*spec, None) if any(spec) else None)
+
+
 def _dense(d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(std),
                     bias_init=nnx.initializers.zeros_init(), rngs=rngs)

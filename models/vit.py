@@ -60,12 +60,14 @@ class ViT(nnx.Module):
       raise ValueError(f"images of shape {(h, w, c)} do not fit the model's "
                        f"{(cfg.image_size, cfg.image_size, cfg.channels)}")
     p = cfg.patch_size
-    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
+    x = jnp.reshape(images, (b, h // p, p, w // p, p, c), out_sharding=transformer.batch_spec(images, 6))
+    return jnp.reshape(x.transpose(0, 1, 3, 2, 4, 5), (b, (h // p) * (w // p), p * p * c),
+                       out_sharding=transformer.batch_spec(images, 3))
 
   def __call__(self, images: jax.Array) -> jax.Array:
     x = self.patch_embed(self.patchify(images))
-    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1]))
+    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1]),
+                           out_sharding=transformer.batch_spec(x, 3))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
     for block in self.blocks:
       x = block(x)

@@ -13,6 +13,7 @@ from train import report
 from train.checkpoint import CheckpointError
 from train.data import DataError
 from train.loop import ConfigError, train
+from train.parallel import ParallelError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
                        report.entropy_line(next(iter(summaries.values()))))
     print(f"\n{table}\n\nwrote {out / 'compare.md'} and {out / 'compare.png'}")
     return 0
-  except (ValueError, DataError, CheckpointError, ConfigError) as e:
+  except (ValueError, DataError, CheckpointError, ConfigError, ParallelError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 

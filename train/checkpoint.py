@@ -1,4 +1,9 @@
-"""Orbax checkpoints of a run: params, the full optimizer state (bases included), and meta."""
+"""Orbax checkpoints of a run: params, the full optimizer state (bases included), and meta.
+
+Arrays are saved as they are laid out (sharded or not, from one process or many) and
+restored into the layout of the arrays passed to :meth:`Checkpointer.restore`, so a run can
+resume on another mesh shape or device count.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(ValueError):
@@ -19,9 +25,11 @@ class Checkpointer:
 
   def __init__(self, out_dir: pathlib.Path, every: int, keep: int, fresh: bool):
     self.path = (out_dir / "checkpoints").absolute()
-    if fresh and self.path.exists():
+    if fresh and self.path.exists() and jax.process_index() == 0:
       print(f"note: starting afresh; replacing the checkpoints in {self.path} (--resume continues them)")
       shutil.rmtree(self.path)
+    if jax.process_count() > 1:  # no process may open the directory while process 0 clears it
+      multihost_utils.sync_global_devices("galore_optax.checkpoints.fresh")
     self.every = every
     self.manager = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 

@@ -71,6 +71,13 @@ class TrainConfig:
   eval_batches: int = _field(8, "validation batches per evaluation (gpt2)")
   checkpoint_every: int = _field(100, "steps between checkpoints")
   keep_checkpoints: int = _field(2, "checkpoints kept")
+  mesh: Optional[str] = _field(None, "device mesh, e.g. data=2,fsdp=2 (default: data over all devices)")
+  mesh_axes: str = _field("explicit", "mesh axis types: explicit (shardings in the types) or auto (XLA's choice)")
+  parallel: str = _field("mesh", "mesh (jit over --mesh) or pmap (data parallel with jax.pmap, one process)")
+  coordinator: Optional[str] = _field(None, "HOST:PORT of process 0 for a multi-process run")
+  num_processes: Optional[int] = _field(None, "processes in a multi-process run")
+  process_id: Optional[int] = _field(None, "this process's index in a multi-process run")
+  distributed: bool = _field(False, "let jax.distributed.initialize() detect the cluster (TPU pods, SLURM)")
 
   def __post_init__(self):
     if self.task not in TASKS:
@@ -86,6 +93,10 @@ class TrainConfig:
       raise ValueError(f"unknown svd {self.svd!r}; choose one of {galore_optax.SVD_METHODS}")
     if self.moments not in galore_optax.MOMENT_POLICIES:
       raise ValueError(f"unknown moments policy {self.moments!r}; choose one of {galore_optax.MOMENT_POLICIES}")
+    if self.mesh_axes not in ("explicit", "auto"):
+      raise ValueError(f"unknown --mesh-axes {self.mesh_axes!r}; choose 'explicit' or 'auto'")
+    if self.parallel not in ("mesh", "pmap"):
+      raise ValueError(f"unknown --parallel {self.parallel!r}; choose 'mesh' or 'pmap'")
     if self.schedule not in ("cosine", "constant"):
       raise ValueError(f"unknown schedule {self.schedule!r}; choose 'cosine' or 'constant'")
     for name, default in TASK_DEFAULTS[self.task].items():

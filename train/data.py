@@ -95,11 +95,14 @@ def load_text(spec: str, max_bytes: int = 8 * 2**20) -> TextData:
   return _split_text(data, f"{spec} ({len(files)} files)")
 
 
-def text_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int):
-  """Random windows of ``seq_len + 1`` tokens: (inputs, targets), each (batch, seq_len) int32."""
+def text_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int, rows: slice = slice(None)):
+  """Random windows of ``seq_len + 1`` tokens: (inputs, targets), each (batch, seq_len) int32.
+
+  ``rows`` picks some rows of that batch (a process's share) without building the others.
+  """
   if len(tokens) <= seq_len + 1:
     raise DataError(f"{len(tokens)} tokens cannot fill a window of {seq_len + 1}")
-  starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len - 1, batch_size)
+  starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len - 1, batch_size)[rows]
   windows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
   return windows[:, :-1], windows[:, 1:]
 
@@ -181,8 +184,9 @@ def load_images(spec: str, image_size: int, channels: int) -> ImageData:
   return _split_images(np.stack(xs), np.asarray(ys, np.int32), len(classes), f"{spec} ({len(xs)} images)")
 
 
-def image_batch(x: np.ndarray, y: np.ndarray, step: int, batch_size: int, seed: int):
-  idx = np.random.default_rng([seed, step]).choice(len(x), size=batch_size, replace=len(x) < batch_size)
+def image_batch(x: np.ndarray, y: np.ndarray, step: int, batch_size: int, seed: int, rows: slice = slice(None)):
+  """A random batch of (images, labels); ``rows`` as in :func:`text_batch`."""
+  idx = np.random.default_rng([seed, step]).choice(len(x), size=batch_size, replace=len(x) < batch_size)[rows]
   return x[idx], y[idx]
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 import galore_optax
 from models import GALORE_TARGETS, GPT2, ViT
 from train import data as data_lib
+from train import parallel
 from train import report
 from train.checkpoint import Checkpointer
 from train.config import OPTIMIZERS, WEIGHT_DECAY_KW, TrainConfig
@@ -51,8 +52,11 @@ def galore_targets():
   return galore_optax.match_paths(GALORE_TARGETS)
 
 
-def build_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformation:
-  """The optimizer named by ``cfg``, behind global-norm clipping, with warmup + cosine."""
+def build_optimizer(cfg: TrainConfig, params: Any, axis_name: Any = None) -> optax.GradientTransformation:
+  """The optimizer named by ``cfg``, behind global-norm clipping, with warmup + cosine.
+
+  ``axis_name``: the pmap axis, over which GaLore spreads its refreshes.
+  """
   if cfg.schedule == "cosine":
     lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1),
                                             end_value=0.1 * cfg.lr)
@@ -73,7 +77,7 @@ def build_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformati
     lazy = None if cfg.lazy_threshold is None else galore_optax.LazyRefresh(cfg.lazy_threshold, cfg.lazy_patience)
     kwargs.update(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
                   proj_type=cfg.proj_type, targets=galore_targets(), svd=cfg.svd, moments=cfg.moments,
-                  lazy_refresh=lazy)
+                  lazy_refresh=lazy, axis_name=axis_name)
   tx = factory(lr, **kwargs)
   if cfg.clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip), tx)
@@ -94,19 +98,25 @@ def classifier_loss(model, batch):
   return loss, {"accuracy": (logits.argmax(-1) == labels).mean()}
 
 
-def make_steps(graphdef, tx, loss_fn: Callable):
-  """``train_step(params, opt_state, batch)`` (jitted, params and state donated) and ``eval_step``."""
+def make_steps(graphdef, tx, loss_fn: Callable, gather: Callable = lambda p: p):
+  """``train_step(params, opt_state, batch, grad_reduce=None)`` and ``eval_step(params, batch)``.
 
-  def train_step(params, opt_state, batch):
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch), has_aux=True)
+  ``gather`` turns stored parameters into the ones the forward pass uses (whole, under FSDP);
+  ``grad_reduce`` averages gradients and loss over a pmap axis. The caller jits or pmaps.
+  """
+
+  def train_step(params, opt_state, batch, grad_reduce=None):
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, gather(p)), batch), has_aux=True)
     (loss, _), grads = grad_fn(params)
+    if grad_reduce is not None:
+      grads, loss = grad_reduce((grads, loss))
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   def eval_step(params, batch):
-    return loss_fn(nnx.merge(graphdef, params), batch)
+    return loss_fn(nnx.merge(graphdef, gather(params)), batch)
 
-  return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step)
+  return train_step, eval_step
 
 
 # --------------------------------------------------------------------------- running
@@ -127,13 +137,17 @@ class Progress:
     print(("\n" if self.tty else "") + text, flush=True)
 
 
-def evaluate(cfg: TrainConfig, eval_step, params, data) -> dict:
+def evaluate(cfg: TrainConfig, eval_step, params, data, placement) -> dict:
   if cfg.task == "gpt2":
     batches = data_lib.eval_text_batches(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
   else:
     batches = data_lib.eval_image_batches(data.val_x, data.val_y, cfg.batch_size)
   losses, accs = [], []
   for batch in batches:
+    n = len(batch[0])
+    if n % placement.size:  # a split smaller than one batch may not spread over the devices
+      continue
+    batch = placement.put_batch(tuple(x[placement.local_rows(n)] for x in batch), n)
     loss, aux = eval_step(params, batch)
     losses.append(float(loss))
     accs.append(float(aux.get("accuracy", np.nan)))
@@ -147,10 +161,10 @@ def evaluate(cfg: TrainConfig, eval_step, params, data) -> dict:
   return out
 
 
-def _batch(cfg: TrainConfig, data, step: int):
+def _batch(cfg: TrainConfig, data, step: int, rows: slice):
   if cfg.task == "gpt2":
-    return data_lib.text_batch(data.train, step, cfg.batch_size, cfg.seq_len, cfg.seed)
-  return data_lib.image_batch(data.train_x, data.train_y, step, cfg.batch_size, cfg.seed)
+    return data_lib.text_batch(data.train, step, cfg.batch_size, cfg.seq_len, cfg.seed, rows)
+  return data_lib.image_batch(data.train_x, data.train_y, step, cfg.batch_size, cfg.seed, rows)
 
 
 def _read_metrics(path: pathlib.Path, upto: int) -> list[dict]:
@@ -173,82 +187,113 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
   preempted job would; ``--resume`` then continues it.
   """
   out = pathlib.Path(cfg.out)
+  parallel.initialize_processes(cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed)
+  placement = (parallel.PmapPlacement.create(cfg.mesh) if cfg.parallel == "pmap"
+               else parallel.MeshPlacement.create(cfg.mesh, cfg.mesh_axes))
+  lead = jax.process_index() == 0  # the process that writes logs, metrics and plots
+  verbose = verbose and lead
+  rows = placement.local_rows(cfg.batch_size)
   data = load_data(cfg)
   model = build_model(cfg, data)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
-  tx, schedule = build_optimizer(cfg, params)
-  opt_state = tx.init(params)
+  tx, schedule = build_optimizer(cfg, params, axis_name=parallel.PMAP_AXIS if cfg.parallel == "pmap" else None)
   memory = galore_optax.memory_report(params, tx)
+  params = placement.put_params(params)
+  opt_state = placement.init_state(tx.init, params)
 
-  out.mkdir(parents=True, exist_ok=True)
+  if lead:
+    out.mkdir(parents=True, exist_ok=True)
   checkpointer = Checkpointer(out, cfg.checkpoint_every, cfg.keep_checkpoints, fresh=not cfg.resume)
   start = 0
   if cfg.resume:
-    params, opt_state, meta = checkpointer.restore(params, opt_state, cfg.identity())
+    params, opt_state, meta = checkpointer.restore(placement.to_checkpoint(params),
+                                                   placement.to_checkpoint(opt_state), cfg.identity())
+    params, opt_state = placement.from_checkpoint(params), placement.from_checkpoint(opt_state)
     start = meta["step"]
-  (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
   metrics_path = out / "metrics.jsonl"
   history = _read_metrics(metrics_path, start) if cfg.resume else []
-  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+  if lead:
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
   unit, per_step = ("tok", cfg.batch_size * cfg.seq_len) if cfg.task == "gpt2" else ("img", cfg.batch_size)
-  train_step, eval_step = make_steps(graphdef, tx, lm_loss if cfg.task == "gpt2" else classifier_loss)
+  step_fn, eval_fn = make_steps(graphdef, tx, lm_loss if cfg.task == "gpt2" else classifier_loss,
+                                gather=placement.gather_for_compute)
+  train_step, step_memory = placement.compile_step(
+      step_fn, params, opt_state, placement.put_batch(_batch(cfg, data, start, rows), cfg.batch_size))
+  eval_step = placement.jit_eval(eval_fn)
   progress = Progress(cfg.steps, unit)
   if verbose:
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(state)))
     print(f"{cfg.task} preset {cfg.preset!r}: {n_params / 1e6:.2f}M params; data: {data.description}")
     print(f"optimizer {cfg.optimizer}" + (f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {cfg.scale}, "
                                           f"{cfg.proj_type})" if cfg.uses_galore else "")
           + f": state {report.human_bytes(memory.state_bytes)} vs AdamW's "
             f"{report.human_bytes(memory.adamw_bytes)} ({memory.state_ratio:.0%})"
           + (f"; resuming at step {start}" if start else ""))
+    if placement.size > 1:
+      print(f"devices: {placement.describe()}")
 
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
   step_times, refresh_times, window = [], [], []
   t_begin = time.perf_counter()
-  with open(metrics_path, "a") as log:
-    for step in range(start, end):
-      t0 = time.perf_counter()
-      params, opt_state, loss = train_step(params, opt_state, _batch(cfg, data, step))
-      loss = float(loss)
-      dt = time.perf_counter() - t0
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
-      if step > start:  # the first step compiles
-        step_times.append(dt)
-        if cfg.uses_galore and step % cfg.update_proj_gap == 0:
-          refresh_times.append(dt)
-      window.append(loss)
-      done = step + 1
-      row = None
-      if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == end:
-        median = float(np.median(step_times)) if step_times else 0.0
-        rate = per_step / median if median else 0.0
-        row = {"step": done, "loss": float(np.mean(window)), "lr": float(schedule(step)),
-               f"{unit}_per_s": rate}
-        window = []
-        if verbose:
-          progress.show(done, row["loss"], row["lr"], rate, (cfg.steps - done) * median)
-      if done % cfg.eval_every == 0 or done == cfg.steps:
-        row.update(evaluate(cfg, eval_step, params, data))
-        if verbose:
-          progress.note("  eval " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val")))
-      if row:
+  log = open(metrics_path, "a") if lead else None
+  for step in range(start, end):
+    t0 = time.perf_counter()
+    batch = placement.put_batch(_batch(cfg, data, step, rows), cfg.batch_size)
+    params, opt_state, loss = train_step(params, opt_state, batch)
+    loss = float(loss)
+    dt = time.perf_counter() - t0
+    if not math.isfinite(loss):
+      raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
+    if step > start:  # the first step may still warm up
+      step_times.append(dt)
+      if cfg.uses_galore and step % cfg.update_proj_gap == 0:
+        refresh_times.append(dt)
+    window.append(loss)
+    done = step + 1
+    row = None
+    if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == end:
+      median = float(np.median(step_times)) if step_times else 0.0
+      rate = per_step / median if median else 0.0
+      row = {"step": done, "loss": float(np.mean(window)), "lr": float(schedule(step)),
+             f"{unit}_per_s": rate}
+      window = []
+      if verbose:
+        progress.show(done, row["loss"], row["lr"], rate, (cfg.steps - done) * median)
+    if done % cfg.eval_every == 0 or done == cfg.steps:
+      row.update(evaluate(cfg, eval_step, params, data, placement))
+      if verbose:
+        progress.note("  eval " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val")))
+    if row:
+      history.append(row)
+      if log:
         log.write(json.dumps(row) + "\n")
         log.flush()
-        history.append(row)
-      meta = {"step": done, "config": cfg.identity(), "rng": {"seed": cfg.seed, "data_position": done}}
-      checkpointer.maybe_save(done, params, opt_state, meta, force=done == end)
+    meta = {"step": done, "config": cfg.identity(), "rng": {"seed": cfg.seed, "data_position": done}}
+    checkpointer.maybe_save(done, placement.to_checkpoint(params), placement.to_checkpoint(opt_state), meta,
+                            force=done == end)
+  if log:
+    log.close()
   checkpointer.close()
 
   summary = _summary(cfg, data, history, memory, step_times, refresh_times, time.perf_counter() - t_begin,
                      per_step, unit, finished=end == cfg.steps)
+  params, opt_state = placement.to_checkpoint(params), placement.to_checkpoint(opt_state)
+  summary["per_device"] = {
+      "devices": placement.size, "processes": jax.process_count(), "layout": placement.describe(),
+      "param_bytes": parallel.bytes_per_device(params),
+      "gradient_bytes": parallel.bytes_per_device(params),  # gradients are laid out like their parameters
+      "optimizer_state_bytes": parallel.bytes_per_device(opt_state),
+      "xla_train_step": step_memory,
+  }
   if cfg.uses_galore:
     summary["refresh"].update(galore_optax.refresh_stats(opt_state, cfg.update_proj_gap))
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
-  report.plot_losses({cfg.optimizer: history}, out / "loss.png", f"{cfg.task} {cfg.preset}",
-                     report.entropy_line(summary))
+  if lead:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    report.plot_losses({cfg.optimizer: history}, out / "loss.png", f"{cfg.task} {cfg.preset}",
+                       report.entropy_line(summary))
   if verbose:
     print(report.describe_summary(summary))
   return RunResult(summary, params, opt_state)

@@ -1,0 +1,140 @@
+"""GaLore on a device mesh: the refresh spread over devices, and optimizer state per device.
+
+Time: one jitted optimizer step of galore_adamw (rank 128, exact SVD) on GPT-2 124M block
+matrices placed with FSDP over ``--devices`` simulated CPU devices (explicit mesh axes), when
+every basis is refreshed (``update_proj_gap=1``):
+
+- spread: galore_optax's default under ``jax.set_mesh``, each device computes ~1/D of the SVDs;
+- every device: the same step with spreading turned off, so each device computes all SVDs
+  (what a replicated refresh costs);
+- one device: the same step on a 1-device mesh, for scale;
+- a step without refresh, and optax.contrib.galore under the same mesh.
+
+Memory: optimizer-state bytes per device for the full GPT-2 124M parameter tree (shapes only)
+under fsdp = 1, 2, ..., D, for optax.adamw and galore_adamw (rank 128, the paper's targets).
+
+    python -m benchmarks.parallel [--devices 4] [--layers 4] [--repeats 3]
+
+Simulated devices share this machine's cores (and run LAPACK single-threaded here, see
+``main``), so the ratios transfer to real hardware better than the absolute seconds do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--devices", type=int, default=4)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--out", default="benchmarks/results/parallel-cpu")
+  args = p.parse_args(argv)
+  os.environ["JAX_NUM_CPU_DEVICES"] = str(args.devices)  # before JAX starts
+  # Simulated devices are threads of one process: LAPACK's own thread pool in each of them
+  # oversubscribes the cores (measured here: 4 concurrent SVDs ran 20x slower than one).
+  # One LAPACK thread per device is what separate devices have.
+  for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(name, "1")
+  if "jax" in sys.modules and sys.modules["jax"].device_count() != args.devices:
+    raise SystemExit("run as python -m benchmarks.parallel: JAX must start after --devices is read")
+  _run(args)
+
+
+def _run(args) -> None:
+  import json
+  import pathlib
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+
+  import galore_optax
+  from benchmarks.common import gpt2_124m_shapes, machine, median_seconds
+  from galore_optax import sharding
+  from models import GPT2, GALORE_TARGETS, gpt2
+  from train.parallel import MeshPlacement, bytes_per_device
+
+  rank = 128
+  shapes = gpt2_124m_shapes(args.layers)
+  rng = np.random.default_rng(0)
+  host = jax.tree.map(lambda s: rng.standard_normal(s).astype(np.float32), shapes,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+  def step_time(placement, tx, refresh=True) -> float:
+    params = placement.put_params(host)
+    grads = placement.put_params(jax.tree.map(lambda x: 0.01 * x, host))
+    state = placement.init_state(tx.init, params)
+    with jax.set_mesh(placement.mesh):
+      update = jax.jit(tx.update)
+      if not refresh:
+        _, state = update(grads, state, params)  # step 0 refreshes; with a large T, step 1 does not
+      return median_seconds(lambda: jax.block_until_ready(update(grads, state, params)), args.repeats)
+
+  galore = lambda gap: galore_optax.galore_adamw(1e-3, rank=rank, update_proj_gap=gap)
+  mesh = MeshPlacement.create(f"fsdp={args.devices}", "explicit")
+  one = MeshPlacement(jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1],
+                                    axis_types=(jax.sharding.AxisType.Explicit,) * 2))
+  rows = {"spread": step_time(mesh, galore(1))}
+  context_axes = sharding._context_axes
+  sharding._context_axes = lambda: None  # spreading off: every device computes every SVD
+  try:
+    rows["every device"] = step_time(mesh, galore(1))
+  finally:
+    sharding._context_axes = context_axes
+  rows["one device"] = step_time(one, galore(1))
+  rows["no refresh"] = step_time(mesh, galore(10**6), refresh=False)
+  try:
+    step_time(mesh, optax.contrib.galore(1e-3, rank=rank, update_proj_gap=1))
+    contrib = "runs"
+  except Exception as e:  # noqa: BLE001 - the failure is the finding
+    contrib = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+  model = nnx.eval_shape(lambda: GPT2(gpt2.PRESETS["124m"], rngs=nnx.Rngs(0)))
+  params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(nnx.state(model)))
+  optimizers = {"optax.adamw": optax.adamw(1e-3),
+                "galore_adamw r=128": galore_optax.galore_adamw(1e-3, rank=rank,
+                                                                targets=galore_optax.match_paths(GALORE_TARGETS))}
+  memory = {}
+  fsdp = 1
+  while fsdp <= args.devices:
+    placement = MeshPlacement.create(f"data={args.devices // fsdp},fsdp={fsdp}", "explicit")
+    for name, tx in optimizers.items():
+      state_sh = placement.state_shardings(tx.init, params)
+      state = jax.eval_shape(tx.init, params)
+      memory[(name, fsdp)] = bytes_per_device(jax.tree.map(
+          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, state_sh))
+    fsdp *= 2
+
+  when = machine()
+  lines = [f"`python -m benchmarks.parallel --devices {args.devices} --layers {args.layers} --repeats {args.repeats}`"
+           f" — {when}, {args.devices} simulated devices", "",
+           f"GPT-2 124M block matrices x {args.layers} layers, rank {rank}, exact SVD, fsdp={args.devices}:", "",
+           "| galore_adamw step | seconds | x spread |", "|---|---|---|"]
+  lines += [f"| {name} | {t:.3f} | {t / rows['spread']:.2f} |" for name, t in rows.items()]
+  lines += ["", f"optax.contrib.galore under the same explicit mesh: {contrib}", "",
+            "GPT-2 124M (124.4M params), optimizer state per device:", "",
+            "| optimizer | " + " | ".join(f"fsdp={f}" for f in sorted({f for _, f in memory})) + " |",
+            "|---" * (1 + len({f for _, f in memory})) + "|"]
+  for name in optimizers:
+    base = memory[(name, 1)]
+    lines.append(f"| {name} | " + " | ".join(
+        f"{memory[(name, f)] / 2**20:.1f} MiB ({memory[(name, f)] / base:.3f})" for f in sorted({f for _, f in memory})
+        if (name, f) in memory) + " |")
+  text = "\n".join(lines)
+  print(text)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".md").write_text(text + "\n")
+  out.with_suffix(".json").write_text(json.dumps({
+      "machine": when, "devices": args.devices, "layers": args.layers, "step_seconds": rows, "contrib": contrib,
+      "state_bytes_per_device": {f"{n} fsdp={f}": b for (n, f), b in memory.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,83 @@
+"""Trains the tiny GPT-2 of tests/test_parallel.py in one process with 4 simulated CPU devices.
+
+``python tests/_parallel_worker.py OUT``: for each layout, writes ``OUT/<name>.npz`` (the final
+parameters, keyed by path) and ``OUT/<name>.json`` (the run's summary), plus
+``OUT/shardings.json`` (the specs that galore_adamw's state takes under an explicit mesh) and
+``OUT/spread.json`` (which device computed which refresh).
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+os.environ["JAX_NUM_CPU_DEVICES"] = "4"
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+import galore_optax  # noqa: E402
+import galore_optax.sharding  # noqa: E402
+from test_parallel import ENGINE, LAYOUTS, RESUMED, VIT, flat_params, tiny_config  # noqa: E402
+from train.loop import train  # noqa: E402
+from train.parallel import MeshPlacement  # noqa: E402
+
+
+def save(out: pathlib.Path, name: str, result) -> None:
+  np.savez(out / f"{name}.npz", **flat_params(result.params))
+  (out / f"{name}.json").write_text(json.dumps(result.summary))
+
+
+def state_specs(out: pathlib.Path) -> None:
+  """The spec of every GaLore state leaf of a (64, 192) and a (256, 64) matrix under fsdp=4."""
+  placement = MeshPlacement.create("data=1,fsdp=4", "explicit")
+  params = placement.put_params({"wide": np.ones((64, 192), np.float32), "tall": np.ones((256, 64), np.float32)})
+  tx = galore_optax.galore_adamw(1e-3, rank=8)
+  state = placement.init_state(tx.init, params)
+  galore = state[0]
+  spec = lambda x: [str(a) for a in x.sharding.spec] if isinstance(x.sharding, NamedSharding) else None
+  specs = {"params": jax.tree.map(spec, params),
+           "left": jax.tree.map(spec, galore.projector.left), "right": jax.tree.map(spec, galore.projector.right),
+           "mu": jax.tree.map(spec, galore.inner_state.mu)}
+  (out / "shardings.json").write_text(json.dumps(specs))
+
+
+def spread_owners(out: pathlib.Path) -> None:
+  """Which device computed each of 6 items spread over a 4-device mesh (and over a pmap axis).
+
+  Each item's function returns 1 + the index of the device running it; the spread result is
+  the sum over devices, so it names the owner only if no other device computed the item.
+  """
+  fns = [lambda a: a + 1 + jax.lax.axis_index(("data", "fsdp"))] * 6
+  args = [jnp.zeros((), jnp.int32)] * 6
+  active = [jnp.bool_(i != 4) for i in range(6)]  # item 4 is not due: zeros
+  with jax.set_mesh(MeshPlacement.create("data=2,fsdp=2", "explicit").mesh):
+    mesh_owners = jax.jit(lambda a: galore_optax.sharding.spread(fns, a, active))(args)
+  pmap_fns = [lambda a: a + 1 + jax.lax.axis_index("i")] * 6
+  pmapped = jax.pmap(lambda a: galore_optax.sharding.spread(pmap_fns, [a] * 6, active, axis_name="i"),
+                     axis_name="i")(jnp.zeros(4, jnp.int32))
+  (out / "spread.json").write_text(json.dumps({"mesh": [int(x) for x in mesh_owners],
+                                               "pmap": [[int(v) for v in x] for x in pmapped]}))
+
+
+def main(out: pathlib.Path) -> None:
+  assert jax.device_count() == 4, jax.devices()
+  state_specs(out)
+  spread_owners(out)
+  for name, layout in LAYOUTS.items():
+    save(out, name, train(tiny_config(out / "runs" / name, **layout), verbose=False))
+  save(out, "engine", train(tiny_config(out / "runs" / "engine", **ENGINE), verbose=False))
+  save(out, "vit", train(tiny_config(out / "runs" / "vit", **VIT), verbose=False))
+  # Checkpoint under fsdp=4, resume under data=2,fsdp=2.
+  first, second = RESUMED
+  cfg = tiny_config(out / "runs" / "resumed", **first)
+  train(cfg, stop_after=3, verbose=False)
+  save(out, "resumed", train(tiny_config(out / "runs" / "resumed", resume=True, **second), verbose=False))
+
+
+if __name__ == "__main__":
+  main(pathlib.Path(sys.argv[1]))

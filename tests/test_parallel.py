@@ -1,0 +1,177 @@
+"""Scale-out on simulated CPU devices: mesh layouts, pmap, two processes, checkpoints across meshes.
+
+The 4-device runs happen in one subprocess (tests/_parallel_worker.py: JAX fixes its device
+count at start-up); the 1-device reference runs here.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from galore_optax.targets import leaf_paths
+from train import config as config_lib
+from train.__main__ import main
+from train.loop import train
+
+HERE = pathlib.Path(__file__).resolve().parent
+TINY = dict(task="gpt2", preset="tiny", steps=5, batch_size=8, seq_len=32, max_data_bytes=100_000, log_every=5,
+            eval_every=5, eval_batches=2, checkpoint_every=100, update_proj_gap=2)  # refreshes at steps 0, 2, 4
+LAYOUTS = {
+    "data4": dict(mesh="data=4"),
+    "fsdp4": dict(mesh="fsdp=4"),
+    "data2_fsdp2": dict(mesh="data=2,fsdp=2"),
+    "fsdp4_auto": dict(mesh="fsdp=4", mesh_axes="auto"),
+    "data2_fsdp2_auto": dict(mesh="data=2,fsdp=2", mesh_axes="auto"),
+    "pmap": dict(parallel="pmap"),
+}
+ENGINE = dict(mesh="fsdp=4", svd="randomized", moments="transport", lazy_threshold=0.0, lazy_patience=1)
+VIT = dict(task="vit", mesh="data=2,fsdp=2")  # ViT on digits: images split over the mesh
+RESUMED = (dict(mesh="fsdp=4"), dict(mesh="data=2,fsdp=2"))  # 3 steps on the first, the rest on the second
+ATOL = 2e-6  # float32: summation orders differ between layouts
+
+
+def tiny_config(out, **kw) -> config_lib.TrainConfig:
+  return config_lib.TrainConfig(out=str(out), **{**TINY, **kw})
+
+
+def flat_params(params) -> dict:
+  return dict(zip(leaf_paths(params), (np.asarray(x) for x in jax.tree.leaves(params))))
+
+
+def _env(devices: int) -> dict:
+  return {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "PYTHONPATH": str(HERE.parent)}
+
+
+def _close(a: dict, b: dict) -> float:
+  assert a.keys() == b.keys()
+  return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  assert jax.device_count() == 1
+  result = train(tiny_config(tmp_path_factory.mktemp("one")), verbose=False)
+  return flat_params(result.params), result.summary
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+  out = tmp_path_factory.mktemp("four")
+  proc = subprocess.run([sys.executable, str(HERE / "_parallel_worker.py"), str(out)], env=_env(4),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return out
+
+
+def _load(out: pathlib.Path, name: str) -> tuple[dict, dict]:
+  with np.load(out / f"{name}.npz") as f:
+    params = dict(f)
+  return params, json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_every_layout_trains_like_one_device(four_devices, one_device, name):
+  params, summary = _load(four_devices, name)
+  reference, reference_summary = one_device
+  assert summary["per_device"]["devices"] == 4
+  assert summary["refresh"]["bases_computed"] == reference_summary["refresh"]["bases_computed"] == 3 * 8
+  assert _close(params, reference) < ATOL
+  assert abs(summary["val_loss"] - reference_summary["val_loss"]) < 1e-5
+
+
+def test_subspace_engine_options_on_a_mesh(tmp_path, four_devices):
+  params, summary = _load(four_devices, "engine")
+  reference = train(tiny_config(tmp_path, **{**ENGINE, "mesh": None}), verbose=False)
+  assert summary["refresh"]["svds_saved"] == reference.summary["refresh"]["svds_saved"] > 0  # lazy refresh acted
+  # The sketch's Cholesky QR and the moment transport amplify rounding a little more.
+  assert _close(params, flat_params(reference.params)) < 5 * ATOL
+
+
+def test_vit_on_a_mesh_trains_like_one_device(tmp_path, four_devices):
+  params, summary = _load(four_devices, "vit")
+  reference = train(tiny_config(tmp_path, **{**VIT, "mesh": None}), verbose=False)
+  assert _close(params, flat_params(reference.params)) < ATOL
+  assert abs(summary["val_accuracy"] - reference.summary["val_accuracy"]) < 1e-6
+
+
+def test_fsdp_splits_the_optimizer_state(four_devices, one_device):
+  one = one_device[1]["per_device"]
+  data = _load(four_devices, "data4")[1]["per_device"]
+  fsdp = _load(four_devices, "fsdp4")[1]["per_device"]
+  assert data["optimizer_state_bytes"] == one["optimizer_state_bytes"]  # data parallel replicates it
+  # About a quarter: only GaLore's bases on the unsharded side of their matrix, and scalars, stay whole.
+  assert 0.25 <= fsdp["optimizer_state_bytes"] / one["optimizer_state_bytes"] < 0.33
+  assert 0.25 <= fsdp["param_bytes"] / one["param_bytes"] < 0.26
+  assert fsdp["gradient_bytes"] == fsdp["param_bytes"]
+  for layout in (one, fsdp):
+    assert layout["xla_train_step"]["argument_size_bytes"] > 0
+    assert layout["xla_train_step"]["temp_size_bytes"] > 0
+  assert fsdp["xla_train_step"]["argument_size_bytes"] < one["xla_train_step"]["argument_size_bytes"] / 2
+
+
+def test_galore_state_follows_its_parameters_on_an_explicit_mesh(four_devices):
+  specs = json.loads((four_devices / "shardings.json").read_text())
+  # wide (64, 192): split along its 192 columns; std projects from the left (U is 64 x r).
+  assert specs["params"]["wide"] == ["None", "fsdp"]
+  assert specs["left"]["wide"] == ["None", "None"]       # U's rows follow the parameter's (whole) rows
+  assert specs["mu"]["wide"] == ["None", "fsdp"]          # the r x 192 moments keep the columns' split
+  # tall (256, 64): split along its 256 rows; std projects from the right (V^T is r x 64).
+  assert specs["params"]["tall"] == ["fsdp", "None"]
+  assert specs["right"]["tall"] == ["None", "None"]
+  assert specs["mu"]["tall"] == ["fsdp", "None"]
+
+
+def test_refreshes_are_spread_one_device_each(four_devices):
+  owners = json.loads((four_devices / "spread.json").read_text())
+  # Item k on device k mod 4 (reported as 1 + index); item 4 is not due, so it is zeros.
+  assert owners["mesh"] == [1, 2, 3, 4, 0, 2]
+  assert owners["pmap"] == [[owner] * 4 for owner in (1, 2, 3, 4, 0, 2)]  # every device holds every result
+
+
+def test_resume_on_another_mesh_shape(four_devices):
+  resumed, _ = _load(four_devices, "resumed")
+  uninterrupted, _ = _load(four_devices, "fsdp4")
+  assert _close(resumed, uninterrupted) < ATOL
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path, four_devices):
+  flags = ["gpt2"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "task"]
+  flags += ["--mesh=data=2,fsdp=2", f"--out={tmp_path / 'run'}", f"--coordinator=localhost:{_free_port()}",
+            "--num-processes=2"]
+  procs = [subprocess.Popen([sys.executable, "-m", "train", *flags, f"--process-id={i}"], env=_env(2),
+                            cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["per_device"]["processes"] == 2 and summary["per_device"]["devices"] == 4
+  # Restore the two processes' checkpoint here, on one device: it holds the final parameters.
+  restored = train(tiny_config(tmp_path / "run", resume=True), verbose=False)
+  assert restored.summary["steps"] == TINY["steps"]
+  assert _close(flat_params(restored.params), _load(four_devices, "data2_fsdp2")[0]) < ATOL
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh", "data=3"], "must multiply to 1"),
+    (["--mesh", "model=1"], "NAME=SIZE pairs"),
+    (["--mesh", "data=x"], "NAME=SIZE pairs"),
+    (["--mesh-axes", "manual"], "--mesh-axes"),
+    (["--parallel", "shmap"], "--parallel"),
+    (["--coordinator", "localhost:1234"], "go together"),
+])
+def test_bad_layouts_are_refused(tmp_path, capsys, flags, message):
+  assert main(["gpt2", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path), *flags]) == 2
+  assert message in capsys.readouterr().err
