@@ -49,7 +49,6 @@ def _run(args) -> None:
   import pathlib
 
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import optax
   from flax import nnx

@@ -99,6 +99,7 @@ def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
     (["--data", "/nonexistent/corpus"], "data path '/nonexistent/corpus' does not exist"),
     (["--seq-len", "4096"], "--seq-len 4096 exceeds the max_len of preset 'tiny', 128"),
     (["--compare", "galore_adamw,nope"], "unknown optimizer 'nope'"),
+    (["--optimizer", "contrib_galore", "--resume"], "contrib_galore's state holds zero-size arrays"),
 ])
 def test_bad_input_stops_before_training(tmp_path, capsys, args, message):
   out = tmp_path / "bad"

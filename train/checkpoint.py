@@ -23,21 +23,21 @@ class CheckpointError(ValueError):
 class Checkpointer:
   """Saves every ``every`` steps into ``DIR/checkpoints``, keeping the last ``keep``."""
 
-  def __init__(self, out_dir: pathlib.Path, every: int, keep: int, fresh: bool):
+  def __init__(self, out_dir: pathlib.Path, every: int, keep: int, fresh: bool, enabled: bool = True):
     self.path = (out_dir / "checkpoints").absolute()
     if fresh and self.path.exists() and jax.process_index() == 0:
       print(f"note: starting afresh; replacing the checkpoints in {self.path} (--resume continues them)")
       shutil.rmtree(self.path)
     if jax.process_count() > 1:  # no process may open the directory while process 0 clears it
       multihost_utils.sync_global_devices("galore_optax.checkpoints.fresh")
-    self.every = every
+    self.every, self.enabled = every, enabled
     self.manager = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def maybe_save(self, step: int, params: Any, opt_state: Any, meta: dict, force: bool = False) -> None:
-    if force or step % self.every == 0:
+    if self.enabled and (force or step % self.every == 0):
       self.manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
           meta=ocp.args.JsonSave(meta)), force=True)

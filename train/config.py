@@ -13,20 +13,22 @@ from models import gpt2, vit
 TASKS = ("gpt2", "vit")
 MODEL_PRESETS = {"gpt2": gpt2.PRESETS, "vit": vit.PRESETS}
 
-# name -> (factory, default peak learning rate, takes GaLore keywords)
+# name -> (factory, default peak learning rate, kind): kind "galore" takes galore_optax's keywords,
+# "contrib" the baseline optax.contrib.galore's (rank, update_proj_gap, scale, targets), "full" none.
 OPTIMIZERS = {
-    "galore_adamw": (galore_optax.galore_adamw, 1e-2, True),
-    "galore_adam": (galore_optax.galore_adam, 1e-2, True),
-    "galore_sgd": (lambda lr, **kw: galore_optax.galore_sgd(lr, momentum=0.9, **kw), 0.3, True),
-    "galore_adafactor": (galore_optax.galore_adafactor, 1e-2, True),
-    "galore_lion": (galore_optax.galore_lion, 1e-3, True),
-    "galore_lamb": (galore_optax.galore_lamb, 1e-2, True),
-    "adamw": (optax.adamw, 3e-3, False),
-    "adam": (optax.adam, 3e-3, False),
-    "sgd": (lambda lr, **kw: optax.sgd(lr, momentum=0.9, **kw), 0.1, False),
-    "adafactor": (optax.adafactor, 1e-2, False),
-    "lion": (optax.lion, 3e-4, False),
-    "lamb": (optax.lamb, 3e-3, False),
+    "galore_adamw": (galore_optax.galore_adamw, 1e-2, "galore"),
+    "galore_adam": (galore_optax.galore_adam, 1e-2, "galore"),
+    "galore_sgd": (lambda lr, **kw: galore_optax.galore_sgd(lr, momentum=0.9, **kw), 0.3, "galore"),
+    "galore_adafactor": (galore_optax.galore_adafactor, 1e-2, "galore"),
+    "galore_lion": (galore_optax.galore_lion, 1e-3, "galore"),
+    "galore_lamb": (galore_optax.galore_lamb, 1e-2, "galore"),
+    "contrib_galore": (optax.contrib.galore, 1e-2, "contrib"),
+    "adamw": (optax.adamw, 3e-3, "full"),
+    "adam": (optax.adam, 3e-3, "full"),
+    "sgd": (lambda lr, **kw: optax.sgd(lr, momentum=0.9, **kw), 0.1, "full"),
+    "adafactor": (optax.adafactor, 1e-2, "full"),
+    "lion": (optax.lion, 3e-4, "full"),
+    "lamb": (optax.lamb, 3e-3, "full"),
 }
 WEIGHT_DECAY_KW = {"adam", "galore_adam", "adafactor"}  # these take no weight_decay keyword
 # Sized so that the default run of each task takes a few minutes on a 2-core CPU.
@@ -120,7 +122,8 @@ class TrainConfig:
 
   @property
   def uses_galore(self) -> bool:
-    return OPTIMIZERS[self.optimizer][2]
+    """Whether the optimizer is one of galore_optax's (its state then has refresh statistics)."""
+    return OPTIMIZERS[self.optimizer][2] == "galore"
 
   def identity(self) -> dict:
     """The fields a checkpoint must agree on to be resumed."""

@@ -62,13 +62,18 @@ def build_optimizer(cfg: TrainConfig, params: Any, axis_name: Any = None) -> opt
                                             end_value=0.1 * cfg.lr)
   else:
     lr = optax.constant_schedule(cfg.lr)
-  factory, _, uses_galore = OPTIMIZERS[cfg.optimizer]
+  factory, _, kind = OPTIMIZERS[cfg.optimizer]
   kwargs: dict[str, Any] = {}
   if cfg.weight_decay:
     if cfg.optimizer in WEIGHT_DECAY_KW:
       raise ConfigError(f"--optimizer {cfg.optimizer} takes no weight decay; use its 'w' variant")
     kwargs.update(weight_decay=cfg.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
-  if uses_galore:
+  if kind == "contrib":  # the baseline, on the same matrices and with the same recipe
+    dims = lambda p: jax.tree.map(lambda t: optax.contrib.GaLoreDimensionNumbers() if t else None,
+                                  galore_targets()(p))
+    kwargs.update(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
+                  weight_dimension_numbers=dims)
+  if kind == "galore":
     plans = galore_optax.plan_leaves(params, rank=cfg.rank, proj_type=cfg.proj_type, targets=galore_targets())
     for plan in filter(None, plans):
       if cfg.rank > min(plan.view.m, plan.view.n):
@@ -204,7 +209,14 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
 
   if lead:
     out.mkdir(parents=True, exist_ok=True)
-  checkpointer = Checkpointer(out, cfg.checkpoint_every, cfg.keep_checkpoints, fresh=not cfg.resume)
+  # orbax refuses zero-size arrays, which optax.contrib.galore's state holds: such runs keep no checkpoints.
+  savable = all(x.size for x in jax.tree.leaves(opt_state))
+  if not savable and cfg.resume:
+    raise ConfigError(f"--resume: {cfg.optimizer}'s state holds zero-size arrays, which orbax cannot save, "
+                      "so its runs keep no checkpoints")
+  if not savable and verbose:
+    print(f"note: no checkpoints: {cfg.optimizer}'s state holds zero-size arrays, which orbax cannot save")
+  checkpointer = Checkpointer(out, cfg.checkpoint_every, cfg.keep_checkpoints, fresh=not cfg.resume, enabled=savable)
   start = 0
   if cfg.resume:
     params, opt_state, meta = checkpointer.restore(placement.to_checkpoint(params),
