@@ -30,13 +30,15 @@ from flax import nnx
 
 import galore_optax
 from benchmarks.common import machine
-from models import GALORE_TARGETS, GPT2, ViT, gpt2, vit
+from models import GPT2, ViT, gpt2, vit
+from train import loop, parallel
 
 RANKS = (128, 256, 512)
 LLAMA_1B = dict(layers=24, hidden=2048, mlp=5461, vocab=32000)
 
 
-def _abstract(module_fn) -> dict:
+def abstract_params(module_fn) -> dict:
+  """The pure-dict parameter tree of the module ``module_fn`` builds, as ShapeDtypeStructs."""
   model = nnx.eval_shape(module_fn)
   return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(nnx.state(model)))
 
@@ -54,15 +56,14 @@ def llama_1b_shapes() -> dict:
 
 def trees() -> dict:
   return {
-      "GPT-2 124M": (_abstract(lambda: GPT2(gpt2.PRESETS["124m"], rngs=nnx.Rngs(0))), "gpt2"),
-      "ViT-B/16": (_abstract(lambda: ViT(dataclasses.replace(vit.PRESETS["b16"], num_classes=1000),
+      "GPT-2 124M": (abstract_params(lambda: GPT2(gpt2.PRESETS["124m"], rngs=nnx.Rngs(0))), "gpt2"),
+      "ViT-B/16": (abstract_params(lambda: ViT(dataclasses.replace(vit.PRESETS["b16"], num_classes=1000),
                                          rngs=nnx.Rngs(0))), "vit"),
       "LLaMA 1B (shapes)": (llama_1b_shapes(), None),
   }
 
 
-def targeted(params):
-  return galore_optax.match_paths(GALORE_TARGETS)(params)
+targeted = loop.galore_targets()  # the training CLI's rule: attention and MLP matrices
 
 
 def only_targets(params):
@@ -73,9 +74,7 @@ def only_targets(params):
 
 
 def contrib_galore(rank: int):
-  dims = lambda params: jax.tree.map(lambda t: optax.contrib.GaLoreDimensionNumbers() if t else None,
-                                     targeted(params))
-  return optax.contrib.galore(1e-3, rank=rank, weight_dimension_numbers=dims)
+  return optax.contrib.galore(1e-3, rank=rank, weight_dimension_numbers=loop.contrib_dimension_numbers)
 
 
 def optimizers() -> dict:
@@ -125,7 +124,6 @@ def torch_state_bytes(params, rank: int) -> tuple[int, int]:
 
 def compiled_step_memory(task: str, params, tx) -> dict:
   """XLA's memory analysis of our jitted train step (params and state donated) on abstract inputs."""
-  from train import loop, parallel
   if task == "gpt2":
     model = nnx.eval_shape(lambda: GPT2(gpt2.PRESETS["124m"], rngs=nnx.Rngs(0)))
     batch = (jax.ShapeDtypeStruct((8, 256), jnp.int32),) * 2

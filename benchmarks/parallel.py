@@ -55,8 +55,10 @@ def _run(args) -> None:
 
   import galore_optax
   from benchmarks.common import gpt2_124m_shapes, machine, median_seconds
+  from benchmarks.memory import abstract_params
   from galore_optax import sharding
-  from models import GPT2, GALORE_TARGETS, gpt2
+  from models import GPT2, gpt2
+  from train.loop import galore_targets
   from train.parallel import MeshPlacement, bytes_per_device
 
   rank = 128
@@ -94,11 +96,9 @@ def _run(args) -> None:
   except Exception as e:  # noqa: BLE001 - the failure is the finding
     contrib = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
-  model = nnx.eval_shape(lambda: GPT2(gpt2.PRESETS["124m"], rngs=nnx.Rngs(0)))
-  params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(nnx.state(model)))
+  params = abstract_params(lambda: GPT2(gpt2.PRESETS["124m"], rngs=nnx.Rngs(0)))
   optimizers = {"optax.adamw": optax.adamw(1e-3),
-                "galore_adamw r=128": galore_optax.galore_adamw(1e-3, rank=rank,
-                                                                targets=galore_optax.match_paths(GALORE_TARGETS))}
+                "galore_adamw r=128": galore_optax.galore_adamw(1e-3, rank=rank, targets=galore_targets())}
   memory = {}
   fsdp = 1
   while fsdp <= args.devices:

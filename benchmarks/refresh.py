@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import galore_optax
-from benchmarks.common import gpt2_124m_shapes, machine, median_seconds
+from benchmarks.common import gpt2_124m_shapes, machine, median_seconds, set_next_refresh
 from galore_optax import subspace
 
 RANK = 128
@@ -45,17 +45,8 @@ def time_jax(tx, params, grads, repeats, advance=False):
     _, state = update(grads, state, params)
     # step 1 of a transform refreshed at step 0 with update_proj_gap 1 would refresh again;
     # push every leaf's next refresh out of reach to time the plain step.
-    state = _no_more_refreshes(state)
+    state = set_next_refresh(state, lambda s: 2**30)
   return median_seconds(lambda: jax.block_until_ready(update(grads, state, params)), repeats)
-
-
-def _no_more_refreshes(opt_state):
-  def fix(x):
-    if isinstance(x, galore_optax.GaLoreState):
-      far = jax.tree.map(lambda s: jnp.full_like(s, 2**30), x.refresh.next_step)
-      return x._replace(refresh=x.refresh._replace(next_step=far))
-    return x
-  return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, galore_optax.GaLoreState))
 
 
 def time_torch(params, grads, repeats, device="cpu"):

@@ -30,25 +30,16 @@ import optax
 from flax import nnx
 
 import galore_optax
-from benchmarks.common import gpt2_124m_shapes, machine, median_seconds
-from models import GALORE_TARGETS, GPT2, gpt2
+from benchmarks.common import gpt2_124m_shapes, machine, median_seconds, set_next_refresh
+from models import GPT2, gpt2
 from train import loop
 
 GAP = 200
 
 
-def force_refresh(opt_state):
-  """``opt_state`` with every GaLore leaf due for a refresh at its next step."""
-  def due(x):
-    if isinstance(x, galore_optax.GaLoreState):
-      return x._replace(refresh=x.refresh._replace(next_step=jax.tree.map(lambda _: jnp.copy(x.count), x.refresh.next_step)))
-    return x
-  return jax.tree.map(due, opt_state, is_leaf=lambda x: isinstance(x, galore_optax.GaLoreState))
-
-
 def galore(rank: int):
   return galore_optax.galore_adamw(1e-3, rank=rank, update_proj_gap=GAP,
-                                   targets=galore_optax.match_paths(GALORE_TARGETS))
+                                   targets=loop.galore_targets())
 
 
 def train_step_times(preset: str, batch: int, seq_len: int, rank: int, repeats: int) -> dict:
@@ -81,7 +72,7 @@ def train_step_times(preset: str, batch: int, seq_len: int, rank: int, repeats: 
   step, carry, _ = runs[f"galore_adamw r={rank}"]
   refresh = []
   for _ in range(max(2, repeats // 2)):
-    carry[1] = force_refresh(carry[1])
+    carry[1] = set_next_refresh(carry[1], lambda s: s.count)
     refresh.append(timed(step, carry))
   out = {name: statistics.median(times) for name, (_, _, times) in runs.items()}
   out["refresh"] = statistics.median(refresh)

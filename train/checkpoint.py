@@ -36,9 +36,12 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def maybe_save(self, step: int, params: Any, opt_state: Any, meta: dict, force: bool = False) -> None:
-    if self.enabled and (force or step % self.every == 0):
-      self.manager.save(step, args=ocp.args.Composite(
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether :meth:`save` should run after ``step`` (``force``: the run's last step)."""
+    return self.enabled and (force or step % self.every == 0)
+
+  def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
           meta=ocp.args.JsonSave(meta)), force=True)
 

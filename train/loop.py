@@ -52,6 +52,11 @@ def galore_targets():
   return galore_optax.match_paths(GALORE_TARGETS)
 
 
+def contrib_dimension_numbers(params: Any) -> Any:
+  """optax.contrib.galore's ``weight_dimension_numbers`` for the matrices :func:`galore_targets` picks."""
+  return jax.tree.map(lambda t: optax.contrib.GaLoreDimensionNumbers() if t else None, galore_targets()(params))
+
+
 def build_optimizer(cfg: TrainConfig, params: Any, axis_name: Any = None) -> optax.GradientTransformation:
   """The optimizer named by ``cfg``, behind global-norm clipping, with warmup + cosine.
 
@@ -69,10 +74,8 @@ def build_optimizer(cfg: TrainConfig, params: Any, axis_name: Any = None) -> opt
       raise ConfigError(f"--optimizer {cfg.optimizer} takes no weight decay; use its 'w' variant")
     kwargs.update(weight_decay=cfg.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
   if kind == "contrib":  # the baseline, on the same matrices and with the same recipe
-    dims = lambda p: jax.tree.map(lambda t: optax.contrib.GaLoreDimensionNumbers() if t else None,
-                                  galore_targets()(p))
     kwargs.update(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
-                  weight_dimension_numbers=dims)
+                  weight_dimension_numbers=contrib_dimension_numbers)
   if kind == "galore":
     plans = galore_optax.plan_leaves(params, rank=cfg.rank, proj_type=cfg.proj_type, targets=galore_targets())
     for plan in filter(None, plans):
@@ -202,6 +205,7 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
   model = build_model(cfg, data)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
   tx, schedule = build_optimizer(cfg, params, axis_name=parallel.PMAP_AXIS if cfg.parallel == "pmap" else None)
   memory = galore_optax.memory_report(params, tx)
   params = placement.put_params(params)
@@ -237,7 +241,6 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
   eval_step = placement.jit_eval(eval_fn)
   progress = Progress(cfg.steps, unit)
   if verbose:
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(state)))
     print(f"{cfg.task} preset {cfg.preset!r}: {n_params / 1e6:.2f}M params; data: {data.description}")
     print(f"optimizer {cfg.optimizer}" + (f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {cfg.scale}, "
                                           f"{cfg.proj_type})" if cfg.uses_galore else "")
@@ -283,9 +286,9 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
       if log:
         log.write(json.dumps(row) + "\n")
         log.flush()
-    meta = {"step": done, "config": cfg.identity(), "rng": {"seed": cfg.seed, "data_position": done}}
-    checkpointer.maybe_save(done, placement.to_checkpoint(params), placement.to_checkpoint(opt_state), meta,
-                            force=done == end)
+    if checkpointer.due(done, force=done == end):  # pmap's to_checkpoint copies: only when saving
+      meta = {"step": done, "config": cfg.identity(), "rng": {"seed": cfg.seed, "data_position": done}}
+      checkpointer.save(done, placement.to_checkpoint(params), placement.to_checkpoint(opt_state), meta)
   if log:
     log.close()
   checkpointer.close()

@@ -200,13 +200,6 @@ class MeshPlacement:
   def from_checkpoint(self, tree: Any) -> Any:
     return tree
 
-  def host(self, tree: Any) -> Any:
-    """``tree`` as numpy arrays on this host (gathered across processes)."""
-    from jax.experimental import multihost_utils
-    if jax.process_count() == 1:
-      return jax.tree.map(np.asarray, tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
-
 
 @dataclasses.dataclass
 class PmapPlacement:
@@ -261,9 +254,6 @@ class PmapPlacement:
   def jit_eval(self, eval_step: Callable) -> Callable:
     pmapped = jax.pmap(lambda p, b: jax.lax.pmean(eval_step(p, b), PMAP_AXIS), axis_name=PMAP_AXIS)
     return lambda params, batch: jax.tree.map(lambda x: x[0], pmapped(params, batch))
-
-  def host(self, tree: Any) -> Any:
-    return jax.tree.map(np.asarray, self.to_checkpoint(tree))
 
   def to_checkpoint(self, tree: Any) -> Any:
     """One copy of a replicated tree: what is saved."""
