@@ -20,10 +20,13 @@ from galore_optax.subspace import SVD_METHODS
 from galore_optax.targets import DEFAULT_EXCLUDE
 from galore_optax.targets import match_paths
 from galore_optax.targets import plan_leaves
+from galore_optax.projection import DEFAULT_PRECISION
+from galore_optax.refresh import ORTHONORMALITY_TOL
+from galore_optax.refresh import RefreshState
+from galore_optax.transform import bases_computed
 from galore_optax.transform import GaLoreProjector
 from galore_optax.transform import GaLoreState
 from galore_optax.transform import refresh_stats
-from galore_optax.transform import RefreshState
 from galore_optax.transform import scale_by_galore
 
 __version__ = "0.1.0"

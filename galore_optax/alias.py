@@ -2,8 +2,9 @@
 
 Each takes ``learning_rate`` (a float or an optax schedule), its optimizer's own
 hyperparameters, and the GaLore keywords of :func:`galore_optax.scale_by_galore`:
-``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``targets``, ``matrix_axes``, ``svd``,
-``moments``, ``lazy_refresh`` and ``axis_name``.
+``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``targets``,
+``matrix_axes``, ``svd``, ``moments``, ``lazy_refresh``, ``precision`` and
+``axis_name``.
 Weight decay is always applied to the full weights, never in the subspace; ``mask`` (a
 pytree of bools or a callable on params) selects the leaves it applies to.
 
@@ -14,16 +15,35 @@ With ``optax.inject_hyperparams`` list ``rank``, ``update_proj_gap`` and ``proj_
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
+import jax
 import optax
 
 from galore_optax import inner as inner_lib
+from galore_optax import projection
 from galore_optax import subspace
 from galore_optax import targets as targets_lib
 from galore_optax.transform import scale_by_galore
 
 Mask = Optional[Any]
+
+# Every keyword of scale_by_galore. Each alias spells them out in its own
+# signature (optax.inject_hyperparams reads signatures) and passes them on here.
+GALORE_KEYWORDS = tuple(inspect.signature(scale_by_galore).parameters)[1:]
+
+
+def _galore_options(namespace: dict[str, Any]) -> dict[str, Any]:
+  return {name: namespace[name] for name in GALORE_KEYWORDS}
+
+
+def _galore(
+    inner: optax.GradientTransformation, namespace: dict[str, Any]
+) -> optax.GradientTransformationExtraArgs:
+  """``scale_by_galore(inner, ...)`` with the GaLore keywords of an alias's
+  ``locals()``."""
+  return scale_by_galore(inner, **_galore_options(namespace))
 
 
 def galore_adamw(
@@ -43,6 +63,7 @@ def galore_adamw(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW, step for step galore-torch's ``GaLoreAdamW``.
@@ -53,11 +74,7 @@ def galore_adamw(
   (eps 1e-6, no weight decay).
   """
   return optax.chain(
-      scale_by_galore(
-          inner_lib.scale_by_reference_adam(b1=b1, b2=b2, eps=eps),
-          rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-          targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name),
+      _galore(inner_lib.scale_by_reference_adam(b1=b1, b2=b2, eps=eps), locals()),
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -78,13 +95,11 @@ def galore_adam(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adam: :func:`galore_adamw` without weight decay."""
-  return galore_adamw(
-      learning_rate, b1, b2, eps, 0.0, rank=rank, update_proj_gap=update_proj_gap,
-      scale=scale, proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name)
+  return galore_adamw(learning_rate, b1, b2, eps, 0.0, **_galore_options(locals()))
 
 
 def galore_sgd(
@@ -103,6 +118,7 @@ def galore_sgd(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-SGD: the momentum buffer (``optax.trace``) lives in the subspace.
@@ -112,10 +128,7 @@ def galore_sgd(
   """
   inner = optax.identity() if momentum is None else optax.trace(decay=momentum, nesterov=nesterov)
   return optax.chain(
-      scale_by_galore(
-          inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-          proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name),
+      _galore(inner, locals()),
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -137,14 +150,12 @@ def galore_lion(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Lion: ``optax.scale_by_lion`` (sign of interpolated momentum) in the subspace."""
   return optax.chain(
-      scale_by_galore(
-          optax.scale_by_lion(b1=b1, b2=b2), rank=rank, update_proj_gap=update_proj_gap,
-          scale=scale, proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name),
+      _galore(optax.scale_by_lion(b1=b1, b2=b2), locals()),
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -177,14 +188,23 @@ def galore_adafactor(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adafactor: factored second moments of the low-rank gradient.
 
-  As in galore-torch's ``GaLoreAdafactor``, the factored statistics, the update clipping
-  and the optional momentum act on the projected gradient, and the finished update is
-  projected back. The parameter-scale factor ``max(1e-3, RMS(p))`` reads the full weights,
-  so it is applied after the back-projection. Defaults follow ``optax.adafactor``.
+  The factored statistics, the update clipping and the optional momentum act on
+  the projected gradient, and the finished update is projected back. The
+  parameter-scale factor ``max(1e-3, RMS(p))`` reads the full weights, so it is
+  applied after the back-projection. Defaults and order follow
+  ``optax.adafactor``.
+
+  This is not step for step galore-torch's ``GaLoreAdafactor``, which follows
+  Hugging Face's Adafactor: there the second-moment decay is ``1 - t^-0.8``
+  with ``t`` counted from 1 (here optax's ``decay_offset`` rule), the momentum
+  averages updates already multiplied by the learning rate (here it averages
+  them before), and weight decay acts on the weights before the update (here
+  after it, as in every alias of this package).
   """
   inner = [_params_from_updates(optax.scale_by_factored_rms(
       factored=True, decay_rate=decay_rate, step_offset=decay_offset,
@@ -197,10 +217,7 @@ def galore_adafactor(
   if multiply_by_parameter_scale:
     outer.insert(0, optax.scale_by_param_block_rms())
   return optax.chain(
-      scale_by_galore(
-          optax.chain(*inner), rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-          proj_type=proj_type, targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name),
+      _galore(optax.chain(*inner), locals()),
       *outer,
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -223,6 +240,7 @@ def galore_lamb(
     svd: subspace.SvdSpec = "exact",
     moments: str = "keep",
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-LAMB: Adam in the subspace; decay and trust ratio in the full space.
@@ -232,11 +250,7 @@ def galore_lamb(
   full weights, as ``optax.lamb`` does).
   """
   return optax.chain(
-      scale_by_galore(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank=rank,
-          update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-          targets=targets, matrix_axes=matrix_axes,
-          svd=svd, moments=moments, lazy_refresh=lazy_refresh, axis_name=axis_name),
+      _galore(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), locals()),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_trust_ratio(),
       optax.scale_by_learning_rate(learning_rate),

@@ -61,21 +61,25 @@ def add_decoupled_weight_decay(
   ``u - lr_t * weight_decay * (p + u)``, so that ``p + u' = (p + u)(1 - lr_t weight_decay)``:
   the already-updated weight is decayed. It never passes through the low-rank subspace.
   """
-  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
-    return optax.identity()
+  # The state exists whatever the value: optax.inject_hyperparams turns
+  # weight_decay into an array, and its state must have the same structure.
+  no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
 
   def init_fn(params):
     del params
     return DecoupledWeightDecayState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
+    count = optax.safe_int32_increment(state.count)
+    if no_decay:
+      return updates, DecoupledWeightDecayState(count=count)
     if params is None:
       raise ValueError("weight decay needs params: pass them to update(updates, state, params)")
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     updates = jax.tree.map(
         lambda u, p: None if u is None else (u - lr * weight_decay * (p + u)).astype(u.dtype),
         updates, params, is_leaf=lambda x: x is None)
-    return updates, DecoupledWeightDecayState(count=optax.safe_int32_increment(state.count))
+    return updates, DecoupledWeightDecayState(count=count)
 
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)

@@ -1,8 +1,11 @@
 """What happens to the inner optimizer's state when a leaf's basis is refreshed.
 
 - ``keep`` (galore-torch): the low-rank moments are reused as they are in the new basis.
-- ``reset``: the moments of refreshed leaves are zeroed. (A shared step count, such as
-  Adam's bias correction, is not reset.)
+- ``reset``: a refreshed leaf restarts its inner optimizer: its moments are
+  zeroed and its step count (Adam's bias correction, Adafactor's decay
+  schedule) starts again from zero. The inner state's non-moment leaves (the
+  step counts) are then kept per targeted leaf, and each targeted leaf runs
+  the inner update with its own (see :func:`split_state`).
 - ``transport``: the moments are re-expressed in the new basis. With ``C_l = L_new^T L_old``
   and ``C_r = R_old R_new^T`` (identity for an unused side), a first moment becomes
   ``C_l M C_r``: the full-space moment ``L M R`` projected onto the new subspace, which is
@@ -26,6 +29,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from galore_optax import projection
@@ -112,14 +116,71 @@ def set_at(tree: Any, path: Sequence[Any], value: Any) -> Any:
   return type(tree)(items)
 
 
-def transport(moment: jax.Array, kind: str, c_left: Optional[jax.Array], c_right: Optional[jax.Array]) -> jax.Array:
-  """Re-expresses one low-rank moment (``(*batch, a, b)``) in the new basis (module docstring)."""
+class ScalarLayout(NamedTuple):
+  """The inner state with its moment slots taken out: what ``reset`` keeps per leaf.
+
+  Attributes:
+    treedef: the structure of the inner state with each slot replaced by a
+      leafless placeholder.
+    initial: its leaves (step counts) as ``inner.init`` sets them.
+  """
+
+  treedef: Any
+  initial: tuple[np.ndarray, ...]
+
+
+def scalar_layout(
+    inner: optax.GradientTransformation, slots: Sequence[MomentSlot]
+) -> ScalarLayout:
+  """The :class:`ScalarLayout` of ``inner``'s state, from a placeholder init."""
+  with jax.ensure_compile_time_eval():  # concrete even inside a trace
+    scalars, treedef = split_state(inner.init(_Slot()), slots)
+    return ScalarLayout(treedef, tuple(np.asarray(x) for x in scalars))
+
+
+def split_state(
+    state: Any, slots: Sequence[MomentSlot]
+) -> tuple[tuple[Any, ...], Any]:
+  """``state`` -> (its non-moment leaves, the structure they fill)."""
+  skeleton = state
+  for slot in slots:
+    skeleton = set_at(skeleton, slot.path, _Slot())
+  leaves, treedef = jax.tree.flatten(skeleton)
+  return tuple(leaves), treedef
+
+
+def merge_state(
+    treedef: Any,
+    scalars: Sequence[Any],
+    slots: Sequence[MomentSlot],
+    moments: Sequence[Any],
+) -> Any:
+  """The inverse of :func:`split_state`, with ``moments`` put in the slots."""
+  state = treedef.unflatten(scalars)
+  for slot, value in zip(slots, moments):
+    state = set_at(state, slot.path, value)
+  return state
+
+
+def transport(
+    moment: jax.Array,
+    kind: str,
+    c_left: Optional[jax.Array],
+    c_right: Optional[jax.Array],
+) -> jax.Array:
+  """Re-expresses one low-rank moment (``(*batch, a, b)``) in the new basis.
+
+  See the module docstring; ``c_left`` and ``c_right`` are the ``r x r``
+  overlaps of the new and old bases (None for an unused side).
+  """
   m = moment.astype(jnp.float32)
+  full = jax.lax.Precision.HIGHEST  # refresh-time math, in full float32
   if kind == "first":
-    return projection.project_back(m, c_left, c_right).astype(moment.dtype)
+    moved = projection.project_back(m, c_left, c_right, precision=full)
+    return moved.astype(moment.dtype)
   sq_left = None if c_left is None else c_left**2
   sq_right = None if c_right is None else c_right**2
-  moved = projection.project_back(m, sq_left, sq_right)
+  moved = projection.project_back(m, sq_left, sq_right, precision=full)
   coverage = jnp.ones_like(moved)
   axes = []
   if sq_left is not None:

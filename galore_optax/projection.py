@@ -24,6 +24,11 @@ import jax.numpy as jnp
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
+# The projections' matmul precision: full float32, as the reference computes
+# them. XLA's default would use TF32 on NVIDIA GPUs and bf16 passes on TPUs;
+# pass ``precision="default"`` (or "high") to scale_by_galore to allow that.
+DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
+
 Axes = Union[int, Sequence[int]]
 
 
@@ -120,26 +125,50 @@ def _partition(spec: Optional[tuple]):
   return None if spec is None else jax.P(*spec)
 
 
-def project(g: jax.Array, left: Optional[jax.Array], right: Optional[jax.Array],
-            spec: Optional[tuple] = None) -> jax.Array:
+def _t(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
+def project(
+    g: jax.Array,
+    left: Optional[jax.Array],
+    right: Optional[jax.Array],
+    spec: Optional[tuple] = None,
+    precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+) -> jax.Array:
   """``R = left^T G right^T``, skipping an absent factor.
 
-  ``spec``: ``G``'s partition spec on an explicit mesh (see :mod:`galore_optax.sharding`); a
-  projected side loses its sharding, which XLA must be told when that side was sharded.
+  Args:
+    g: ``(*batch, m, n)``.
+    left: ``U_r`` ``(*batch, m, r)`` or None.
+    right: ``V_r^T`` ``(*batch, r, n)`` or None.
+    spec: ``G``'s partition spec on an explicit mesh (see
+      :mod:`galore_optax.sharding`); a projected side loses its sharding,
+      which XLA must be told when that side was sharded.
+    precision: of the products (:data:`DEFAULT_PRECISION`: full float32).
   """
   if left is not None:
     spec = None if spec is None else spec[:-2] + (None, spec[-1])
-    g = jnp.matmul(jnp.swapaxes(left, -1, -2), g, out_sharding=_partition(spec))
+    g = jnp.matmul(
+        _t(left), g, precision=precision, out_sharding=_partition(spec)
+    )
   if right is not None:
     spec = None if spec is None else spec[:-1] + (None,)
-    g = jnp.matmul(g, jnp.swapaxes(right, -1, -2), out_sharding=_partition(spec))
+    g = jnp.matmul(
+        g, _t(right), precision=precision, out_sharding=_partition(spec)
+    )
   return g
 
 
-def project_back(n: jax.Array, left: Optional[jax.Array], right: Optional[jax.Array]) -> jax.Array:
+def project_back(
+    n: jax.Array,
+    left: Optional[jax.Array],
+    right: Optional[jax.Array],
+    precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
+) -> jax.Array:
   """``left N right``, skipping an absent factor: the inverse map of :func:`project`."""
   if left is not None:
-    n = jnp.matmul(left, n)
+    n = jnp.matmul(left, n, precision=precision)
   if right is not None:
-    n = jnp.matmul(n, right)
+    n = jnp.matmul(n, right, precision=precision)
   return n

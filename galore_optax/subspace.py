@@ -1,17 +1,24 @@
-"""Computing a leaf's basis: exact, randomized or Gram SVD, canonical signs, robustness.
+"""Computing a leaf's basis: exact, randomized or Gram SVD, with canonical signs.
 
-Every method returns the top-``rank`` singular directions of ``G`` (``(*batch, m, n)``) as
-``(left, right)`` = ``(U_r, V_r^T)`` with ``None`` for an unused side, computed in float32
-(float64 for float64 input) and cast to ``G``'s dtype.
+Every method returns the top-``rank`` singular directions of ``G``
+(``(*batch, m, n)``) as ``(left, right)`` = ``(U_r, V_r^T)``, with ``None`` for
+an unused side. The work runs in float32 (float64 for float64 input) and the
+result stays in that precision: the caller checks it and casts it.
 
 - ``exact``: ``jnp.linalg.svd``, as galore-torch.
-- ``randomized``: Halko, Martinsson and Tropp's range finder. For the side that is needed,
-  ``A = G`` (left) or ``G^T`` (right), sketch ``Y = A Omega`` with ``r + oversample`` Gaussian
-  columns, run ``power_iters`` rounds ``Y <- A (A^T Q)`` with re-orthonormalisation, take
-  ``B = Q^T A`` and the eigenvectors ``W`` of the small ``B B^T``: ``U = Q W``. Its cost is
-  ``(2 q + 2) m n k`` multiply-adds against the ``O(m n min(m, n))`` of a full SVD.
-- ``gram``: the eigenvectors of the smaller Gram matrix ``G G^T`` or ``G^T G``; the other side,
-  where needed, is ``G^T U / s`` or ``G V / s``. Exact up to the squared condition number.
+- ``randomized``: Halko, Martinsson and Tropp's range finder. For the side that
+  is needed, ``A = G`` (left) or ``G^T`` (right), sketch ``Y = A Omega`` with
+  ``r + oversample`` Gaussian columns, run ``power_iters`` rounds
+  ``Y <- A (A^T Q)`` with re-orthonormalisation, then take the thin SVD of the
+  small ``B = Q^T A = W S Z^T``: ``U = Q W`` and, for ``full``, ``V^T = Z^T``.
+  Both factors come out of orthogonal factorisations, so they are orthonormal
+  even when ``G`` has lower rank than ``r``. Cost: ``(2 q + 2) m n k``
+  multiply-adds against the ``O(m n min(m, n))`` of a full SVD.
+- ``gram``: the top eigenvectors of the Gram matrix of each needed side:
+  ``G G^T`` (m x m) for ``U``, ``G^T G`` (n x n) for ``V``. Eigenvectors of a
+  symmetric matrix are orthonormal whatever its conditioning; their accuracy
+  degrades with the squared condition number. Cheap when the needed side is
+  the smaller one (``std``); ``reverse_std`` and ``full`` pay for the larger.
 """
 
 from __future__ import annotations
@@ -78,9 +85,9 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def _finish(u: Optional[jax.Array], vt: Optional[jax.Array], dtype) -> Basis:
-  left = None if u is None else canonical_signs(u, -2).astype(dtype)
-  right = None if vt is None else canonical_signs(vt, -1).astype(dtype)
+def _finish(u: Optional[jax.Array], vt: Optional[jax.Array]) -> Basis:
+  left = None if u is None else canonical_signs(u, -2)
+  right = None if vt is None else canonical_signs(vt, -1)
   return left, right
 
 
@@ -90,7 +97,10 @@ def _work(g: jax.Array) -> jax.Array:
 
 def exact_basis(g: jax.Array, rank: int, use_left: bool, use_right: bool) -> Basis:
   u, _, vt = jnp.linalg.svd(_work(g), full_matrices=False)
-  return _finish(u[..., :, :rank] if use_left else None, vt[..., :rank, :] if use_right else None, g.dtype)
+  return _finish(
+      u[..., :, :rank] if use_left else None,
+      vt[..., :rank, :] if use_right else None,
+  )
 
 
 def _cholesky_qr2(y: jax.Array) -> jax.Array:
@@ -122,15 +132,24 @@ def _orthonormalize(y: jax.Array) -> jax.Array:
   return jax.lax.cond(good, lambda: q, lambda: jnp.linalg.qr(y)[0])
 
 
-def _top_eigh(c: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-  """The ``rank`` largest eigenpairs of the symmetric ``c``, largest first."""
-  lam, w = jnp.linalg.eigh(c)
-  return lam[..., ::-1][..., :rank], w[..., :, ::-1][..., :, :rank]
+def _top_eigh(c: jax.Array, rank: int) -> jax.Array:
+  """The eigenvectors of the ``rank`` largest eigenvalues of the symmetric ``c``
+  as columns, largest first."""
+  _, w = jnp.linalg.eigh(c)
+  return w[..., :, ::-1][..., :, :rank]
 
 
-def randomized_basis(g: jax.Array, rank: int, use_left: bool, use_right: bool, key: jax.Array,
-                     oversample: int = 8, power_iters: int = 1) -> Basis:
-  a = _work(g) if use_left else _t(_work(g))  # the needed vectors are A's left singular vectors
+def randomized_basis(
+    g: jax.Array,
+    rank: int,
+    use_left: bool,
+    use_right: bool,
+    key: jax.Array,
+    oversample: int = 8,
+    power_iters: int = 1,
+) -> Basis:
+  # The needed vectors are A's left singular vectors: U of G, or V of G^T.
+  a = _work(g) if use_left else _t(_work(g))
   rows, cols = a.shape[-2:]
   k = min(rank + oversample, rows, cols)
   omega = jax.random.normal(key, a.shape[:-2] + (cols, k), a.dtype)
@@ -138,25 +157,18 @@ def randomized_basis(g: jax.Array, rank: int, use_left: bool, use_right: bool, k
   for _ in range(power_iters):
     q = _orthonormalize(_mm(a, _mm(_t(a), q)))
   b = _mm(_t(q), a)  # (k, cols)
-  lam, w = _top_eigh(_mm(b, _t(b)), rank)
-  u = _mm(q, w)
+  w, _, zt = jnp.linalg.svd(b, full_matrices=False)
+  u = _mm(q, w[..., :, :rank])
   if not use_left:  # right side only: A = G^T, so U of A is V of G
-    return _finish(None, _t(u), g.dtype)
-  vt = _mm(_t(w), b) / jnp.sqrt(jnp.maximum(lam, jnp.finfo(lam.dtype).tiny))[..., :, None] if use_right else None
-  return _finish(u, vt, g.dtype)
+    return _finish(None, _t(u))
+  return _finish(u, zt[..., :rank, :] if use_right else None)
 
 
 def gram_basis(g: jax.Array, rank: int, use_left: bool, use_right: bool) -> Basis:
   x = _work(g)
-  m, n = x.shape[-2:]
-  tiny = jnp.finfo(x.dtype).tiny
-  if m <= n:
-    lam, u = _top_eigh(_mm(x, _t(x)), rank)
-    vt = _mm(_t(u), x) / jnp.sqrt(jnp.maximum(lam, tiny))[..., :, None] if use_right else None
-    return _finish(u if use_left else None, vt, g.dtype)
-  lam, v = _top_eigh(_mm(_t(x), x), rank)
-  u = _mm(x, v) / jnp.sqrt(jnp.maximum(lam, tiny))[..., None, :] if use_left else None
-  return _finish(u, _t(v) if use_right else None, g.dtype)
+  left = _top_eigh(_mm(x, _t(x)), rank) if use_left else None
+  right = _t(_top_eigh(_mm(_t(x), x), rank)) if use_right else None
+  return _finish(left, right)
 
 
 def compute_basis(g: jax.Array, rank: int, use_left: bool, use_right: bool, *, method: str = "exact",
@@ -197,3 +209,11 @@ def similarity(old: jax.Array, new: jax.Array, axis: int) -> jax.Array:
   """
   rank = new.shape[-1] if axis == -2 else new.shape[-2]
   return jnp.mean(jnp.sum(overlap(old, new, axis) ** 2, axis=(-2, -1)) / rank)
+
+
+def orthonormality_error(basis: jax.Array, axis: int) -> jax.Array:
+  """``max |P^T P - I|`` over the basis vectors (``axis=-2``: columns of
+  ``U_r``; ``axis=-1``: rows of ``V_r^T``) and batch matrices, in float32."""
+  gram = overlap(basis, basis, axis)
+  eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+  return jnp.max(jnp.abs(gram - eye))

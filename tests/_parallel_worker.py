@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 import galore_optax  # noqa: E402
 import galore_optax.sharding  # noqa: E402
-from test_parallel import ENGINE, LAYOUTS, RESUMED, VIT, flat_params, tiny_config  # noqa: E402
+from helpers import ENGINE, LAYOUTS, RESUMED, VIT, flat_params, tiny_config  # noqa: E402
 from train.loop import train  # noqa: E402
 from train.parallel import MeshPlacement  # noqa: E402
 

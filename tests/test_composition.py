@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import galore_optax
-from conftest import grad_sequence, np_basis, run
+from helpers import grad_sequence, np_basis, run
 
 
 def _allclose_trees(a, b, **kw):
@@ -112,6 +112,54 @@ def test_inject_hyperparams(params):
   updates, _ = tx.update(grads[3], state, injected[-1])
   assert np.all(np.asarray(updates["attn"]["kernel"]) == 0)  # scale acts on targeted leaves
   assert np.any(np.asarray(updates["embed"]) != 0)
+
+
+ALIASES = {
+    "galore_adamw": [dict(weight_decay=0.0), dict(weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))],
+    "galore_adam": [dict()],
+    "galore_sgd": [dict(), dict(momentum=0.9, nesterov=True, weight_decay=0.0), dict(momentum=0.5, weight_decay=0.1)],
+    "galore_lion": [dict(weight_decay=0.0), dict(weight_decay=0.1)],
+    "galore_lamb": [dict(weight_decay=0.0), dict(weight_decay=0.1)],
+    "galore_adafactor": [dict(), dict(weight_decay=0.1, momentum=0.9, clipping_threshold=None),
+                         dict(multiply_by_parameter_scale=False)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_inject_hyperparams_state_has_the_plain_structure(params, name):
+  """As optax's own alias tests require: for every hyperparameter value, injecting the
+  hyperparameters changes nothing but the wrapper."""
+  alias = getattr(galore_optax, name)
+  for kwargs in ALIASES[name]:
+    for options in (dict(), dict(moments="reset")):
+      plain = alias(1e-2, rank=3, **kwargs, **options).init(params)
+      injected = optax.inject_hyperparams(alias, static_args=STATIC)(1e-2, rank=3, **kwargs, **options).init(params)
+      assert jax.tree.structure(injected.inner_state) == jax.tree.structure(plain), (kwargs, options)
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_every_alias_takes_every_galore_keyword(params, name):
+  import inspect
+
+  alias = getattr(galore_optax, name)
+  galore = inspect.signature(galore_optax.scale_by_galore).parameters
+  own = inspect.signature(alias).parameters
+  for keyword in list(galore)[1:]:  # all but inner, with the same default, keyword-only
+    assert keyword in own, keyword
+    assert own[keyword].default is galore[keyword].default or own[keyword].default == galore[keyword].default
+    assert own[keyword].kind is inspect.Parameter.KEYWORD_ONLY
+  # and passes each on: a non-default value of every keyword shows in the state or the math
+  lazy = galore_optax.LazyRefresh(threshold=0.0, patience=1, max_gap=8)
+  options = dict(rank=2, update_proj_gap=3, scale=0.5, proj_type="reverse_std",
+                 targets=galore_optax.match_paths("attn"), matrix_axes=galore_optax.MatrixAxes(1, 0),
+                 svd="gram", moments="reset", lazy_refresh=lazy, precision="default", axis_name=None)
+  assert set(options) == set(galore) - {"inner"}
+  state = galore_optax.transform.galore_states(alias(1e-2, **options).init(params))[0]
+  assert int(state.refresh.interval["attn"]["kernel"]) == 3 and int(state.refresh.interval["mlp"]["kernel"]) == 0
+  # matrix_axes (1, 0) sees attn/kernel as 8 x 16, where reverse_std keeps V_r^T (2 x 16)
+  assert state.projector.right["attn"]["kernel"].shape == (2, 16)
+  if name != "galore_sgd":  # plain galore_sgd runs optax.identity(), which has no state
+    assert state.leaf_scalars  # moments='reset' keeps per-leaf step counts
 
 
 def test_inject_hyperparams_without_static_rank_is_a_clear_error(params):

@@ -15,34 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from galore_optax.targets import leaf_paths
-from train import config as config_lib
+from helpers import ENGINE, LAYOUTS, RESUMED, TINY, VIT, flat_params, tiny_config
 from train.__main__ import main
 from train.loop import train
 
 HERE = pathlib.Path(__file__).resolve().parent
-TINY = dict(task="gpt2", preset="tiny", steps=5, batch_size=8, seq_len=32, max_data_bytes=100_000, log_every=5,
-            eval_every=5, eval_batches=2, checkpoint_every=100, update_proj_gap=2)  # refreshes at steps 0, 2, 4
-LAYOUTS = {
-    "data4": dict(mesh="data=4"),
-    "fsdp4": dict(mesh="fsdp=4"),
-    "data2_fsdp2": dict(mesh="data=2,fsdp=2"),
-    "fsdp4_auto": dict(mesh="fsdp=4", mesh_axes="auto"),
-    "data2_fsdp2_auto": dict(mesh="data=2,fsdp=2", mesh_axes="auto"),
-    "pmap": dict(parallel="pmap"),
-}
-ENGINE = dict(mesh="fsdp=4", svd="randomized", moments="transport", lazy_threshold=0.0, lazy_patience=1)
-VIT = dict(task="vit", mesh="data=2,fsdp=2")  # ViT on digits: images split over the mesh
-RESUMED = (dict(mesh="fsdp=4"), dict(mesh="data=2,fsdp=2"))  # 3 steps on the first, the rest on the second
 ATOL = 2e-6  # float32: summation orders differ between layouts
-
-
-def tiny_config(out, **kw) -> config_lib.TrainConfig:
-  return config_lib.TrainConfig(out=str(out), **{**TINY, **kw})
-
-
-def flat_params(params) -> dict:
-  return dict(zip(leaf_paths(params), (np.asarray(x) for x in jax.tree.leaves(params))))
 
 
 def _env(devices: int) -> dict:

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import galore_optax
-from conftest import grad_sequence, run
+from helpers import grad_sequence, np_galore_adamw, run
 from galore_optax import moments as moments_lib
 from galore_optax import subspace
 
@@ -231,3 +231,96 @@ def test_every_option_under_jit_and_the_optax_wrappers(params, option):
     trajectory, _ = run(tx, params, grads)
     for a, b in zip(jax.tree.leaves(trajectory[-1]), jax.tree.leaves(plain[-1])):
       np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
+
+
+def _hard_inputs():
+  """Square, low-rank and ill-conditioned gradients: (name, matrix, rank, true rank)."""
+  rng = np.random.default_rng(11)
+  u, _ = np.linalg.qr(rng.standard_normal((128, 128)))
+  v, _ = np.linalg.qr(rng.standard_normal((128, 128)))
+  ill = (u * np.geomspace(1.0, 1 / 6e3, 128)) @ v.T  # condition number 6e3
+  low = rng.standard_normal((32, 4)) @ rng.standard_normal((4, 32))  # rank 4, square
+  low_tall = rng.standard_normal((40, 3)) @ rng.standard_normal((3, 24))
+  return [("ill_conditioned", ill, 128, 128), ("ill_conditioned_r32", ill, 32, 128),
+          ("rank4_square", low, 16, 4), ("rank3_tall", low_tall, 12, 3),
+          ("square", rng.standard_normal((20, 20)), 8, 20)]
+
+
+@pytest.mark.parametrize("proj_type", galore_optax.PROJ_TYPES)
+@pytest.mark.parametrize("method", galore_optax.SVD_METHODS)
+def test_every_method_gives_orthonormal_bases_on_hard_inputs(method, proj_type):
+  for name, g, rank, true_rank in _hard_inputs():
+    use_left, use_right = galore_optax.projection.basis_sides(*g.shape, proj_type)
+    basis = subspace.compute_basis(jnp.asarray(g, jnp.float32), rank, use_left, use_right, method=method,
+                                   key=jax.random.key(0))
+    u, _, vt = np.linalg.svd(g)
+    for side, b, axis, true_vectors in (("left", basis[0], -2, u[:, :true_rank]),
+                                        ("right", basis[1], -1, vt[:true_rank].T)):
+      if b is None:
+        continue
+      b = np.asarray(b, np.float64)
+      gram = b.T @ b if axis == -2 else b @ b.T
+      np.testing.assert_allclose(gram, np.eye(rank), atol=1e-4, err_msg=f"{name} {side}")
+      if true_rank < rank:  # the basis holds the gradient's whole column (row) space
+        projector = _projector(b, side)
+        np.testing.assert_allclose(projector @ true_vectors, true_vectors, atol=1e-4, err_msg=f"{name} {side}")
+
+
+def test_a_basis_that_is_not_orthonormal_is_refused_and_counted():
+  from galore_optax import refresh
+
+  good = jnp.eye(6, 3)
+  kept = refresh.refuse_unless_orthonormal((good, None))
+  np.testing.assert_array_equal(kept[0], good)
+  refused = refresh.refuse_unless_orthonormal((good, 1.01 * jnp.eye(3, 5)))
+  assert np.all(np.isnan(refused[0])) and np.all(np.isnan(refused[1]))
+  # A refused candidate keeps the previous basis and counts as skipped (the path a NaN takes).
+  tx = galore_optax.scale_by_galore(rank=2, update_proj_gap=1)
+  params = {"w": jnp.zeros((6, 4))}
+  _, state = tx.update({"w": _gapped((6, 4), 2)}, tx.init(params))
+  before = np.asarray(state.projector.right["w"])
+  _, state = tx.update({"w": jnp.full((6, 4), jnp.nan)}, state)
+  np.testing.assert_array_equal(state.projector.right["w"], before)
+  assert int(state.refresh.skipped["w"]) == 1
+
+
+def test_reset_restarts_adams_bias_correction():
+  """Under a constant gradient, a reset leaf's update right after a refresh is the
+  first step's update again (Adam restarted), and whole runs match a float64 statement."""
+  rng = np.random.default_rng(5)
+  g = rng.standard_normal((12, 6)).astype(np.float32)
+  params = {"w": jnp.zeros((12, 6))}
+  tx = galore_optax.galore_adamw(1e-2, rank=3, update_proj_gap=50, moments="reset")
+  state, update = tx.init(params), jax.jit(tx.update)
+  norms = []
+  for _ in range(51):
+    u, state = update({"w": jnp.asarray(g)}, state, params)
+    norms.append(float(jnp.linalg.norm(u["w"])))
+  # With the shared count instead, step 50 would be 0.71 of step 0 (sqrt(1 - b2^51) / sqrt(0.1^2 / 0.001)).
+  np.testing.assert_allclose(norms[50], norms[0], rtol=1e-5)
+  assert int(state[0].leaf_scalars[0]["w"]) == 1  # the leaf's own Adam count restarted at step 50
+
+  p0 = rng.standard_normal((12, 6)).astype(np.float32)
+  grads = [(g + 0.5 * rng.standard_normal(g.shape)).astype(np.float32) for _ in range(8)]
+  tx = galore_optax.galore_adamw(1e-2, weight_decay=0.1, rank=3, update_proj_gap=3, moments="reset")
+  trajectory, _ = run(tx, {"w": jnp.asarray(p0)}, [{"w": jnp.asarray(x)} for x in grads])
+  want = np_galore_adamw(p0, grads, rank=3, gap=3, scale=0.25, lr=1e-2, weight_decay=0.1, moments="reset")
+  for t, (ours, ref) in enumerate(zip(trajectory, want)):
+    np.testing.assert_allclose(ours["w"], ref, atol=2e-6, err_msg=f"step {t}")
+
+
+def test_reset_restarts_any_inner_optimizer_per_leaf():
+  """optax.scale_by_adam inside, and two leaves whose refreshes fall on different steps
+  (one retried after a NaN gradient): each restarts its own Adam, the other keeps counting."""
+  rng = np.random.default_rng(6)
+  params = {"a": jnp.zeros((10, 4)), "b": jnp.zeros((8, 5))}
+  tx = galore_optax.scale_by_galore(optax.scale_by_adam(), rank=2, update_proj_gap=4, moments="reset")
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  g = {k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32) for k, p in params.items()}
+  bad = {"a": g["a"], "b": jnp.full((8, 5), jnp.nan)}
+  for step in range(6):
+    _, state = update(bad if step == 4 else g, state)
+  # a: refreshed at 0 and 4, so 2 steps since; b: refused at 4, retried at 5, so 1 step since
+  assert int(state.leaf_scalars[0]["a"]) == 2 and int(state.leaf_scalars[0]["b"]) == 1
+  assert int(state.inner_state.count) == 6  # the shared count (untargeted leaves) runs on
