@@ -32,6 +32,7 @@ import galore_optax
 from benchmarks.common import machine
 from models import GPT2, ViT, gpt2, vit
 from train import loop, parallel
+from train.tasks import TASKS
 
 RANKS = (128, 256, 512)
 LLAMA_1B = dict(layers=24, hidden=2048, mlp=5461, vocab=32000)
@@ -127,11 +128,11 @@ def compiled_step_memory(task: str, params, tx) -> dict:
   if task == "gpt2":
     model = nnx.eval_shape(lambda: GPT2(gpt2.PRESETS["124m"], rngs=nnx.Rngs(0)))
     batch = (jax.ShapeDtypeStruct((8, 256), jnp.int32),) * 2
-    loss = loop.lm_loss
+    loss = TASKS["gpt2"].loss
   else:
     model = nnx.eval_shape(lambda: ViT(dataclasses.replace(vit.PRESETS["b16"], num_classes=1000), rngs=nnx.Rngs(0)))
     batch = (jax.ShapeDtypeStruct((32, 224, 224, 3), jnp.float32), jax.ShapeDtypeStruct((32,), jnp.int32))
-    loss = loop.classifier_loss
+    loss = TASKS["vit"].loss
   step, _ = loop.make_steps(nnx.graphdef(model), tx, loss)
   state = jax.eval_shape(tx.init, params)
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, batch).compile()

@@ -10,6 +10,10 @@ every basis is refreshed (``update_proj_gap=1``):
 - one device: the same step on a 1-device mesh, for scale;
 - a step without refresh, and optax.contrib.galore under the same mesh.
 
+Refresh temporaries: XLA's temporary bytes per device of a refresh step under fsdp=D, on D
+matrices of 512 x 2048, with each due gradient brought whole only to the device that computes
+its basis (the default) and, for comparison, gathered onto every device (as before).
+
 Memory: optimizer-state bytes per device for the full GPT-2 124M parameter tree (shapes only)
 under fsdp = 1, 2, ..., D, for optax.adamw and galore_adamw (rank 128, the paper's targets).
 
@@ -59,7 +63,7 @@ def _run(args) -> None:
   from galore_optax import sharding
   from models import GPT2, gpt2
   from train.loop import galore_targets
-  from train.parallel import MeshPlacement, bytes_per_device
+  from train.parallel import MeshPlacement, bytes_per_device, compiled_memory
 
   rank = 128
   shapes = gpt2_124m_shapes(args.layers)
@@ -96,6 +100,24 @@ def _run(args) -> None:
   except Exception as e:  # noqa: BLE001 - the failure is the finding
     contrib = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
+  wide = {f"w{i}": rng.standard_normal((512, 2048)).astype(np.float32) for i in range(args.devices)}
+
+  def refresh_step(to_owner: bool) -> tuple[int, float]:
+    """(temporary bytes per device, seconds) of a refresh step on ``wide`` under fsdp."""
+    sharding.GATHER_TO_OWNER = to_owner
+    try:
+      tx = galore(1)  # a new transform: the switch is read when the update is traced
+      params = mesh.put_params(wide)
+      state = mesh.init_state(tx.init, params)
+      with jax.set_mesh(mesh.mesh):
+        update = jax.jit(tx.update).lower(params, state, params).compile()
+        seconds = median_seconds(lambda: jax.block_until_ready(update(params, state, params)), args.repeats)
+      return compiled_memory(update)["temp_size_bytes"], seconds
+    finally:
+      sharding.GATHER_TO_OWNER = True
+
+  temps = {"whole to the owner only": refresh_step(True), "whole to every device": refresh_step(False)}
+
   params = abstract_params(lambda: GPT2(gpt2.PRESETS["124m"], rngs=nnx.Rngs(0)))
   optimizers = {"optax.adamw": optax.adamw(1e-3),
                 "galore_adamw r=128": galore_optax.galore_adamw(1e-3, rank=rank, targets=galore_targets())}
@@ -116,6 +138,11 @@ def _run(args) -> None:
            f"GPT-2 124M block matrices x {args.layers} layers, rank {rank}, exact SVD, fsdp={args.devices}:", "",
            "| galore_adamw step | seconds | x spread |", "|---|---|---|"]
   lines += [f"| {name} | {t:.3f} | {t / rows['spread']:.2f} |" for name, t in rows.items()]
+  lines += ["", f"Refresh step on {args.devices} matrices of 512 x 2048 (4 MiB each, float32), fsdp={args.devices}, "
+            f"rank {rank}: XLA's temporaries per device (each device's share of the gradients: 4 MiB)", "",
+            "| due gradients travel | temp MiB per device | x owner only | seconds |", "|---|---|---|---|"]
+  owner_bytes = temps["whole to the owner only"][0]
+  lines += [f"| {name} | {b / 2**20:.1f} | {b / owner_bytes:.2f} | {t:.3f} |" for name, (b, t) in temps.items()]
   lines += ["", f"optax.contrib.galore under the same explicit mesh: {contrib}", "",
             "GPT-2 124M (124.4M params), optimizer state per device:", "",
             "| optimizer | " + " | ".join(f"fsdp={f}" for f in sorted({f for _, f in memory})) + " |",
@@ -132,6 +159,7 @@ def _run(args) -> None:
   out.with_suffix(".md").write_text(text + "\n")
   out.with_suffix(".json").write_text(json.dumps({
       "machine": when, "devices": args.devices, "layers": args.layers, "step_seconds": rows, "contrib": contrib,
+      "refresh_temp_bytes_and_seconds": temps,
       "state_bytes_per_device": {f"{n} fsdp={f}": b for (n, f), b in memory.items()}}, indent=2))
 
 

@@ -38,7 +38,7 @@ CONFIGS = {  # name -> TrainConfig overrides
 
 def run(name: str, seed: int, steps: int, out: pathlib.Path, **overrides) -> tuple[dict, list]:
   """Trains one configuration, or reuses the finished run already in its directory."""
-  cfg = TrainConfig(task="gpt2", steps=steps, seed=seed, out=str(out / f"{name}-seed{seed}".replace(" ", "_")),
+  cfg = TrainConfig(task="gpt2", steps=steps, seed=seed, out=str(out / f"{name}-seed{seed}".replace(" ", "_")), overwrite=True,
                     checkpoint_every=10**9, **overrides)
   run_dir = pathlib.Path(cfg.out)
   done = (run_dir / "summary.json").exists() and json.loads((run_dir / "config.json").read_text()) == \

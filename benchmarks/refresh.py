@@ -91,22 +91,25 @@ def real_gradients():
 
   from train import data as data_lib
   from train.config import TrainConfig
-  from train.loop import build_model, lm_loss, train
+  from train.loop import train
+  from train.tasks import TASKS
+
+  lm = TASKS["gpt2"]
 
   out = {}
-  cfg = TrainConfig(task="gpt2", preset="cpu", steps=200, out="/tmp/galore-bench-refresh", eval_every=200,
+  cfg = TrainConfig(task="gpt2", preset="cpu", steps=200, out="/tmp/galore-bench-refresh", overwrite=True, eval_every=200,
                     log_every=200)
   result = train(cfg, verbose=False)
   text = data_lib.load_text("stdlib", 2 * 2**20)
   batch = data_lib.text_batch(text.train, 10_000, 16, 128, seed=1)
-  graphdef, _ = nnx.split(build_model(cfg, text))
-  out[("cpu preset, step 200", 32)] = jax.grad(lambda p: lm_loss(nnx.merge(graphdef, p), batch)[0])(result.params)
+  graphdef, _ = nnx.split(lm.build_model(cfg, text))
+  out[("cpu preset, step 200", 32)] = jax.grad(lambda p: lm.loss(nnx.merge(graphdef, p), batch)[0])(result.params)
   big = TrainConfig(task="gpt2", preset="124m")
-  model = build_model(big, text)
+  model = lm.build_model(big, text)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   small_batch = data_lib.text_batch(text.train, 0, 4, 128, seed=1)
-  out[("124m preset, init", 128)] = jax.grad(lambda p: lm_loss(nnx.merge(graphdef, p), small_batch)[0])(params)
+  out[("124m preset, init", 128)] = jax.grad(lambda p: lm.loss(nnx.merge(graphdef, p), small_batch)[0])(params)
   return out
 
 

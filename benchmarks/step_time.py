@@ -33,6 +33,7 @@ import galore_optax
 from benchmarks.common import gpt2_124m_shapes, machine, median_seconds, set_next_refresh
 from models import GPT2, gpt2
 from train import loop
+from train.tasks import TASKS
 
 GAP = 200
 
@@ -51,19 +52,19 @@ def train_step_times(preset: str, batch: int, seq_len: int, rank: int, repeats: 
   data = (jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:]))
   runs = {}
   for name, tx in (("optax.adamw", optax.adamw(1e-3)), (f"galore_adamw r={rank}", galore(rank))):
-    step_fn, _ = loop.make_steps(graphdef, tx, loop.lm_loss)
+    step_fn, _ = loop.make_steps(graphdef, tx, TASKS["gpt2"].loss)
     step = jax.jit(step_fn, donate_argnums=(0, 1))
     params = jax.tree.map(jnp.copy, params0)
     carry = [params, tx.init(params)]
     for _ in range(2):  # compile, and step 0 (GaLore's first refresh)
-      carry[0], carry[1], loss = step(carry[0], carry[1], data)
-      loss.block_until_ready()
+      carry[0], carry[1], metrics = step(carry[0], carry[1], data)
+      metrics["loss"].block_until_ready()
     runs[name] = (step, carry, [])
 
   def timed(step, carry):
     start = time.perf_counter()
-    carry[0], carry[1], loss = step(carry[0], carry[1], data)
-    loss.block_until_ready()
+    carry[0], carry[1], metrics = step(carry[0], carry[1], data)
+    metrics["loss"].block_until_ready()
     return time.perf_counter() - start
 
   for _ in range(repeats):

@@ -304,13 +304,13 @@ def refresh(
   seed = jax.random.fold_in(jax.random.key(config.randomized.seed), count)
 
   def run(records):
-    fns = [
-        lambda args, p=plans[i]: candidate_basis(p, config, *args)
-        for i in plans
-    ]
-    args = [(matrices[i], jax.random.fold_in(seed, i)) for i in plans]
+    fns = [functools.partial(candidate_basis, plans[i], config) for i in plans]
     candidates = sharding.spread(
-        fns, args, [due[i] for i in plans], config.axis_name
+        fns,
+        [matrices[i] for i in plans],
+        [jax.random.fold_in(seed, i) for i in plans],
+        [due[i] for i in plans],
+        config.axis_name,
     )
     return {
         i: jax.lax.cond(

@@ -14,13 +14,18 @@ live) the projections need no communication, and the state is split like the par
 On auto meshes and single devices these helpers do nothing: XLA places what it likes.
 
 Refresh. Under ``jax.set_mesh`` (or, with ``axis_name``, inside ``pmap``/``shard_map``),
-the bases due at a step are computed round-robin: leaf ``k`` on device ``k mod D``, the others
-contributing zeros to one ``psum`` that hands every device every new basis. Each device
-thus runs about ``1/D`` of the SVDs, at the price of gathering the due gradients.
+the bases due at a step are computed round-robin, each on one device, and shared with one
+``psum``: each device thus runs about ``1/D`` of the SVDs. A due gradient split over one mesh
+axis (FSDP) travels whole only to the device that computes its basis: gradients of the same
+shape and split go in rounds of ``D``, one per device, and an ``all_to_all`` along the split
+axis leaves each device the whole matrix of its own (see :func:`spread`).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -82,35 +87,183 @@ def _context_axes() -> Optional[tuple[str, ...]]:
   return tuple(mesh.axis_names)
 
 
-def spread(fns: Sequence[Callable[[Any], Any]], args: Sequence[Any], active: Sequence[jax.Array],
-           axis_name: Any = None) -> list[Any]:
-  """``[fn(arg) if active else zeros]``, computed round-robin over devices; results everywhere.
+# Whether a due gradient split over one mesh axis is brought whole only to the
+# device that computes its basis (True), or gathered onto every device (False:
+# the earlier behaviour, kept so benchmarks can compare the two).
+GATHER_TO_OWNER = True
+
+
+def _split_axis(spec: Spec) -> Optional[tuple[int, str]]:
+  """``(dim, axis)`` when ``spec`` splits exactly one dimension, among the last two,
+  over exactly one mesh axis; else None."""
+  if spec is None:
+    return None
+  split = [(dim, a) for dim, a in enumerate(spec) if a is not None]
+  if len(split) != 1:
+    return None
+  dim, axis = split[0]
+  if isinstance(axis, tuple):
+    axis = axis[0] if len(axis) == 1 else None
+  if not isinstance(axis, str) or dim < len(spec) - 2:
+    return None
+  return dim, axis
+
+
+def _zeros_of(shapes: Any) -> Any:
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def spread(
+    fns: Sequence[Callable[[jax.Array, Any], Any]],
+    matrices: Sequence[jax.Array],
+    extras: Sequence[Any],
+    active: Sequence[jax.Array],
+    axis_name: Any = None,
+) -> list[Any]:
+  """``[fn(matrix, extra) if active else zeros]``, round-robin over devices; results everywhere.
+
+  Item ``k`` is computed on one device only, the ``k``-th in round-robin order
+  (among items that share shapes and placement; with one such group, device
+  ``k mod D``), and one ``psum`` hands every device every result.
+
+  Under ``jax.set_mesh``, a matrix split over one mesh axis (FSDP) travels whole
+  only to its owner: items with the same shapes and split go in rounds of ``D``,
+  one per device, and an ``all_to_all`` along the split axis gives each device
+  the whole matrix of its own item. A device thus holds one whole gradient at a
+  time, not every due one. Matrices split otherwise are gathered everywhere.
 
   Args:
-    fns: one function per item, ``arg -> pytree of arrays`` (no collectives inside).
-    args: their inputs, pytrees of arrays (passed in, never closed over: ``shard_map``
-      cannot close over arrays sharded on explicit axes).
-    active: boolean scalars, the same on every device; inactive items return zeros.
-    axis_name: the ``pmap``/``shard_map`` axis (or tuple of axes) this code runs under, if any.
-      Without it, the mesh set by ``jax.set_mesh`` is used; with neither, everything is
-      computed here.
+    fns: one function per item, ``(matrix, extra) -> pytree of arrays`` (no
+      collectives inside); items whose matrices share shape, dtype and
+      placement must give results of the same shapes.
+    matrices: their matrices (passed in, never closed over: ``shard_map`` cannot
+      close over arrays sharded on explicit axes).
+    extras: small replicated inputs, one pytree per item (e.g. a PRNG key).
+    active: boolean scalars, the same on every device; inactive items give zeros.
+    axis_name: the ``pmap``/``shard_map`` axis (or tuple of axes) this code runs
+      under with replicated matrices, if any. Without it, the mesh set by
+      ``jax.set_mesh`` is used; with neither, everything is computed here.
   """
+  n = len(fns)
+  whole = [jax.ShapeDtypeStruct(m.shape, m.dtype) for m in matrices]
 
-  def run(i: int, on: jax.Array, arg: jax.Array):
-    shapes = jax.eval_shape(fns[i], arg)
-    return jax.lax.cond(on, fns[i], lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), arg)
+  def result_shapes():  # where the mapped axes are bound, for fns that name them
+    return [jax.eval_shape(fns[i], whole[i], extras[i]) for i in range(n)]
 
-  def owned(names, on_and_args):
+  def compute(i, on, matrix, extra):
+    zeros = _zeros_of(jax.eval_shape(fns[i], matrix, extra))
+    return jax.lax.cond(on, fns[i], lambda *_: zeros, matrix, extra)
+
+  def owned(names, matrices, extras):
+    """Inside the mapped axes ``names``, with whole matrices on every device."""
     me, size = jax.lax.axis_index(names), jax.lax.psum(1, names)
-    outs = [run(i, on & (me == i % size), a) for i, (on, a) in enumerate(on_and_args)]
+    outs = [compute(i, active[i] & (me == i % size), matrices[i], extras[i]) for i in range(n)]
     return jax.lax.psum(outs, names)  # owners hold the result, everyone else zeros
 
-  items = list(zip(active, args))
   if axis_name is not None:
-    return owned(axis_name, items)
-  items = [(on, jax.tree.map(replicate, a)) for on, a in items]  # an SVD takes whole matrices
+    return owned(axis_name, matrices, extras)
   names = _context_axes()
-  if names is None:
-    return [run(i, on, a) for i, (on, a) in enumerate(items)]
-  return jax.shard_map(lambda xs: owned(names, xs), in_specs=PartitionSpec(), out_specs=PartitionSpec(),
-                       axis_names=set(names), check_vma=False)(items)
+  if names is None:  # an SVD takes whole matrices
+    return [compute(i, active[i], replicate(matrices[i]), extras[i]) for i in range(n)]
+  mesh = jax.sharding.get_abstract_mesh()
+  specs = [spec_of(m) for m in matrices]
+  split = [_split_axis(s) if GATHER_TO_OWNER else None for s in specs]
+  local = [i for i in range(n) if split[i] is None]
+  matrices = [matrices[i] if split[i] else replicate(matrices[i]) for i in range(n)]
+  in_specs = (
+      [PartitionSpec(*specs[i]) if split[i] else PartitionSpec() for i in range(n)],
+      PartitionSpec(),
+      PartitionSpec(),
+  )
+
+  def body(matrices, extras, active):
+    shapes = result_shapes()
+    me = jax.lax.axis_index(names)
+    outs = [None] * n
+    for k, i in enumerate(local):
+      outs[i] = compute(i, active[i] & (me == k % mesh.size), matrices[i], extras[i])
+    position = len(local)  # the round-robin continues over the split items
+    for items, (dim, axis) in _groups(split, whole, shapes):
+      slots = {position + k: i for k, i in enumerate(items)}
+      position += len(items)
+      for first in range(slots_start(min(slots), mesh.size), position, mesh.size):
+        in_round = {p % mesh.size: i for p, i in slots.items() if first <= p < first + mesh.size}
+        outs_round = _owner_round(
+            names, mesh, axis, dim, in_round, fns, shapes, matrices, extras, active
+        )
+        for i, out in outs_round.items():
+          outs[i] = out
+    return jax.lax.psum(outs, names)
+
+  return jax.shard_map(
+      body,
+      in_specs=in_specs,
+      out_specs=PartitionSpec(),
+      axis_names=set(names),
+      check_vma=False,
+  )(matrices, list(extras), list(active))
+
+
+def slots_start(position: int, size: int) -> int:
+  """The first position of the round of ``size`` slots that holds ``position``."""
+  return position - position % size
+
+
+def _groups(split, matrices, shapes):
+  """The split items grouped by shapes and placement: ``[(items, (dim, axis))]``."""
+  groups: dict[Any, list[int]] = {}
+  for i, where in enumerate(split):
+    if where is None:
+      continue
+    outs = jax.tree.map(lambda s: (s.shape, s.dtype), shapes[i])
+    key = (matrices[i].shape, matrices[i].dtype, where, jax.tree.structure(shapes[i]),
+           tuple(jax.tree.leaves(outs)))
+    groups.setdefault(key, []).append(i)
+  return [(items, key[2]) for key, items in groups.items()]
+
+
+def _owner_round(names, mesh, axis, dim, slots, fns, shapes, matrices, extras, active):
+  """One round of split items, at most one per device (``slots``: device -> item).
+
+  Inside a ``shard_map`` over ``names``, where the matrices are local shards split
+  along ``dim`` over ``axis``. Each device stacks its shards of the items owned
+  along its ``axis`` row; an ``all_to_all`` over ``axis`` leaves it the whole
+  matrix of its own item, whose ``fn`` it then runs. Returns item -> result on
+  its owner, zeros elsewhere.
+  """
+  sizes = dict(mesh.shape)
+  others = [a for a in names if a != axis]
+  strides = {a: math.prod(sizes[b] for b in names[names.index(a) + 1:]) for a in names}
+  rows = list(itertools.product(*(range(sizes[a]) for a in others)))
+
+  def device(row, k):
+    coords = {**dict(zip(others, row)), axis: k}
+    return sum(coords[a] * strides[a] for a in names)
+
+  items = list(slots.values())
+  like = matrices[items[0]]
+  out_shapes = shapes[items[0]]
+  me = jax.lax.axis_index(names)
+
+  def stack(row):
+    owners = [slots.get(device(row, k)) for k in range(sizes[axis])]
+    return jnp.stack([jnp.zeros_like(like) if i is None else matrices[i] for i in owners])
+
+  def run_round():
+    if len(rows) > 1:
+      mine = jax.lax.switch(jax.lax.axis_index(tuple(others)), [functools.partial(stack, r) for r in rows])
+    else:
+      mine = stack(rows[0])
+    whole = jax.lax.all_to_all(mine, axis, split_axis=0, concat_axis=1 + dim, tiled=True)[0]
+    branches = [
+        (lambda w, fn=fns[slots[d]], e=extras[slots[d]]: fn(w, e)) if d in slots
+        else (lambda w: _zeros_of(out_shapes))
+        for d in range(mesh.size)
+    ]
+    on = jnp.stack([active[slots[d]] if d in slots else jnp.bool_(False) for d in range(mesh.size)])[me]
+    out = jax.lax.cond(on, lambda: jax.lax.switch(me, branches, whole), lambda: _zeros_of(out_shapes))
+    return {i: jax.tree.map(lambda o: jnp.where(me == d, o, jnp.zeros_like(o)), out) for d, i in slots.items()}
+
+  due = jnp.any(jnp.stack([active[i] for i in items]))
+  zeros = {i: _zeros_of(out_shapes) for i in items}
+  return jax.lax.cond(due, run_round, lambda: zeros)

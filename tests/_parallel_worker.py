@@ -3,7 +3,8 @@
 ``python tests/_parallel_worker.py OUT``: for each layout, writes ``OUT/<name>.npz`` (the final
 parameters, keyed by path) and ``OUT/<name>.json`` (the run's summary), plus
 ``OUT/shardings.json`` (the specs that galore_adamw's state takes under an explicit mesh) and
-``OUT/spread.json`` (which device computed which refresh).
+``OUT/spread.json`` (which device computed which refresh) and ``OUT/blas.json`` (the BLAS
+thread counts after the runs).
 """
 
 import json
@@ -52,16 +53,30 @@ def spread_owners(out: pathlib.Path) -> None:
   Each item's function returns 1 + the index of the device running it; the spread result is
   the sum over devices, so it names the owner only if no other device computed the item.
   """
-  fns = [lambda a: a + 1 + jax.lax.axis_index(("data", "fsdp"))] * 6
+  fns = [lambda m, e: m + 1 + jax.lax.axis_index(("data", "fsdp"))] * 6
   args = [jnp.zeros((), jnp.int32)] * 6
   active = [jnp.bool_(i != 4) for i in range(6)]  # item 4 is not due: zeros
   with jax.set_mesh(MeshPlacement.create("data=2,fsdp=2", "explicit").mesh):
-    mesh_owners = jax.jit(lambda a: galore_optax.sharding.spread(fns, a, active))(args)
-  pmap_fns = [lambda a: a + 1 + jax.lax.axis_index("i")] * 6
-  pmapped = jax.pmap(lambda a: galore_optax.sharding.spread(pmap_fns, [a] * 6, active, axis_name="i"),
+    mesh_owners = jax.jit(lambda a: galore_optax.sharding.spread(fns, a, [None] * 6, active))(args)
+  pmap_fns = [lambda m, e: m + 1 + jax.lax.axis_index("i")] * 6
+  pmapped = jax.pmap(lambda a: galore_optax.sharding.spread(pmap_fns, [a] * 6, [None] * 6, active, axis_name="i"),
                      axis_name="i")(jnp.zeros(4, jnp.int32))
+  # Matrices split over one mesh axis travel whole to their owner only.
+  gathered = {}
+  for mesh_text, spec in (("fsdp=4", ("None", "fsdp")), ("data=2,fsdp=2", ("fsdp", "None")),
+                          ("data=2,fsdp=2", ("None", "data"))):
+    mesh = MeshPlacement.create(mesh_text, "explicit").mesh
+    sharding = NamedSharding(mesh, jax.P(*(None if a == "None" else a for a in spec)))
+    mats = [jax.device_put(np.arange(128, dtype=np.float32).reshape(8, 16) * (k + 1), sharding) for k in range(6)]
+    whole = [lambda m, e: (m, 1 + jax.lax.axis_index(("data", "fsdp")))] * 6
+    with jax.set_mesh(mesh):
+      results = jax.jit(lambda m: galore_optax.sharding.spread(whole, m, [None] * 6, active))(mats)
+    gathered[f"{mesh_text} {spec}"] = {
+        "owners": [int(owner) for _, owner in results],
+        "whole": [bool(np.array_equal(np.asarray(r), np.asarray(m))) for (r, _), m in zip(results, mats)]}
   (out / "spread.json").write_text(json.dumps({"mesh": [int(x) for x in mesh_owners],
-                                               "pmap": [[int(v) for v in x] for x in pmapped]}))
+                                               "pmap": [[int(v) for v in x] for x in pmapped],
+                                               "gathered": gathered}))
 
 
 def main(out: pathlib.Path) -> None:
@@ -70,6 +85,10 @@ def main(out: pathlib.Path) -> None:
   spread_owners(out)
   for name, layout in LAYOUTS.items():
     save(out, name, train(tiny_config(out / "runs" / name, **layout), verbose=False))
+  import threadpoolctl
+
+  blas = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+  (out / "blas.json").write_text(json.dumps(blas))
   save(out, "engine", train(tiny_config(out / "runs" / "engine", **ENGINE), verbose=False))
   save(out, "vit", train(tiny_config(out / "runs" / "vit", **VIT), verbose=False))
   # Checkpoint under fsdp=4, resume under data=2,fsdp=2.

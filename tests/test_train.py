@@ -1,6 +1,9 @@
 """The training CLI on tiny presets: every optimizer, outputs, resume, compare and bad input."""
 
+import dataclasses
 import json
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -125,3 +128,101 @@ def test_module_entry_point(tmp_path):
        "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert "validation loss" in proc.stdout and "AdamW would hold" in proc.stdout
+
+
+SMALL = ["gpt2", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "32",
+         "--max-data-bytes", "100000", "--eval-batches", "1", "--checkpoint-every", "2"]
+
+
+def test_runs_without_out_get_fresh_directories(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert main(SMALL) == 0
+  first = (tmp_path / "runs" / "gpt2" / "metrics.jsonl").read_text()
+  assert main(SMALL) == 0  # the same command again: a new directory, the first run untouched
+  assert (tmp_path / "runs" / "gpt2-1" / "summary.json").exists()
+  assert (tmp_path / "runs" / "gpt2" / "metrics.jsonl").read_text() == first
+  assert json.loads((tmp_path / "runs" / "gpt2-1" / "config.json").read_text())["out"] == "runs/gpt2-1"
+
+
+def test_an_out_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+  out = tmp_path / "run"
+  args = [*SMALL, "--out", str(out)]
+  assert main(args) == 0
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  assert main(args) == 2
+  assert f"--out {out} already holds a run; pass --resume to continue it, --overwrite" in capsys.readouterr().err
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost
+  assert main([*args, "--overwrite", "--steps", "3"]) == 0
+  assert json.loads((out / "summary.json").read_text())["steps"] == 3
+  assert main([*args, "--resume", "--overwrite"]) == 2
+  assert "give one" in capsys.readouterr().err
+
+
+def test_files_are_replaced_whole(tmp_path):
+  from train.report import write_atomic
+
+  path = tmp_path / "summary.json"
+  write_atomic(path, "old")
+  with pytest.raises(TypeError):
+    write_atomic(path, None)  # fails mid-write: the old file stays, no temporary is left
+  assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+  write_atomic(path, "new")
+  assert path.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def _damage(checkpoint: pathlib.Path) -> None:
+  for f in (checkpoint / "params").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\x00garbage" * 8)
+
+
+def test_resume_skips_a_damaged_checkpoint(tmp_path, capsys):
+  whole = train(_cfg(tmp_path, out=str(tmp_path / "whole"), steps=6), verbose=False)
+  cfg = _cfg(tmp_path, out=str(tmp_path / "parts"), steps=6, checkpoint_every=2)
+  train(cfg, stop_after=4, verbose=False)  # checkpoints at steps 2 and 4
+  _damage(tmp_path / "parts" / "checkpoints" / "4")
+  resumed = train(dataclasses.replace(cfg, resume=True), verbose=False)
+  err_out = capsys.readouterr().out
+  assert "the checkpoint of step 4 is unreadable" in err_out and "resuming from step 2" in err_out
+  assert (tmp_path / "parts" / "damaged-checkpoints" / "4").is_dir()  # set aside, not deleted
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # steps 3-6 redone exactly
+
+
+def test_resume_with_no_intact_checkpoint_says_so(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert main([*SMALL, "--steps", "4", "--out", str(out)]) == 0
+  for step in ("2", "4"):
+    _damage(out / "checkpoints" / step)
+  assert main([*SMALL, "--steps", "4", "--out", str(out), "--resume"]) == 2
+  err = capsys.readouterr().err
+  assert "no intact checkpoint in" in err and "step 4 unreadable" in err and "step 2 unreadable" in err
+  assert "Traceback" not in err
+
+
+def test_a_diverging_run_ends_with_one_clear_line(tmp_path, capsys):
+  out = tmp_path / "run"
+  code = main([*SMALL, "--steps", "30", "--out", str(out), "--lr", "1e30", "--schedule", "constant",
+               "--clip", "0", "--log-every", "1", "--optimizer", "sgd"])
+  err = capsys.readouterr().err
+  assert code == 1
+  assert re.fullmatch(r"error: the loss became (nan|inf) at step \d+; (the last checkpoint kept is step \d+ in .*"
+                      r"|no checkpoint was kept)\n", err), err
+  assert json.loads((out / "config.json").read_text())["lr"] == 1e30  # the run's files are there
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--scale", "nan"),
+                                         ("--weight-decay", "inf"), ("--clip", "-1")])
+def test_non_finite_hyperparameters_are_refused_up_front(tmp_path, capsys, flag, value):
+  assert main([*SMALL, "--out", str(tmp_path / "run"), flag, value]) == 2
+  assert f"{flag} must be" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
+
+
+def test_refresh_steps_are_timed_where_bases_were_computed(tmp_path):
+  # Lazy refresh at threshold 0 doubles the interval after each refresh: bases at steps 0, 2, 6
+  # (a fixed T=2 rule would time steps 2, 4, 6). Step 0 compiles, so 2 and 6 are timed.
+  cfg = _cfg(tmp_path, steps=8, eval_every=8, lazy_threshold=0.0, lazy_patience=1)
+  refresh = train(cfg, verbose=False).summary["refresh"]
+  assert refresh["refresh_steps_timed"] == 2
+  assert refresh["bases_computed"] == 3 * 8

@@ -12,13 +12,13 @@ from train import config as config_lib
 from train import report
 from train.checkpoint import CheckpointError
 from train.data import DataError
-from train.loop import ConfigError, train
+from train.loop import ConfigError, TrainingDiverged, first_free, train
 from train.parallel import ParallelError
 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-  p.add_argument("task", choices=config_lib.TASKS)
+  p.add_argument("task", choices=sorted(config_lib.TASKS))
   for field in dataclasses.fields(config_lib.TrainConfig):
     if field.name == "task":
       continue
@@ -45,20 +45,23 @@ def main(argv=None) -> int:
       return 0
     names = [n.strip() for n in compare.split(",") if n.strip()]
     base = config_lib.TrainConfig(**args)
-    configs = {n: config_lib.TrainConfig(**{**args, "optimizer": n, "out": str(pathlib.Path(base.out) / n)})
+    out = pathlib.Path(base.out) if base.out else first_free(pathlib.Path("runs") / f"{base.task}-compare", pathlib.Path.exists)
+    configs = {n: config_lib.TrainConfig(**{**args, "optimizer": n, "out": str(out / n)})
                for n in names}  # every config is checked before anything trains
     summaries, histories = {}, {}
     for name, cfg in configs.items():
       print(f"\n=== {name} ===")
       summaries[name] = train(cfg, stop_after=stop_after).summary
       histories[name] = [json.loads(l) for l in (pathlib.Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
-    out = pathlib.Path(base.out)
     table = report.compare_table(summaries)
-    (out / "compare.md").write_text(table + "\n")
+    report.write_atomic(out / "compare.md", table + "\n")
     report.plot_losses(histories, out / "compare.png", f"{base.task} {base.preset}: " + " vs ".join(names),
                        report.entropy_line(next(iter(summaries.values()))))
     print(f"\n{table}\n\nwrote {out / 'compare.md'} and {out / 'compare.png'}")
     return 0
+  except TrainingDiverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except (ValueError, DataError, CheckpointError, ConfigError, ParallelError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import optax
 
 import galore_optax
-from models import gpt2, vit
-
-TASKS = ("gpt2", "vit")
-MODEL_PRESETS = {"gpt2": gpt2.PRESETS, "vit": vit.PRESETS}
+from train.tasks import TASKS
 
 # name -> (factory, default peak learning rate, kind): kind "galore" takes galore_optax's keywords,
 # "contrib" the baseline optax.contrib.galore's (rank, update_proj_gap, scale, targets), "full" none.
@@ -31,9 +29,6 @@ OPTIMIZERS = {
     "lamb": (optax.lamb, 3e-3, "full"),
 }
 WEIGHT_DECAY_KW = {"adam", "galore_adam", "adafactor"}  # these take no weight_decay keyword
-# Sized so that the default run of each task takes a few minutes on a 2-core CPU.
-TASK_DEFAULTS = {"gpt2": dict(steps=800, batch_size=16, data="stdlib"),
-                 "vit": dict(steps=400, batch_size=64, data="digits")}
 
 
 def _field(default, help_text: str):
@@ -66,8 +61,9 @@ class TrainConfig:
   data: Optional[str] = _field(None, "stdlib or digits (the defaults), a local path, or hf:NAME[:CONFIG]")
   max_data_bytes: int = _field(8 * 2**20, "read at most this much text")
   seed: int = _field(0, "seed of the initialisation and of the batch order")
-  out: Optional[str] = _field(None, "output directory (default: runs/<task>)")
-  resume: bool = _field(False, "continue from the latest checkpoint in --out")
+  out: Optional[str] = _field(None, "output directory (default: a new runs/<task>, runs/<task>-1, ...)")
+  resume: bool = _field(False, "continue from the latest intact checkpoint in --out")
+  overwrite: bool = _field(False, "start afresh in an --out that holds a run, replacing its checkpoints and logs")
   log_every: int = _field(10, "steps between progress lines and metrics rows")
   eval_every: int = _field(50, "steps between evaluations")
   eval_batches: int = _field(8, "validation batches per evaluation (gpt2)")
@@ -83,8 +79,8 @@ class TrainConfig:
 
   def __post_init__(self):
     if self.task not in TASKS:
-      raise ValueError(f"unknown task {self.task!r}; choose one of {TASKS}")
-    presets = MODEL_PRESETS[self.task]
+      raise ValueError(f"unknown task {self.task!r}; choose one of {tuple(TASKS)}")
+    presets = TASKS[self.task].presets
     if self.preset not in presets:
       raise ValueError(f"unknown {self.task} preset {self.preset!r}; choose one of {sorted(presets)}")
     if self.optimizer not in OPTIMIZERS:
@@ -101,7 +97,15 @@ class TrainConfig:
       raise ValueError(f"unknown --parallel {self.parallel!r}; choose 'mesh' or 'pmap'")
     if self.schedule not in ("cosine", "constant"):
       raise ValueError(f"unknown schedule {self.schedule!r}; choose 'cosine' or 'constant'")
-    for name, default in TASK_DEFAULTS[self.task].items():
+    if self.resume and self.overwrite:
+      raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one")
+    for name in ("lr", "scale", "weight_decay", "clip"):
+      value = getattr(self, name)
+      if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if self.lr is not None and self.lr <= 0:
+      raise ValueError(f"--lr must be positive, got {self.lr}")
+    for name, default in TASKS[self.task].defaults.items():
       if getattr(self, name) is None:
         setattr(self, name, default)
     for name in ("steps", "batch_size", "seq_len", "update_proj_gap", "log_every", "eval_every",
@@ -110,7 +114,6 @@ class TrainConfig:
         raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
     if self.rank is not None and self.rank <= 0:
       raise ValueError(f"--rank must be positive, got {self.rank}")
-    self.out = self.out or f"runs/{self.task}"
     self.rank = self.rank or self.model_config.d_model // 4
     self.lr = self.lr or OPTIMIZERS[self.optimizer][1]
     if self.warmup_steps is None:
@@ -118,7 +121,7 @@ class TrainConfig:
 
   @property
   def model_config(self):
-    return MODEL_PRESETS[self.task][self.preset]
+    return TASKS[self.task].presets[self.preset]
 
   @property
   def uses_galore(self) -> bool:

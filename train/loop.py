@@ -1,4 +1,7 @@
-"""The training loop: one jitted, donated train step over pytrees; eval, logs, checkpoints."""
+"""The training loop: one jitted, donated train step over pytrees; eval, logs, checkpoints.
+
+What is trained is the task's business (:mod:`train.tasks`); this module only runs it.
+"""
 
 from __future__ import annotations
 
@@ -11,42 +14,30 @@ import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 import galore_optax
-from models import GALORE_TARGETS, GPT2, ViT
-from train import data as data_lib
+from models import GALORE_TARGETS
 from train import parallel
 from train import report
 from train.checkpoint import Checkpointer
 from train.config import OPTIMIZERS, WEIGHT_DECAY_KW, TrainConfig
+from train.tasks import TASKS, Task
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 
 
 class ConfigError(ValueError):
   """The run cannot start as configured; the message says why."""
 
 
+class TrainingDiverged(RuntimeError):
+  """The loss became non-finite; the message gives the step and the last checkpoint."""
+
+
 # --------------------------------------------------------------------------- building
-
-def load_data(cfg: TrainConfig):
-  if cfg.task == "gpt2":
-    return data_lib.load_text(cfg.data, cfg.max_data_bytes)
-  mc = cfg.model_config
-  return data_lib.load_images(cfg.data, mc.image_size, mc.channels)
-
-
-def build_model(cfg: TrainConfig, data) -> nnx.Module:
-  rngs = nnx.Rngs(cfg.seed)
-  if cfg.task == "gpt2":
-    mc = dataclasses.replace(cfg.model_config, vocab_size=data.vocab_size)
-    if cfg.seq_len > mc.max_len:
-      raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the max_len of preset {cfg.preset!r}, {mc.max_len}")
-    return GPT2(mc, rngs=rngs)
-  return ViT(dataclasses.replace(cfg.model_config, num_classes=data.num_classes), rngs=rngs)
-
 
 def galore_targets():
   return galore_optax.match_paths(GALORE_TARGETS)
@@ -57,8 +48,9 @@ def contrib_dimension_numbers(params: Any) -> Any:
   return jax.tree.map(lambda t: optax.contrib.GaLoreDimensionNumbers() if t else None, galore_targets()(params))
 
 
-def build_optimizer(cfg: TrainConfig, params: Any, axis_name: Any = None) -> optax.GradientTransformation:
-  """The optimizer named by ``cfg``, behind global-norm clipping, with warmup + cosine.
+def build_optimizer(cfg: TrainConfig, params: Any,
+                    axis_name: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer named by ``cfg`` behind global-norm clipping, and its learning-rate schedule.
 
   ``axis_name``: the pmap axis, over which GaLore spreads its refreshes.
   """
@@ -92,25 +84,13 @@ def build_optimizer(cfg: TrainConfig, params: Any, axis_name: Any = None) -> opt
   return tx, lr
 
 
-def lm_loss(model, batch):
-  inputs, targets = batch
-  logits = model(inputs)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
-  return loss, {}
-
-
-def classifier_loss(model, batch):
-  images, labels = batch
-  logits = model(images)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-  return loss, {"accuracy": (logits.argmax(-1) == labels).mean()}
-
-
 def make_steps(graphdef, tx, loss_fn: Callable, gather: Callable = lambda p: p):
   """``train_step(params, opt_state, batch, grad_reduce=None)`` and ``eval_step(params, batch)``.
 
-  ``gather`` turns stored parameters into the ones the forward pass uses (whole, under FSDP);
-  ``grad_reduce`` averages gradients and loss over a pmap axis. The caller jits or pmaps.
+  ``train_step`` returns the new params and state and ``{"loss", "bases_computed"}``: the
+  running count of GaLore bases tells the loop which steps refreshed. ``gather`` turns stored
+  parameters into the ones the forward pass uses (whole, under FSDP); ``grad_reduce``
+  averages gradients and loss over a pmap axis. The caller jits or pmaps.
   """
 
   def train_step(params, opt_state, batch, grad_reduce=None):
@@ -119,12 +99,37 @@ def make_steps(graphdef, tx, loss_fn: Callable, gather: Callable = lambda p: p):
     if grad_reduce is not None:
       grads, loss = grad_reduce((grads, loss))
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    metrics = {"loss": loss, "bases_computed": galore_optax.bases_computed(opt_state)}
+    return optax.apply_updates(params, updates), opt_state, metrics
 
   def eval_step(params, batch):
     return loss_fn(nnx.merge(graphdef, gather(params)), batch)
 
   return train_step, eval_step
+
+
+def holds_run(out: pathlib.Path) -> bool:
+  return any((out / name).exists() for name in RUN_FILES)
+
+
+def first_free(base: pathlib.Path, taken: Callable[[pathlib.Path], bool]) -> pathlib.Path:
+  """The first of ``base``, ``base-1``, ``base-2``, ... that is not ``taken``."""
+  candidates = (base.with_name(f"{base.name}-{i}") if i else base for i in range(10**6))
+  return next(c for c in candidates if not taken(c))
+
+
+def run_directory(cfg: TrainConfig) -> pathlib.Path:
+  """Where the run writes: ``--out``, or the first of ``runs/<task>``, ``runs/<task>-1``, ...
+  that holds no run. An ``--out`` that holds one is refused unless resumed or overwritten."""
+  if cfg.out is None:
+    if jax.process_count() > 1:
+      raise ConfigError("a multi-process run needs --out: every process must write to the same directory")
+    return first_free(pathlib.Path("runs") / cfg.task, holds_run)
+  out = pathlib.Path(cfg.out)
+  if holds_run(out) and not (cfg.resume or cfg.overwrite):
+    raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
+                      "replace it, or another --out")
+  return out
 
 
 # --------------------------------------------------------------------------- running
@@ -145,40 +150,31 @@ class Progress:
     print(("\n" if self.tty else "") + text, flush=True)
 
 
-def evaluate(cfg: TrainConfig, eval_step, params, data, placement) -> dict:
-  if cfg.task == "gpt2":
-    batches = data_lib.eval_text_batches(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-  else:
-    batches = data_lib.eval_image_batches(data.val_x, data.val_y, cfg.batch_size)
-  losses, accs = [], []
-  for batch in batches:
+def evaluate(task: Task, cfg: TrainConfig, eval_step, params, data, placement) -> dict:
+  losses, aux = [], []
+  for batch in task.eval_batches(cfg, data):
     n = len(batch[0])
     if n % placement.size:  # a split smaller than one batch may not spread over the devices
       continue
     batch = placement.put_batch(tuple(x[placement.local_rows(n)] for x in batch), n)
-    loss, aux = eval_step(params, batch)
+    loss, batch_aux = eval_step(params, batch)
     losses.append(float(loss))
-    accs.append(float(aux.get("accuracy", np.nan)))
+    aux.append(batch_aux)
   if not losses:
     raise ConfigError("the validation split is smaller than one batch; lower --batch-size or --seq-len")
-  out = {"val_loss": float(np.mean(losses))}
-  if cfg.task == "gpt2":
-    out["val_ppl"] = math.exp(out["val_loss"])
-  else:
-    out["val_accuracy"] = float(np.mean(accs))
-  return out
-
-
-def _batch(cfg: TrainConfig, data, step: int, rows: slice):
-  if cfg.task == "gpt2":
-    return data_lib.text_batch(data.train, step, cfg.batch_size, cfg.seq_len, cfg.seed, rows)
-  return data_lib.image_batch(data.train_x, data.train_y, step, cfg.batch_size, cfg.seed, rows)
+  return task.eval_metrics(losses, aux)
 
 
 def _read_metrics(path: pathlib.Path, upto: int) -> list[dict]:
+  """The rows logged up to step ``upto``; a torn last line (a crash mid-write) is dropped."""
   if not path.exists():
     return []
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      break
   return [r for r in rows if r["step"] <= upto]
 
 
@@ -193,17 +189,22 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
 
   ``stop_after`` ends this invocation after that many steps, with a checkpoint, as a
   preempted job would; ``--resume`` then continues it.
+
+  Raises:
+    TrainingDiverged: when the loss becomes non-finite (after closing logs and checkpoints).
   """
-  out = pathlib.Path(cfg.out)
+  task = TASKS[cfg.task]
   parallel.initialize_processes(cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed)
   placement = (parallel.PmapPlacement.create(cfg.mesh) if cfg.parallel == "pmap"
                else parallel.MeshPlacement.create(cfg.mesh, cfg.mesh_axes))
+  parallel.limit_blas_threads()
+  out = run_directory(cfg)
+  cfg = dataclasses.replace(cfg, out=str(out))
   lead = jax.process_index() == 0  # the process that writes logs, metrics and plots
   verbose = verbose and lead
   rows = placement.local_rows(cfg.batch_size)
-  data = load_data(cfg)
-  model = build_model(cfg, data)
-  graphdef, state = nnx.split(model)
+  data = task.load_data(cfg)
+  graphdef, state = nnx.split(task.build_model(cfg, data))
   params = nnx.to_pure_dict(state)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   tx, schedule = build_optimizer(cfg, params, axis_name=parallel.PMAP_AXIS if cfg.parallel == "pmap" else None)
@@ -211,16 +212,16 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
   params = placement.put_params(params)
   opt_state = placement.init_state(tx.init, params)
 
-  if lead:
-    out.mkdir(parents=True, exist_ok=True)
   # orbax refuses zero-size arrays, which optax.contrib.galore's state holds: such runs keep no checkpoints.
   savable = all(x.size for x in jax.tree.leaves(opt_state))
   if not savable and cfg.resume:
     raise ConfigError(f"--resume: {cfg.optimizer}'s state holds zero-size arrays, which orbax cannot save, "
                       "so its runs keep no checkpoints")
+  if lead:
+    out.mkdir(parents=True, exist_ok=True)
   if not savable and verbose:
     print(f"note: no checkpoints: {cfg.optimizer}'s state holds zero-size arrays, which orbax cannot save")
-  checkpointer = Checkpointer(out, cfg.checkpoint_every, cfg.keep_checkpoints, fresh=not cfg.resume, enabled=savable)
+  checkpointer = Checkpointer(out, cfg.checkpoint_every, cfg.keep_checkpoints, fresh=cfg.overwrite, enabled=savable)
   start = 0
   if cfg.resume:
     params, opt_state, meta = checkpointer.restore(placement.to_checkpoint(params),
@@ -230,14 +231,13 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
   metrics_path = out / "metrics.jsonl"
   history = _read_metrics(metrics_path, start) if cfg.resume else []
   if lead:
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    report.write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    report.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
-  unit, per_step = ("tok", cfg.batch_size * cfg.seq_len) if cfg.task == "gpt2" else ("img", cfg.batch_size)
-  step_fn, eval_fn = make_steps(graphdef, tx, lm_loss if cfg.task == "gpt2" else classifier_loss,
-                                gather=placement.gather_for_compute)
+  unit, per_step = task.unit, task.items_per_step(cfg)
+  step_fn, eval_fn = make_steps(graphdef, tx, task.loss, gather=placement.gather_for_compute)
   train_step, step_memory = placement.compile_step(
-      step_fn, params, opt_state, placement.put_batch(_batch(cfg, data, start, rows), cfg.batch_size))
+      step_fn, params, opt_state, placement.put_batch(task.batch(cfg, data, start, rows), cfg.batch_size))
   eval_step = placement.jit_eval(eval_fn)
   progress = Progress(cfg.steps, unit)
   if verbose:
@@ -252,61 +252,68 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
 
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
   step_times, refresh_times, window = [], [], []
+  saved_step = start if cfg.resume else None
+  bases = None  # bases computed so far, as the last step returned it
   t_begin = time.perf_counter()
   log = open(metrics_path, "a") if lead else None
-  for step in range(start, end):
-    t0 = time.perf_counter()
-    batch = placement.put_batch(_batch(cfg, data, step, rows), cfg.batch_size)
-    params, opt_state, loss = train_step(params, opt_state, batch)
-    loss = float(loss)
-    dt = time.perf_counter() - t0
-    if not math.isfinite(loss):
-      raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
-    if step > start:  # the first step may still warm up
-      step_times.append(dt)
-      if cfg.uses_galore and step % cfg.update_proj_gap == 0:
-        refresh_times.append(dt)
-    window.append(loss)
-    done = step + 1
-    row = None
-    if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == end:
-      median = float(np.median(step_times)) if step_times else 0.0
-      rate = per_step / median if median else 0.0
-      row = {"step": done, "loss": float(np.mean(window)), "lr": float(schedule(step)),
-             f"{unit}_per_s": rate}
-      window = []
-      if verbose:
-        progress.show(done, row["loss"], row["lr"], rate, (cfg.steps - done) * median)
-    if done % cfg.eval_every == 0 or done == cfg.steps:
-      row.update(evaluate(cfg, eval_step, params, data, placement))
-      if verbose:
-        progress.note("  eval " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val")))
-    if row:
-      history.append(row)
-      if log:
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-    if checkpointer.due(done, force=done == end):  # pmap's to_checkpoint copies: only when saving
-      meta = {"step": done, "config": cfg.identity(), "rng": {"seed": cfg.seed, "data_position": done}}
-      checkpointer.save(done, placement.to_checkpoint(params), placement.to_checkpoint(opt_state), meta)
-  if log:
-    log.close()
-  checkpointer.close()
+  try:
+    for step in range(start, end):
+      t0 = time.perf_counter()
+      batch = placement.put_batch(task.batch(cfg, data, step, rows), cfg.batch_size)
+      params, opt_state, metrics = train_step(params, opt_state, batch)
+      loss, computed = float(metrics["loss"]), int(metrics["bases_computed"])
+      dt = time.perf_counter() - t0
+      if not math.isfinite(loss):
+        kept = (f"the last checkpoint kept is step {saved_step} in {checkpointer.path}" if saved_step is not None
+                else "no checkpoint was kept")
+        raise TrainingDiverged(f"the loss became {loss} at step {step + 1}; {kept}")
+      if step > start:  # the first step may still warm up
+        step_times.append(dt)
+        if bases is not None and computed > bases:  # a step that computed bases, whatever the schedule
+          refresh_times.append(dt)
+      bases = computed
+      window.append(loss)
+      done = step + 1
+      row = None
+      if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == end:
+        median = float(np.median(step_times)) if step_times else 0.0
+        rate = per_step / median if median else 0.0
+        row = {"step": done, "loss": float(np.mean(window)), "lr": float(schedule(step)), f"{unit}_per_s": rate}
+        window = []
+        if verbose:
+          progress.show(done, row["loss"], row["lr"], rate, (cfg.steps - done) * median)
+      if done % cfg.eval_every == 0 or done == cfg.steps:
+        row.update(evaluate(task, cfg, eval_step, params, data, placement))
+        if verbose:
+          progress.note("  eval " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val")))
+      if row:
+        history.append(row)
+        if log:
+          log.write(json.dumps(row) + "\n")
+          log.flush()
+      if checkpointer.due(done, force=done == end):  # pmap's to_checkpoint copies: only when saving
+        meta = {"step": done, "config": cfg.identity(), "rng": {"seed": cfg.seed, "data_position": done}}
+        checkpointer.save(done, placement.to_checkpoint(params), placement.to_checkpoint(opt_state), meta)
+        saved_step = done
+  finally:
+    if log:
+      log.close()
+    checkpointer.close()
 
-  summary = _summary(cfg, data, history, memory, step_times, refresh_times, time.perf_counter() - t_begin,
-                     per_step, unit, finished=end == cfg.steps)
+  summary = _summary(cfg, task, data, history, memory, step_times, refresh_times, time.perf_counter() - t_begin,
+                     finished=end == cfg.steps)
   params, opt_state = placement.to_checkpoint(params), placement.to_checkpoint(opt_state)
+  summary["out"] = str(out)
   summary["per_device"] = {
       "devices": placement.size, "processes": jax.process_count(), "layout": placement.describe(),
       "param_bytes": parallel.bytes_per_device(params),
-      "gradient_bytes": parallel.bytes_per_device(params),  # gradients are laid out like their parameters
       "optimizer_state_bytes": parallel.bytes_per_device(opt_state),
       "xla_train_step": step_memory,
   }
   if cfg.uses_galore:
     summary["refresh"].update(galore_optax.refresh_stats(opt_state, cfg.update_proj_gap))
   if lead:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    report.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     report.plot_losses({cfg.optimizer: history}, out / "loss.png", f"{cfg.task} {cfg.preset}",
                        report.entropy_line(summary))
   if verbose:
@@ -314,7 +321,7 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
   return RunResult(summary, params, opt_state)
 
 
-def _summary(cfg, data, history, memory, step_times, refresh_times, wall, per_step, unit, finished):
+def _summary(cfg, task, data, history, memory, step_times, refresh_times, wall, finished):
   evals = [r for r in history if "val_loss" in r]
   median = float(np.median(step_times)) if step_times else float("nan")
   summary = {
@@ -322,23 +329,25 @@ def _summary(cfg, data, history, memory, step_times, refresh_times, wall, per_st
       "steps": history[-1]["step"] if history else 0,
       "final_train_loss": history[-1]["loss"] if history else None,
       **({k: v for k, v in evals[-1].items() if k.startswith("val")} if evals else {}),
-      f"{unit}_per_s": per_step / median if step_times else None,
+      f"{task.unit}_per_s": task.items_per_step(cfg) / median if step_times else None,
       "median_step_ms": 1000 * median,
       "wall_time_s": wall,
       "param_bytes": memory.param_bytes,
       "optimizer_state_bytes": memory.state_bytes,
       "adamw_state_bytes": memory.adamw_bytes,
       "optimizer_state_vs_adamw": memory.state_ratio,
+      **task.summary_extras(data),
   }
-  if cfg.task == "gpt2":
-    summary["unigram_entropy"] = data_lib.unigram_entropy(data.train)
   if cfg.uses_galore:
+    # Timed at the steps that computed bases; amortised over the timed steps.
+    refresh_ms = 1000 * float(np.mean(refresh_times)) if refresh_times else None
     summary["refresh"] = {
         "every": cfg.update_proj_gap,
         "svd": cfg.svd,
         "moments": cfg.moments,
-        "mean_refresh_step_ms": 1000 * float(np.mean(refresh_times)) if refresh_times else None,
-        "amortised_overhead": (float(np.mean(refresh_times)) / median - 1) / cfg.update_proj_gap
+        "refresh_steps_timed": len(refresh_times),
+        "mean_refresh_step_ms": refresh_ms,
+        "amortised_overhead": (refresh_ms / (1000 * median) - 1) * len(refresh_times) / len(step_times)
         if refresh_times else None,
     }
   return summary

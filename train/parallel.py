@@ -3,7 +3,8 @@
 ``--mesh data=D,fsdp=F`` (default: ``data=<all devices>``) builds a ``jax.make_mesh`` whose
 axes are explicit (``--mesh-axes explicit``, the default) or left to XLA (``auto``):
 
-- the batch is split over both axes; each process builds only the rows of its own devices;
+- the batch is split over both axes; each process builds only the rows of its own devices
+  (whatever their order in the mesh);
 - every parameter is split over ``fsdp`` along its largest axis that ``F`` divides
   (replicated when none does); gradients follow their parameters;
 - the optimizer state is placed by :mod:`galore_optax.sharding`'s rules (GaLore's bases and
@@ -104,10 +105,30 @@ def compiled_memory(compiled) -> dict:
   return {n.replace("_in_bytes", "_bytes"): int(getattr(stats, n)) for n in names if hasattr(stats, n)}
 
 
-def _rows_of_this_process(sharding: NamedSharding, batch_size: int) -> slice:
-  rows = [idx[0] for idx in sharding.addressable_devices_indices_map((batch_size,)).values()]
-  lo, hi = min(r.start or 0 for r in rows), max(batch_size if r.stop is None else r.stop for r in rows)
-  return slice(lo, hi)
+def rows_of_this_process(sharding: NamedSharding, batch_size: int) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold, sorted.
+
+  Built from each addressable device's own index range, so it is right on any mesh,
+  including those whose device order interleaves processes.
+  """
+  index_map = sharding.addressable_devices_indices_map((batch_size,))
+  every_row = np.arange(batch_size)
+  return np.unique(np.concatenate([every_row[index[0]] for index in index_map.values()]))
+
+
+def limit_blas_threads() -> bool:
+  """One BLAS thread per process when JAX runs several CPU devices in it.
+
+  XLA's CPU devices each run their own LAPACK calls (the refresh SVDs) at once; with
+  OpenBLAS's default of one thread per core each, they oversubscribe the cores (20x
+  slower on 4 simulated devices over 2 cores). Returns whether it acted.
+  """
+  if jax.local_device_count() < 2 or jax.local_devices()[0].platform != "cpu":
+    return False
+  import threadpoolctl  # installed with scikit-learn
+
+  threadpoolctl.threadpool_limits(1, user_api="blas")
+  return True
 
 
 @dataclasses.dataclass
@@ -134,17 +155,25 @@ class MeshPlacement:
   def batch_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, P(BATCH_AXES))
 
-  def local_rows(self, batch_size: int) -> slice:
-    """The rows of a global batch that this process's devices hold."""
+  def local_rows(self, batch_size: int) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold (sorted indices)."""
     if batch_size % self.size:
       raise ParallelError(f"--batch-size {batch_size} is not divisible by the {self.size} devices of the mesh")
-    return _rows_of_this_process(self.batch_sharding(), batch_size)
+    return rows_of_this_process(self.batch_sharding(), batch_size)
 
   def put_batch(self, local: Any, batch_size: int) -> Any:
-    """A global batch from this process's rows (numpy arrays with ``len = local_rows(...)``)."""
+    """A global batch from this process's rows (arrays whose rows are ``local_rows(...)``)."""
     sharding = self.batch_sharding()
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        sharding, np.asarray(x), (batch_size,) + x.shape[1:]), local)
+    rows = self.local_rows(batch_size)
+
+    def build(x):
+      x = np.asarray(x)
+      shape = (batch_size,) + x.shape[1:]
+      shards = [jax.device_put(x[np.searchsorted(rows, np.arange(batch_size)[index[0]])], device)
+                for device, index in sharding.addressable_devices_indices_map(shape).items()]
+      return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+    return jax.tree.map(build, local)
 
   def param_shardings(self, params: Any) -> Any:
     fsdp = self.mesh.shape["fsdp"]
@@ -223,10 +252,10 @@ class PmapPlacement:
   def describe(self) -> str:
     return f"pmap over {self.n} devices"
 
-  def local_rows(self, batch_size: int) -> slice:
+  def local_rows(self, batch_size: int) -> np.ndarray:
     if batch_size % self.n:
       raise ParallelError(f"--batch-size {batch_size} is not divisible by the {self.n} devices of pmap")
-    return slice(0, batch_size)
+    return np.arange(batch_size)
 
   def put_batch(self, local: Any, batch_size: int) -> Any:
     return jax.tree.map(lambda x: np.asarray(x).reshape((self.n, -1) + x.shape[1:]), local)
@@ -247,8 +276,8 @@ class PmapPlacement:
     compiled = jax.pmap(averaged, axis_name=PMAP_AXIS, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
 
     def run(params, opt_state, batch):
-      params, opt_state, loss = compiled(params, opt_state, batch)
-      return params, opt_state, loss[0]
+      params, opt_state, metrics = compiled(params, opt_state, batch)
+      return params, opt_state, jax.tree.map(lambda x: x[0], metrics)
     return run, compiled_memory(compiled)
 
   def jit_eval(self, eval_step: Callable) -> Callable:

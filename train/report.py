@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import tempfile
 from typing import Optional
 
 import matplotlib
@@ -11,6 +13,22 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 
 from galore_optax.memory import human_bytes
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename, so that a
+  crash leaves the old file or the new one, never a torn one."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
 
 
 def plot_losses(histories: dict[str, list[dict]], path: pathlib.Path, title: str,
@@ -31,8 +49,10 @@ def plot_losses(histories: dict[str, list[dict]], path: pathlib.Path, title: str
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  fig.savefig(tmp, dpi=110)
   plt.close(fig)
+  os.replace(tmp, path)
 
 
 def entropy_line(summary: dict) -> Optional[tuple[str, float]]:
