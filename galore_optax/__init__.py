@@ -1,4 +1,5 @@
-"""galore_optax: GaLore (Gradient Low-Rank Projection) as composable optax transforms."""
+"""galore_optax: GaLore (Gradient Low-Rank Projection) as composable optax
+transforms."""
 
 from galore_optax.alias import galore_adafactor
 from galore_optax.alias import galore_adam
@@ -8,24 +9,24 @@ from galore_optax.alias import galore_lion
 from galore_optax.alias import galore_sgd
 from galore_optax.inner import add_decoupled_weight_decay
 from galore_optax.inner import scale_by_reference_adam
-from galore_optax.memory import memory_report
 from galore_optax.memory import MemoryReport
+from galore_optax.memory import memory_report
 from galore_optax.moments import MOMENT_POLICIES
+from galore_optax.projection import DEFAULT_PRECISION
+from galore_optax.projection import PROJ_TYPES
 from galore_optax.projection import MatrixAxes
 from galore_optax.rank import adaptive_ranks
-from galore_optax.projection import PROJ_TYPES
+from galore_optax.refresh import ORTHONORMALITY_TOL
+from galore_optax.refresh import RefreshState
+from galore_optax.subspace import SVD_METHODS
 from galore_optax.subspace import LazyRefresh
 from galore_optax.subspace import RandomizedSVD
-from galore_optax.subspace import SVD_METHODS
 from galore_optax.targets import DEFAULT_EXCLUDE
 from galore_optax.targets import match_paths
 from galore_optax.targets import plan_leaves
-from galore_optax.projection import DEFAULT_PRECISION
-from galore_optax.refresh import ORTHONORMALITY_TOL
-from galore_optax.refresh import RefreshState
-from galore_optax.transform import bases_computed
 from galore_optax.transform import GaLoreProjector
 from galore_optax.transform import GaLoreState
+from galore_optax.transform import bases_computed
 from galore_optax.transform import refresh_stats
 from galore_optax.transform import scale_by_galore
 

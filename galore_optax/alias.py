@@ -1,22 +1,24 @@
 """Ready-made GaLore optimizers, named and shaped like optax's own aliases.
 
 Each takes ``learning_rate`` (a float or an optax schedule), its optimizer's own
-hyperparameters, and the GaLore keywords of :func:`galore_optax.scale_by_galore`:
-``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``targets``,
-``matrix_axes``, ``svd``, ``moments``, ``lazy_refresh``, ``precision`` and
-``axis_name``.
-Weight decay is always applied to the full weights, never in the subspace; ``mask`` (a
-pytree of bools or a callable on params) selects the leaves it applies to.
+hyperparameters, and the GaLore keywords of
+:func:`galore_optax.scale_by_galore`: ``rank``, ``update_proj_gap``, ``scale``,
+``proj_type``, ``targets``, ``matrix_axes``, ``svd``, ``moments``,
+``lazy_refresh``, ``precision`` and ``axis_name``. Weight decay is always
+applied to the full weights, never in the subspace; ``mask`` (a pytree of bools
+or a callable on params) selects the leaves it applies to.
 
-With ``optax.inject_hyperparams`` list ``rank``, ``update_proj_gap`` and ``proj_type`` (and
-``targets`` or ``matrix_axes`` if they are callables) in ``static_args``; the learning rate,
-``scale`` and the float hyperparameters can then be changed between steps.
+With ``optax.inject_hyperparams`` list ``rank``, ``update_proj_gap`` and
+``proj_type`` (and ``targets`` or ``matrix_axes`` if they are callables) in
+``static_args``; the learning rate, ``scale`` and the float hyperparameters can
+then be changed between steps.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import jax
 import optax
@@ -68,13 +70,15 @@ def galore_adamw(
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW, step for step galore-torch's ``GaLoreAdamW``.
 
-  ``p <- (p - lr_t * c_t * scale * back(m / (sqrt(v) + eps))) * (1 - lr_t * weight_decay)``
-  with ``c_t = sqrt(1 - b2^t) / (1 - b1^t)``, Adam's moments ``m, v`` kept in the subspace
-  (:func:`galore_optax.scale_by_reference_adam`), and the reference defaults
-  (eps 1e-6, no weight decay).
+  ``p <- (p - lr_t * c_t * scale * back(m / (sqrt(v) + eps))) * (1 - lr_t *
+  weight_decay)`` with ``c_t = sqrt(1 - b2^t) / (1 - b1^t)``, Adam's moments
+  ``m, v`` kept in the subspace (:func:`galore_optax.scale_by_reference_adam`),
+  and the reference defaults (eps 1e-6, no weight decay).
   """
   return optax.chain(
-      _galore(inner_lib.scale_by_reference_adam(b1=b1, b2=b2, eps=eps), locals()),
+      _galore(
+          inner_lib.scale_by_reference_adam(b1=b1, b2=b2, eps=eps), locals()
+      ),
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
@@ -99,7 +103,9 @@ def galore_adam(
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adam: :func:`galore_adamw` without weight decay."""
-  return galore_adamw(learning_rate, b1, b2, eps, 0.0, **_galore_options(locals()))
+  return galore_adamw(
+      learning_rate, b1, b2, eps, 0.0, **_galore_options(locals())
+  )
 
 
 def galore_sgd(
@@ -126,7 +132,11 @@ def galore_sgd(
   Without ``momentum`` the subspace holds no state and the update is
   ``-lr * scale * back(project(G))``, a projected gradient step.
   """
-  inner = optax.identity() if momentum is None else optax.trace(decay=momentum, nesterov=nesterov)
+  inner = (
+      optax.identity()
+      if momentum is None
+      else optax.trace(decay=momentum, nesterov=nesterov)
+  )
   return optax.chain(
       _galore(inner, locals()),
       optax.scale_by_learning_rate(learning_rate),
@@ -153,7 +163,8 @@ def galore_lion(
     precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """GaLore-Lion: ``optax.scale_by_lion`` (sign of interpolated momentum) in the subspace."""
+  """GaLore-Lion: ``optax.scale_by_lion`` (sign of interpolated momentum) in the
+  subspace."""
   return optax.chain(
       _galore(optax.scale_by_lion(b1=b1, b2=b2), locals()),
       optax.scale_by_learning_rate(learning_rate),
@@ -161,10 +172,15 @@ def galore_lion(
   )
 
 
-def _params_from_updates(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Gives ``tx`` the updates as params: for ``scale_by_factored_rms``, which reads only
-  their shapes and dtypes, in a subspace where the real params do not fit."""
-  return optax.GradientTransformation(tx.init, lambda u, s, params=None: tx.update(u, s, u))
+def _params_from_updates(
+    tx: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+  """Gives ``tx`` the updates as params: for ``scale_by_factored_rms``, which
+  reads only their shapes and dtypes, in a subspace where the real params do not
+  fit."""
+  return optax.GradientTransformation(
+      tx.init, lambda u, s, params=None: tx.update(u, s, u)
+  )
 
 
 def galore_adafactor(
@@ -206,9 +222,17 @@ def galore_adafactor(
   them before), and weight decay acts on the weights before the update (here
   after it, as in every alias of this package).
   """
-  inner = [_params_from_updates(optax.scale_by_factored_rms(
-      factored=True, decay_rate=decay_rate, step_offset=decay_offset,
-      min_dim_size_to_factor=min_dim_size_to_factor, epsilon=eps))]
+  inner = [
+      _params_from_updates(
+          optax.scale_by_factored_rms(
+              factored=True,
+              decay_rate=decay_rate,
+              step_offset=decay_offset,
+              min_dim_size_to_factor=min_dim_size_to_factor,
+              epsilon=eps,
+          )
+      )
+  ]
   if clipping_threshold is not None:
     inner.append(optax.clip_by_block_rms(clipping_threshold))
   if momentum is not None:
@@ -245,9 +269,9 @@ def galore_lamb(
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-LAMB: Adam in the subspace; decay and trust ratio in the full space.
 
-  The back-projected Adam direction ``d`` becomes ``d + weight_decay * p`` and is rescaled
-  layer by layer by ``||p|| / ||d + weight_decay * p||`` (LAMB's trust ratio, computed on
-  full weights, as ``optax.lamb`` does).
+  The back-projected Adam direction ``d`` becomes ``d + weight_decay * p`` and
+  is rescaled layer by layer by ``||p|| / ||d + weight_decay * p||`` (LAMB's
+  trust ratio, computed on full weights, as ``optax.lamb`` does).
   """
   return optax.chain(
       _galore(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), locals()),

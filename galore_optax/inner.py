@@ -1,8 +1,13 @@
-"""Building blocks of the aliases that reproduce galore-torch's AdamW exactly."""
+"""Building blocks of the aliases that reproduce galore-torch's AdamW
+exactly."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+from typing import Optional
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +24,11 @@ def scale_by_reference_adam(
   r"""Adam as galore-torch (and HF's old AdamW) computes it.
 
   ``m_t = b1 m + (1 - b1) g``, ``v_t = b2 v + (1 - b2) g^2`` and the update is
-  ``sqrt(1 - b2^t) / (1 - b1^t) * m_t / (sqrt(v_t) + eps)``: the bias correction is folded
-  into the step size, so ``eps`` is added to the uncorrected ``sqrt(v_t)``. This differs from
-  ``optax.scale_by_adam`` by an effective ``eps`` of ``eps * sqrt(1 - b2^t)``.
-  The state is an ``optax.ScaleByAdamState`` (count, mu, nu).
+  ``sqrt(1 - b2^t) / (1 - b1^t) * m_t / (sqrt(v_t) + eps)``: the bias correction
+  is folded into the step size, so ``eps`` is added to the uncorrected
+  ``sqrt(v_t)``. This differs from ``optax.scale_by_adam`` by an effective
+  ``eps`` of ``eps * sqrt(1 - b2^t)``. The state is an
+  ``optax.ScaleByAdamState`` (count, mu, nu).
   """
 
   def init_fn(params):
@@ -40,7 +46,10 @@ def scale_by_reference_adam(
     t = count.astype(jnp.float32)
     step_scale = jnp.sqrt(1 - b2**t) / (1 - b1**t)
     updates = jax.tree.map(
-        lambda m, v: (step_scale * m / (jnp.sqrt(v) + eps)).astype(m.dtype), mu, nu)
+        lambda m, v: (step_scale * m / (jnp.sqrt(v) + eps)).astype(m.dtype),
+        mu,
+        nu,
+    )
     return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -55,11 +64,13 @@ def add_decoupled_weight_decay(
     weight_decay: float,
     mask: Optional[Union[Any, Callable[[Any], Any]]] = None,
 ) -> optax.GradientTransformation:
-  r"""Decoupled weight decay on the full weights, after the step, as galore-torch does.
+  r"""Decoupled weight decay on the full weights, after the step, as
+  galore-torch does.
 
-  Placed after the learning-rate scaling, it turns an update ``u`` into
-  ``u - lr_t * weight_decay * (p + u)``, so that ``p + u' = (p + u)(1 - lr_t weight_decay)``:
-  the already-updated weight is decayed. It never passes through the low-rank subspace.
+  Placed after the learning-rate scaling, it turns an update ``u`` into ``u -
+  lr_t * weight_decay * (p + u)``, so that ``p + u' = (p + u)(1 - lr_t
+  weight_decay)``: the already-updated weight is decayed. It never passes
+  through the low-rank subspace.
   """
   # The state exists whatever the value: optax.inject_hyperparams turns
   # weight_decay into an array, and its state must have the same structure.
@@ -74,11 +85,21 @@ def add_decoupled_weight_decay(
     if no_decay:
       return updates, DecoupledWeightDecayState(count=count)
     if params is None:
-      raise ValueError("weight decay needs params: pass them to update(updates, state, params)")
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+      raise ValueError(
+          "weight decay needs params: pass them to update(updates, state,"
+          " params)"
+      )
+    lr = (
+        learning_rate(state.count) if callable(learning_rate) else learning_rate
+    )
     updates = jax.tree.map(
-        lambda u, p: None if u is None else (u - lr * weight_decay * (p + u)).astype(u.dtype),
-        updates, params, is_leaf=lambda x: x is None)
+        lambda u, p: None
+        if u is None
+        else (u - lr * weight_decay * (p + u)).astype(u.dtype),
+        updates,
+        params,
+        is_leaf=lambda x: x is None,
+    )
     return updates, DecoupledWeightDecayState(count=count)
 
   tx = optax.GradientTransformation(init_fn, update_fn)

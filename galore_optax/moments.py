@@ -1,31 +1,37 @@
 """What happens to the inner optimizer's state when a leaf's basis is refreshed.
 
-- ``keep`` (galore-torch): the low-rank moments are reused as they are in the new basis.
+- ``keep`` (galore-torch): the low-rank moments are reused as they are in the
+  new basis.
 - ``reset``: a refreshed leaf restarts its inner optimizer: its moments are
   zeroed and its step count (Adam's bias correction, Adafactor's decay
   schedule) starts again from zero. The inner state's non-moment leaves (the
   step counts) are then kept per targeted leaf, and each targeted leaf runs
   the inner update with its own (see :func:`split_state`).
-- ``transport``: the moments are re-expressed in the new basis. With ``C_l = L_new^T L_old``
-  and ``C_r = R_old R_new^T`` (identity for an unused side), a first moment becomes
-  ``C_l M C_r``: the full-space moment ``L M R`` projected onto the new subspace, which is
-  exact when the new basis spans the old subspace. A second moment is an elementwise mean of
-  squares, so, treating the old coordinates as uncorrelated, a new coordinate's is the
-  ``C^2``-weighted sum of the old ones, ``(C_l o C_l) V (C_r o C_r)``; the share of a new
-  direction that lies outside the old subspace, ``1 - sum_j C_ij^2``, has no history and gets
-  the mean of the old second moments along the projected axes, so that Adam neither divides
-  by zero nor loses scale (in the manner of LDAdam and Flora). Under a signed permutation of
-  the basis both rules are exact.
+- ``transport``: the moments are re-expressed in the new basis. With ``C_l =
+  L_new^T L_old`` and ``C_r = R_old R_new^T`` (identity for an unused side), a
+  first moment becomes ``C_l M C_r``: the full-space moment ``L M R`` projected
+  onto the new subspace, which is exact when the new basis spans the old
+  subspace. A second moment is an elementwise mean of squares, so, treating the
+  old coordinates as uncorrelated, a new coordinate's is the ``C^2``-weighted
+  sum of the old ones, ``(C_l o C_l) V (C_r o C_r)``; the share of a new
+  direction that lies outside the old subspace, ``1 - sum_j C_ij^2``, has no
+  history and gets the mean of the old second moments along the projected axes,
+  so that Adam neither divides by zero nor loses scale (in the manner of LDAdam
+  and Flora). Under a signed permutation of the basis both rules are exact.
 
-The moments are found in the inner state the way ``optax.tree.map_params`` finds parameter
-trees: by initialising the inner transform on a placeholder and seeing which subtrees it
-fills. ``transport`` knows the moments of ``scale_by_adam`` (and
-``scale_by_reference_adam``), ``trace`` (SGD momentum) and ``scale_by_lion``.
+The moments are found in the inner state the way ``optax.tree.map_params`` finds
+parameter trees: by initialising the inner transform on a placeholder and seeing
+which subtrees it fills. ``transport`` knows the moments of ``scale_by_adam``
+(and ``scale_by_reference_adam``), ``trace`` (SGD momentum) and
+``scale_by_lion``.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any
+from typing import NamedTuple
+from typing import Optional
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,22 +52,29 @@ KNOWN_MOMENTS = {
 
 
 class _Slot:
-  """A pytree with no leaves: ``inner.init(_Slot())`` puts one wherever it keeps a params tree."""
+  """A pytree with no leaves: ``inner.init(_Slot())`` puts one wherever it keeps
+  a params tree."""
 
 
-jax.tree_util.register_pytree_node(_Slot, lambda s: ((), None), lambda _, __: _Slot())
+jax.tree_util.register_pytree_node(
+    _Slot, lambda s: ((), None), lambda _, __: _Slot()
+)
 
 
 class MomentSlot(NamedTuple):
-  path: tuple[Any, ...]  # field names, tuple indices or dict keys from the inner state's root
-  owner: str             # e.g. 'ScaleByAdamState.mu'
-  kind: Optional[str]    # 'first', 'second', or None when unknown
+  path: tuple[
+      Any, ...
+  ]  # field names, tuple indices or dict keys from the inner state's root
+  owner: str  # e.g. 'ScaleByAdamState.mu'
+  kind: Optional[str]  # 'first', 'second', or None when unknown
 
 
 def _walk(node, path, owner_type=None, field=None):
   if isinstance(node, _Slot):
     kind = KNOWN_MOMENTS.get((owner_type, field))
-    yield MomentSlot(path, f"{getattr(owner_type, '__name__', 'state')}.{field}", kind)
+    yield MomentSlot(
+        path, f"{getattr(owner_type, '__name__', 'state')}.{field}", kind
+    )
   elif isinstance(node, tuple) and hasattr(node, "_fields"):
     for name in node._fields:
       yield from _walk(getattr(node, name), path + (name,), type(node), name)
@@ -73,33 +86,48 @@ def _walk(node, path, owner_type=None, field=None):
       yield from _walk(child, path + (key,), owner_type, field)
 
 
-def find_slots(inner: optax.GradientTransformation, policy: str) -> list[MomentSlot]:
-  """The params-shaped subtrees of ``inner``'s state, checked against ``policy``.
+def find_slots(
+    inner: optax.GradientTransformation, policy: str
+) -> list[MomentSlot]:
+  """The params-shaped subtrees of ``inner``'s state, checked against
+  ``policy``.
 
   Raises:
-    ValueError: for an unknown policy, an inner state that cannot be searched, or (for
-      ``transport``) a params-shaped entry that is not a known first or second moment.
+    ValueError: for an unknown policy, an inner state that cannot be searched,
+      or (for ``transport``) a params-shaped entry that is not a known first or
+      second moment.
   """
   if policy not in MOMENT_POLICIES:
-    raise ValueError(f"unknown moments policy {policy!r}; expected one of {MOMENT_POLICIES}")
+    raise ValueError(
+        f"unknown moments policy {policy!r}; expected one of {MOMENT_POLICIES}"
+    )
   if policy == "keep":
     return []
   try:
     slots = list(_walk(inner.init(_Slot()), ()))
   except Exception as e:  # an init that needs real arrays
-    raise ValueError(f"moments={policy!r} cannot find the moments in the inner state: "
-                     f"its init failed on a placeholder ({type(e).__name__}: {e})") from None
+    raise ValueError(
+        f"moments={policy!r} cannot find the moments in the inner state: "
+        f"its init failed on a placeholder ({type(e).__name__}: {e})"
+    ) from None
   unknown = [s.owner for s in slots if s.kind is None]
   if policy == "transport" and unknown:
-    raise ValueError(f"moments='transport' does not know how to transport {', '.join(unknown)}; "
-                     f"it supports {sorted({f'{t.__name__}.{f}' for t, f in KNOWN_MOMENTS})}. "
-                     "Use moments='keep' or 'reset' with this inner transform")
+    raise ValueError(
+        "moments='transport' does not know how to transport"
+        f" {', '.join(unknown)}; it supports"
+        f" {sorted({f'{t.__name__}.{f}' for t, f in KNOWN_MOMENTS})}. Use"
+        " moments='keep' or 'reset' with this inner transform"
+    )
   return slots
 
 
 def get_at(tree: Any, path: Sequence[Any]) -> Any:
   for key in path:
-    tree = getattr(tree, key) if isinstance(key, str) and hasattr(tree, "_fields") else tree[key]
+    tree = (
+        getattr(tree, key)
+        if isinstance(key, str) and hasattr(tree, "_fields")
+        else tree[key]
+    )
   return tree
 
 
@@ -117,7 +145,8 @@ def set_at(tree: Any, path: Sequence[Any], value: Any) -> Any:
 
 
 class ScalarLayout(NamedTuple):
-  """The inner state with its moment slots taken out: what ``reset`` keeps per leaf.
+  """The inner state with its moment slots taken out: what ``reset`` keeps per
+  leaf.
 
   Attributes:
     treedef: the structure of the inner state with each slot replaced by a

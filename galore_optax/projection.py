@@ -1,23 +1,31 @@
-"""Projection math: a leaf seen as a batch of matrices, its low-rank basis, and the two projections.
+"""Projection math: a leaf seen as a batch of matrices, its low-rank basis, and
+the two projections.
 
-A targeted leaf of any shape is viewed as ``G`` of shape ``(*batch, m, n)``: the axes named as
-rows are flattened into ``m``, the axes named as columns into ``n``, and every other axis is a
-batch axis with a basis of its own (for example the layer axis of weights stacked for ``scan``).
+A targeted leaf of any shape is viewed as ``G`` of shape ``(*batch, m, n)``: the
+axes named as rows are flattened into ``m``, the axes named as columns into
+``n``, and every other axis is a batch axis with a basis of its own (for example
+the layer axis of weights stacked for ``scan``).
 
-A basis has up to two factors (computed in :mod:`galore_optax.subspace`) from ``G = U S V^T``:
+A basis has up to two factors (computed in :mod:`galore_optax.subspace`) from
+``G = U S V^T``:
 
 - ``left = U_r``, shape ``(*batch, m, r)``;
-- ``right = V_r^T``, shape ``(*batch, r, n)`` (stored transposed, as galore-torch does).
+- ``right = V_r^T``, shape ``(*batch, r, n)`` (stored transposed, as
+  galore-torch does).
 
 With only ``left``: ``R = left^T G`` (r x n) and back-projection ``left N``.
 With only ``right``: ``R = G right^T`` (m x r) and back-projection ``N right``.
-With both (``proj_type='full'``): ``R = left^T G right^T`` (r x r) and ``left N right``.
+With both (``proj_type='full'``): ``R = left^T G right^T`` (r x r) and ``left N
+right``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple
+from typing import Optional
+from typing import Sequence
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +64,9 @@ class MatrixView(NamedTuple):
 
   def to_matrix(self, x: jax.Array) -> jax.Array:
     """``x`` of ``shape`` -> ``(*batch_shape, m, n)``."""
-    return jnp.transpose(x, self.perm).reshape(self.batch_shape + (self.m, self.n))
+    return jnp.transpose(x, self.perm).reshape(
+        self.batch_shape + (self.m, self.n)
+    )
 
   def from_matrix(self, y: jax.Array) -> jax.Array:
     """Inverse of :meth:`to_matrix`."""
@@ -77,15 +87,25 @@ def matrix_view(shape: Sequence[int], axes: MatrixAxes) -> MatrixView:
   """Builds the view of a leaf of ``shape`` as matrices with rows/cols ``axes``.
 
   Raises:
-    ValueError: if the axes are out of range, overlap or leave rows or columns empty.
+    ValueError: if the axes are out of range, overlap or leave rows or columns
+      empty.
   """
   shape = tuple(shape)
   rows = _as_axes(axes.rows, len(shape))
   cols = _as_axes(axes.cols, len(shape))
   if not rows or not cols:
-    raise ValueError(f"rows {axes.rows} and cols {axes.cols} must each name at least one axis")
-  if set(rows) & set(cols) or len(set(rows)) < len(rows) or len(set(cols)) < len(cols):
-    raise ValueError(f"rows {axes.rows} and cols {axes.cols} must be distinct axes")
+    raise ValueError(
+        f"rows {axes.rows} and cols {axes.cols} must each name at least one"
+        " axis"
+    )
+  if (
+      set(rows) & set(cols)
+      or len(set(rows)) < len(rows)
+      or len(set(cols)) < len(cols)
+  ):
+    raise ValueError(
+        f"rows {axes.rows} and cols {axes.cols} must be distinct axes"
+    )
   batch = tuple(a for a in range(len(shape)) if a not in rows + cols)
   return MatrixView(
       shape=shape,
@@ -97,11 +117,13 @@ def matrix_view(shape: Sequence[int], axes: MatrixAxes) -> MatrixView:
 
 
 def basis_sides(m: int, n: int, proj_type: str) -> tuple[bool, bool]:
-  """Returns ``(use_left, use_right)`` for an ``m x n`` matrix, by galore-torch's rules.
+  """Returns ``(use_left, use_right)`` for an ``m x n`` matrix, by
+  galore-torch's rules.
 
-  'std' keeps the basis on the smaller side, so the low-rank moments lie along the larger
-  one: ``m >= n`` -> right (``R`` is m x r), else left (``R`` is r x n). 'reverse_std'
-  chooses the other side; 'left' and 'right' force one; 'full' uses both.
+  'std' keeps the basis on the smaller side, so the low-rank moments lie along
+  the larger one: ``m >= n`` -> right (``R`` is m x r), else left (``R`` is r x
+  n). 'reverse_std' chooses the other side; 'left' and 'right' force one; 'full'
+  uses both.
   """
   if proj_type == "std":
     return (False, True) if m >= n else (True, False)
@@ -113,12 +135,19 @@ def basis_sides(m: int, n: int, proj_type: str) -> tuple[bool, bool]:
     return False, True
   if proj_type == "full":
     return True, True
-  raise ValueError(f"unknown proj_type {proj_type!r}; expected one of {PROJ_TYPES}")
+  raise ValueError(
+      f"unknown proj_type {proj_type!r}; expected one of {PROJ_TYPES}"
+  )
 
 
-def low_rank_shape(view: MatrixView, rank: int, use_left: bool, use_right: bool) -> tuple[int, ...]:
+def low_rank_shape(
+    view: MatrixView, rank: int, use_left: bool, use_right: bool
+) -> tuple[int, ...]:
   """Shape of the projected gradient ``R`` of a leaf."""
-  return view.batch_shape + (rank if use_left else view.m, rank if use_right else view.n)
+  return view.batch_shape + (
+      rank if use_left else view.m,
+      rank if use_right else view.n,
+  )
 
 
 def _partition(spec: Optional[tuple]):
@@ -166,7 +195,8 @@ def project_back(
     right: Optional[jax.Array],
     precision: jax.lax.PrecisionLike = DEFAULT_PRECISION,
 ) -> jax.Array:
-  """``left N right``, skipping an absent factor: the inverse map of :func:`project`."""
+  """``left N right``, skipping an absent factor: the inverse map of
+  :func:`project`."""
   if left is not None:
     n = jnp.matmul(left, n, precision=precision)
   if right is not None:

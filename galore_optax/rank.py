@@ -1,9 +1,11 @@
-"""Layer-wise adaptive rank: per-leaf ranks from the singular-value energy of sample gradients."""
+"""Layer-wise adaptive rank: per-leaf ranks from the singular-value energy of
+sample gradients."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import jax
 import numpy as np
@@ -20,34 +22,51 @@ def adaptive_ranks(
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
 ) -> Any:
-  """Per-leaf ranks for ``scale_by_galore(rank=...)`` from one or more sample gradients.
+  """Per-leaf ranks for ``scale_by_galore(rank=...)`` from one or more sample
+  gradients.
 
   For each targeted leaf (the same ``targets`` / ``matrix_axes`` rules as
   :func:`galore_optax.scale_by_galore`), the normalised cumulative energy
-  ``sum(s[:k]^2) / sum(s^2)`` of each sample gradient's singular values (each batch
-  matrix of a stacked leaf counted separately) is averaged, and the smallest ``k`` that
-  reaches ``energy`` is rounded up to a multiple of ``multiple`` and clamped to
-  ``[min_rank, max_rank]`` and to ``min(m, n)``.
+  ``sum(s[:k]^2) / sum(s^2)`` of each sample gradient's singular values (each
+  batch matrix of a stacked leaf counted separately) is averaged, and the
+  smallest ``k`` that reaches ``energy`` is rounded up to a multiple of
+  ``multiple`` and clamped to ``[min_rank, max_rank]`` and to ``min(m, n)``.
 
   Args:
-    *grads: gradient pytrees with the structure of params (one batch's, or a few).
+    *grads: gradient pytrees with the structure of params (one batch's, or a
+      few).
     energy: the fraction of gradient energy the subspace should hold, in (0, 1].
 
   Returns:
-    A pytree with the structure of the gradients: an int for each targeted leaf, None elsewhere.
+    A pytree with the structure of the gradients: an int for each targeted leaf,
+      None elsewhere.
   """
   if not grads:
     raise ValueError("adaptive_ranks needs at least one gradient pytree")
   if not 0 < energy <= 1:
     raise ValueError(f"energy must be in (0, 1], got {energy}")
-  if min_rank <= 0 or multiple <= 0 or (max_rank is not None and max_rank < min_rank):
-    raise ValueError(f"need 0 < min_rank <= max_rank and multiple > 0, got min_rank={min_rank}, "
-                     f"max_rank={max_rank}, multiple={multiple}")
+  if (
+      min_rank <= 0
+      or multiple <= 0
+      or (max_rank is not None and max_rank < min_rank)
+  ):
+    raise ValueError(
+        "need 0 < min_rank <= max_rank and multiple > 0, got"
+        f" min_rank={min_rank}, max_rank={max_rank}, multiple={multiple}"
+    )
   structure = jax.tree.structure(grads[0])
   for i, g in enumerate(grads[1:], 1):
     if jax.tree.structure(g) != structure:
-      raise ValueError(f"gradient sample {i} does not have the structure of sample 0")
-  plans = targets_lib.plan_leaves(grads[0], rank=1, proj_type="std", targets=targets, matrix_axes=matrix_axes)
+      raise ValueError(
+          f"gradient sample {i} does not have the structure of sample 0"
+      )
+  plans = targets_lib.plan_leaves(
+      grads[0],
+      rank=1,
+      proj_type="std",
+      targets=targets,
+      matrix_axes=matrix_axes,
+  )
   per_sample = [jax.tree.leaves(g) for g in grads]
   ranks = []
   for i, plan in enumerate(plans):
@@ -56,10 +75,16 @@ def adaptive_ranks(
       continue
     curves = []
     for leaves in per_sample:
-      mats = np.asarray(plan.view.to_matrix(leaves[i]), np.float32).reshape(-1, plan.view.m, plan.view.n)
+      mats = np.asarray(plan.view.to_matrix(leaves[i]), np.float32).reshape(
+          -1, plan.view.m, plan.view.n
+      )
       for s in np.linalg.svd(mats, compute_uv=False):
         power = s.astype(np.float64) ** 2
-        curves.append(np.cumsum(power) / power.sum() if power.sum() > 0 else np.ones_like(power))
+        curves.append(
+            np.cumsum(power) / power.sum()
+            if power.sum() > 0
+            else np.ones_like(power)
+        )
     mean_curve = np.mean(curves, axis=0)
     k = int(np.searchsorted(mean_curve, energy - 1e-12) + 1)
     k = multiple * math.ceil(k / multiple)

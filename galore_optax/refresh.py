@@ -1,4 +1,5 @@
-"""The refresh of GaLore's bases: when it happens, how a basis is checked and adopted.
+"""The refresh of GaLore's bases: when it happens, how a basis is checked and
+adopted.
 
 A targeted leaf's basis is recomputed when the optimizer step ``count`` reaches
 its ``next_step``: at steps 0, T, 2T, ... with the defaults. At such a step:
@@ -21,7 +22,9 @@ SVDs spread over devices (:func:`galore_optax.sharding.spread`).
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any
+from typing import NamedTuple
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -1,24 +1,28 @@
 """GaLore on a device mesh: where its state lives and who computes each refresh.
 
-Placement. On a mesh with explicit axes (``jax.make_mesh``'s default) every array's type
-carries its :class:`~jax.sharding.PartitionSpec`. For a leaf seen as ``(*batch, m, n)``
-matrices with spec ``(*b, row, col)``:
+Placement. On a mesh with explicit axes (``jax.make_mesh``'s default) every
+array's type carries its :class:`~jax.sharding.PartitionSpec`. For a leaf seen
+as ``(*batch, m, n)`` matrices with spec ``(*b, row, col)``:
 
-- ``left`` ``U_r`` ``(*batch, m, r)`` is ``(*b, row, None)``: its m-side rows follow the
-  parameter's rows; ``right`` ``V_r^T`` ``(*batch, r, n)`` is ``(*b, None, col)``;
-- the projected gradient and the inner moments drop the spec of each projected side:
-  ``(*b, None, col)`` under a left basis, ``(*b, row, None)`` under a right one.
+- ``left`` ``U_r`` ``(*batch, m, r)`` is ``(*b, row, None)``: its m-side rows
+  follow the parameter's rows; ``right`` ``V_r^T`` ``(*batch, r, n)`` is ``(*b,
+  None, col)``;
+- the projected gradient and the inner moments drop the spec of each projected
+  side: ``(*b, None, col)`` under a left basis, ``(*b, row, None)`` under a
+  right one.
 
-So with FSDP on the larger side of each matrix (where the moments of ``proj_type='std'``
-live) the projections need no communication, and the state is split like the parameters.
-On auto meshes and single devices these helpers do nothing: XLA places what it likes.
+So with FSDP on the larger side of each matrix (where the moments of
+``proj_type='std'`` live) the projections need no communication, and the state
+is split like the parameters. On auto meshes and single devices these helpers do
+nothing: XLA places what it likes.
 
-Refresh. Under ``jax.set_mesh`` (or, with ``axis_name``, inside ``pmap``/``shard_map``),
-the bases due at a step are computed round-robin, each on one device, and shared with one
-``psum``: each device thus runs about ``1/D`` of the SVDs. A due gradient split over one mesh
-axis (FSDP) travels whole only to the device that computes its basis: gradients of the same
-shape and split go in rounds of ``D``, one per device, and an ``all_to_all`` along the split
-axis leaves each device the whole matrix of its own (see :func:`spread`).
+Refresh. Under ``jax.set_mesh`` (or, with ``axis_name``, inside
+``pmap``/``shard_map``), the bases due at a step are computed round-robin, each
+on one device, and shared with one ``psum``: each device thus runs about ``1/D``
+of the SVDs. A due gradient split over one mesh axis (FSDP) travels whole only
+to the device that computes its basis: gradients of the same shape and split go
+in rounds of ``D``, one per device, and an ``all_to_all`` along the split axis
+leaves each device the whole matrix of its own (see :func:`spread`).
 """
 
 from __future__ import annotations
@@ -26,26 +30,42 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
-Spec = Optional[tuple]  # a full-length PartitionSpec as a tuple; None off explicit meshes
+Spec = Optional[
+    tuple
+]  # a full-length PartitionSpec as a tuple; None off explicit meshes
 
 
 def spec_of(x: Any) -> Spec:
-  """``x``'s partition spec padded to ``x.ndim`` if it lives on an explicit mesh, else None."""
-  sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).sharding
-  if not isinstance(sharding, NamedSharding) or AxisType.Explicit not in sharding.mesh.axis_types:
+  """``x``'s partition spec padded to ``x.ndim`` if it lives on an explicit
+  mesh, else None."""
+  sharding = (
+      x.sharding
+      if isinstance(x, jax.ShapeDtypeStruct)
+      else jax.typeof(x).sharding
+  )
+  if (
+      not isinstance(sharding, NamedSharding)
+      or AxisType.Explicit not in sharding.mesh.axis_types
+  ):
     return None
   spec = tuple(sharding.spec)
   return spec + (None,) * (len(x.shape) - len(spec))
 
 
 def basis_specs(spec: Spec) -> tuple[Spec, Spec]:
-  """Specs of ``left`` ``(*b, m, r)`` and ``right`` ``(*b, r, n)`` for a matrix of spec ``(*b, row, col)``."""
+  """Specs of ``left`` ``(*b, m, r)`` and ``right`` ``(*b, r, n)`` for a matrix
+  of spec ``(*b, row, col)``."""
   if spec is None:
     return None, None
   return spec[:-1] + (None,), spec[:-2] + (None, spec[-1])
@@ -55,15 +75,29 @@ def projected_spec(spec: Spec, use_left: bool, use_right: bool) -> Spec:
   """Spec of the projected matrix: each side with a basis loses its sharding."""
   if spec is None:
     return None
-  return spec[:-2] + (None if use_left else spec[-2], None if use_right else spec[-1])
+  return spec[:-2] + (
+      None if use_left else spec[-2],
+      None if use_right else spec[-1],
+  )
 
 
-def zeros(shape: Sequence[int], dtype, spec: Spec, like: Any = None) -> jax.Array:
-  """Zeros of ``shape`` placed by ``spec`` on the mesh of ``like`` (plain zeros when spec is None)."""
+def zeros(
+    shape: Sequence[int], dtype, spec: Spec, like: Any = None
+) -> jax.Array:
+  """Zeros of ``shape`` placed by ``spec`` on the mesh of ``like`` (plain zeros
+  when spec is None)."""
   if spec is None:
     return jnp.zeros(shape, dtype)
-  sharding = like.sharding if isinstance(like, jax.ShapeDtypeStruct) else jax.typeof(like).sharding
-  return jnp.zeros(shape, dtype, out_sharding=NamedSharding(sharding.mesh, PartitionSpec(*spec)))
+  sharding = (
+      like.sharding
+      if isinstance(like, jax.ShapeDtypeStruct)
+      else jax.typeof(like).sharding
+  )
+  return jnp.zeros(
+      shape,
+      dtype,
+      out_sharding=NamedSharding(sharding.mesh, PartitionSpec(*spec)),
+  )
 
 
 def reshard(x: jax.Array, spec: Spec) -> jax.Array:
@@ -76,11 +110,16 @@ def reshard(x: jax.Array, spec: Spec) -> jax.Array:
 def replicate(x: jax.Array) -> jax.Array:
   """``x`` gathered onto every device of an explicit mesh (no-op elsewhere)."""
   spec = spec_of(x)
-  return x if spec is None or not any(spec) else jax.sharding.reshard(x, PartitionSpec())
+  return (
+      x
+      if spec is None or not any(spec)
+      else jax.sharding.reshard(x, PartitionSpec())
+  )
 
 
 def _context_axes() -> Optional[tuple[str, ...]]:
-  """The axes of the mesh set with ``jax.set_mesh``, when they can host a ``shard_map``."""
+  """The axes of the mesh set with ``jax.set_mesh``, when they can host a
+  ``shard_map``."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
     return None  # no mesh, one device, or already inside a shard_map
@@ -94,8 +133,8 @@ GATHER_TO_OWNER = True
 
 
 def _split_axis(spec: Spec) -> Optional[tuple[int, str]]:
-  """``(dim, axis)`` when ``spec`` splits exactly one dimension, among the last two,
-  over exactly one mesh axis; else None."""
+  """``(dim, axis)`` when ``spec`` splits exactly one dimension, among the last
+  two, over exactly one mesh axis; else None."""
   if spec is None:
     return None
   split = [(dim, a) for dim, a in enumerate(spec) if a is not None]
@@ -120,7 +159,8 @@ def spread(
     active: Sequence[jax.Array],
     axis_name: Any = None,
 ) -> list[Any]:
-  """``[fn(matrix, extra) if active else zeros]``, round-robin over devices; results everywhere.
+  """``[fn(matrix, extra) if active else zeros]``, round-robin over devices;
+  results everywhere.
 
   Item ``k`` is computed on one device only, the ``k``-th in round-robin order
   (among items that share shapes and placement; with one such group, device
@@ -139,7 +179,8 @@ def spread(
     matrices: their matrices (passed in, never closed over: ``shard_map`` cannot
       close over arrays sharded on explicit axes).
     extras: small replicated inputs, one pytree per item (e.g. a PRNG key).
-    active: boolean scalars, the same on every device; inactive items give zeros.
+    active: boolean scalars, the same on every device; inactive items give
+      zeros.
     axis_name: the ``pmap``/``shard_map`` axis (or tuple of axes) this code runs
       under with replicated matrices, if any. Without it, the mesh set by
       ``jax.set_mesh`` is used; with neither, everything is computed here.
@@ -147,7 +188,8 @@ def spread(
   n = len(fns)
   whole = [jax.ShapeDtypeStruct(m.shape, m.dtype) for m in matrices]
 
-  def result_shapes():  # where the mapped axes are bound, for fns that name them
+  # where the mapped axes are bound, for fns that name them
+  def result_shapes():
     return [jax.eval_shape(fns[i], whole[i], extras[i]) for i in range(n)]
 
   def compute(i, on, matrix, extra):
@@ -157,21 +199,34 @@ def spread(
   def owned(names, matrices, extras):
     """Inside the mapped axes ``names``, with whole matrices on every device."""
     me, size = jax.lax.axis_index(names), jax.lax.psum(1, names)
-    outs = [compute(i, active[i] & (me == i % size), matrices[i], extras[i]) for i in range(n)]
-    return jax.lax.psum(outs, names)  # owners hold the result, everyone else zeros
+    outs = [
+        compute(i, active[i] & (me == i % size), matrices[i], extras[i])
+        for i in range(n)
+    ]
+    return jax.lax.psum(
+        outs, names
+    )  # owners hold the result, everyone else zeros
 
   if axis_name is not None:
     return owned(axis_name, matrices, extras)
   names = _context_axes()
   if names is None:  # an SVD takes whole matrices
-    return [compute(i, active[i], replicate(matrices[i]), extras[i]) for i in range(n)]
+    return [
+        compute(i, active[i], replicate(matrices[i]), extras[i])
+        for i in range(n)
+    ]
   mesh = jax.sharding.get_abstract_mesh()
   specs = [spec_of(m) for m in matrices]
   split = [_split_axis(s) if GATHER_TO_OWNER else None for s in specs]
   local = [i for i in range(n) if split[i] is None]
-  matrices = [matrices[i] if split[i] else replicate(matrices[i]) for i in range(n)]
+  matrices = [
+      matrices[i] if split[i] else replicate(matrices[i]) for i in range(n)
+  ]
   in_specs = (
-      [PartitionSpec(*specs[i]) if split[i] else PartitionSpec() for i in range(n)],
+      [
+          PartitionSpec(*specs[i]) if split[i] else PartitionSpec()
+          for i in range(n)
+      ],
       PartitionSpec(),
       PartitionSpec(),
   )
@@ -181,15 +236,32 @@ def spread(
     me = jax.lax.axis_index(names)
     outs = [None] * n
     for k, i in enumerate(local):
-      outs[i] = compute(i, active[i] & (me == k % mesh.size), matrices[i], extras[i])
+      outs[i] = compute(
+          i, active[i] & (me == k % mesh.size), matrices[i], extras[i]
+      )
     position = len(local)  # the round-robin continues over the split items
     for items, (dim, axis) in _groups(split, whole, shapes):
       slots = {position + k: i for k, i in enumerate(items)}
       position += len(items)
-      for first in range(slots_start(min(slots), mesh.size), position, mesh.size):
-        in_round = {p % mesh.size: i for p, i in slots.items() if first <= p < first + mesh.size}
+      for first in range(
+          slots_start(min(slots), mesh.size), position, mesh.size
+      ):
+        in_round = {
+            p % mesh.size: i
+            for p, i in slots.items()
+            if first <= p < first + mesh.size
+        }
         outs_round = _owner_round(
-            names, mesh, axis, dim, in_round, fns, shapes, matrices, extras, active
+            names,
+            mesh,
+            axis,
+            dim,
+            in_round,
+            fns,
+            shapes,
+            matrices,
+            extras,
+            active,
         )
         for i, out in outs_round.items():
           outs[i] = out
@@ -205,35 +277,47 @@ def spread(
 
 
 def slots_start(position: int, size: int) -> int:
-  """The first position of the round of ``size`` slots that holds ``position``."""
+  """The first position of the round of ``size`` slots that holds
+  ``position``."""
   return position - position % size
 
 
 def _groups(split, matrices, shapes):
-  """The split items grouped by shapes and placement: ``[(items, (dim, axis))]``."""
+  """The split items grouped by shapes and placement: ``[(items, (dim,
+  axis))]``."""
   groups: dict[Any, list[int]] = {}
   for i, where in enumerate(split):
     if where is None:
       continue
     outs = jax.tree.map(lambda s: (s.shape, s.dtype), shapes[i])
-    key = (matrices[i].shape, matrices[i].dtype, where, jax.tree.structure(shapes[i]),
-           tuple(jax.tree.leaves(outs)))
+    key = (
+        matrices[i].shape,
+        matrices[i].dtype,
+        where,
+        jax.tree.structure(shapes[i]),
+        tuple(jax.tree.leaves(outs)),
+    )
     groups.setdefault(key, []).append(i)
   return [(items, key[2]) for key, items in groups.items()]
 
 
-def _owner_round(names, mesh, axis, dim, slots, fns, shapes, matrices, extras, active):
-  """One round of split items, at most one per device (``slots``: device -> item).
+def _owner_round(
+    names, mesh, axis, dim, slots, fns, shapes, matrices, extras, active
+):
+  """One round of split items, at most one per device (``slots``: device ->
+  item).
 
-  Inside a ``shard_map`` over ``names``, where the matrices are local shards split
-  along ``dim`` over ``axis``. Each device stacks its shards of the items owned
-  along its ``axis`` row; an ``all_to_all`` over ``axis`` leaves it the whole
-  matrix of its own item, whose ``fn`` it then runs. Returns item -> result on
-  its owner, zeros elsewhere.
+  Inside a ``shard_map`` over ``names``, where the matrices are local shards
+  split along ``dim`` over ``axis``. Each device stacks its shards of the items
+  owned along its ``axis`` row; an ``all_to_all`` over ``axis`` leaves it the
+  whole matrix of its own item, whose ``fn`` it then runs. Returns item ->
+  result on its owner, zeros elsewhere.
   """
   sizes = dict(mesh.shape)
   others = [a for a in names if a != axis]
-  strides = {a: math.prod(sizes[b] for b in names[names.index(a) + 1:]) for a in names}
+  strides = {
+      a: math.prod(sizes[b] for b in names[names.index(a) + 1 :]) for a in names
+  }
   rows = list(itertools.product(*(range(sizes[a]) for a in others)))
 
   def device(row, k):
@@ -247,22 +331,42 @@ def _owner_round(names, mesh, axis, dim, slots, fns, shapes, matrices, extras, a
 
   def stack(row):
     owners = [slots.get(device(row, k)) for k in range(sizes[axis])]
-    return jnp.stack([jnp.zeros_like(like) if i is None else matrices[i] for i in owners])
+    return jnp.stack(
+        [jnp.zeros_like(like) if i is None else matrices[i] for i in owners]
+    )
 
   def run_round():
     if len(rows) > 1:
-      mine = jax.lax.switch(jax.lax.axis_index(tuple(others)), [functools.partial(stack, r) for r in rows])
+      mine = jax.lax.switch(
+          jax.lax.axis_index(tuple(others)),
+          [functools.partial(stack, r) for r in rows],
+      )
     else:
       mine = stack(rows[0])
-    whole = jax.lax.all_to_all(mine, axis, split_axis=0, concat_axis=1 + dim, tiled=True)[0]
+    whole = jax.lax.all_to_all(
+        mine, axis, split_axis=0, concat_axis=1 + dim, tiled=True
+    )[0]
     branches = [
-        (lambda w, fn=fns[slots[d]], e=extras[slots[d]]: fn(w, e)) if d in slots
+        (lambda w, fn=fns[slots[d]], e=extras[slots[d]]: fn(w, e))
+        if d in slots
         else (lambda w: _zeros_of(out_shapes))
         for d in range(mesh.size)
     ]
-    on = jnp.stack([active[slots[d]] if d in slots else jnp.bool_(False) for d in range(mesh.size)])[me]
-    out = jax.lax.cond(on, lambda: jax.lax.switch(me, branches, whole), lambda: _zeros_of(out_shapes))
-    return {i: jax.tree.map(lambda o: jnp.where(me == d, o, jnp.zeros_like(o)), out) for d, i in slots.items()}
+    on = jnp.stack([
+        active[slots[d]] if d in slots else jnp.bool_(False)
+        for d in range(mesh.size)
+    ])[me]
+    out = jax.lax.cond(
+        on,
+        lambda: jax.lax.switch(me, branches, whole),
+        lambda: _zeros_of(out_shapes),
+    )
+    return {
+        i: jax.tree.map(
+            lambda o, d=d: jnp.where(me == d, o, jnp.zeros_like(o)), out
+        )
+        for d, i in slots.items()
+    }
 
   due = jnp.any(jnp.stack([active[i] for i in items]))
   zeros = {i: _zeros_of(out_shapes) for i in items}

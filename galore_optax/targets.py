@@ -1,26 +1,39 @@
-"""Which leaves GaLore projects, with which matrix axes and rank: the static per-leaf plan.
+"""Which leaves GaLore projects, with which matrix axes and rank: the static
+per-leaf plan.
 
-Everything here runs at trace time on shapes only, so it costs nothing inside ``jit``.
-Leaves are named by their path with ``/`` separators (``blocks/0/attn/query/kernel``); the
-trailing ``value`` of a ``flax.nnx`` variable is dropped.
+Everything here runs at trace time on shapes only, so it costs nothing inside
+``jit``. Leaves are named by their path with ``/`` separators
+(``blocks/0/attn/query/kernel``); the trailing ``value`` of a ``flax.nnx``
+variable is dropped.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+from typing import Optional
+from typing import Sequence
+from typing import Union
 
 import jax
 
 from galore_optax import projection
 
-# Leaves whose path has a part matching this are left to the inner optimizer by default:
-# the paper applies GaLore to attention and MLP matrices, not to embeddings or output heads.
+# Leaves whose path has a part matching this are left to the inner optimizer by
+# default: the paper applies GaLore to attention and MLP matrices, not to
+# embeddings or output heads.
 DEFAULT_EXCLUDE = r"(?i)^(.*embed.*|wte|wpe|lm_head|head|classifier)$"
 
 TargetsSpec = Union[None, Any, Callable[[Any], Any]]
 RankSpec = Union[int, Any, Callable[[str, tuple[int, ...]], int]]
-AxesSpec = Union[None, projection.MatrixAxes, Any, Callable[[str, tuple[int, ...]], Optional[projection.MatrixAxes]]]
+AxesSpec = Union[
+    None,
+    projection.MatrixAxes,
+    Any,
+    Callable[[str, tuple[int, ...]], Optional[projection.MatrixAxes]],
+]
 
 
 class LeafPlan(NamedTuple):
@@ -34,7 +47,9 @@ class LeafPlan(NamedTuple):
 
   @property
   def low_rank_shape(self) -> tuple[int, ...]:
-    return projection.low_rank_shape(self.view, self.rank, self.use_left, self.use_right)
+    return projection.low_rank_shape(
+        self.view, self.rank, self.use_left, self.use_right
+    )
 
 
 def _key_name(key: Any) -> str:
@@ -47,7 +62,11 @@ def _key_name(key: Any) -> str:
 def path_str(path: Sequence[Any]) -> str:
   """``(DictKey('blocks'), SequenceKey(0), ...)`` -> ``'blocks/0/...'``."""
   names = [_key_name(k) for k in path]
-  if len(names) > 1 and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+  if (
+      len(names) > 1
+      and names[-1] == "value"
+      and isinstance(path[-1], jax.tree_util.GetAttrKey)
+  ):
     names = names[:-1]
   return "/".join(names)
 
@@ -63,8 +82,9 @@ def match_paths(
 ) -> Callable[[Any], Any]:
   """A ``targets`` rule in the manner of HF Trainer's ``optim_target_modules``.
 
-  A leaf is targeted when ``re.search`` finds one of ``include`` in its path and none of
-  ``exclude``. ``match_paths(["attn", "mlp"])`` is the paper's rule for our GPT-2.
+  A leaf is targeted when ``re.search`` finds one of ``include`` in its path and
+  none of ``exclude``. ``match_paths(["attn", "mlp"])`` is the paper's rule for
+  our GPT-2.
 
   Returns:
     A callable mapping params to a pytree of bools.
@@ -75,7 +95,9 @@ def match_paths(
   def rule(params: Any) -> Any:
     def pick(path, _):
       name = path_str(path)
-      return any(re.search(p, name) for p in include) and not any(re.search(p, name) for p in exclude)
+      return any(re.search(p, name) for p in include) and not any(
+          re.search(p, name) for p in exclude
+      )
 
     return jax.tree_util.tree_map_with_path(pick, params)
 
@@ -87,16 +109,23 @@ def _is_spec_leaf(x: Any) -> bool:
 
 
 def _flatten_matching(spec: Any, params: Any, what: str) -> list[Any]:
-  """Flattens a per-leaf ``spec`` pytree, checking that it names the leaves of ``params``."""
-  spec_flat = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_spec_leaf)[0]
+  """Flattens a per-leaf ``spec`` pytree, checking that it names the leaves of
+  ``params``."""
+  spec_flat = jax.tree_util.tree_flatten_with_path(spec, is_leaf=_is_spec_leaf)[
+      0
+  ]
   spec_paths = [path_str(p) for p, _ in spec_flat]
   param_paths = leaf_paths(params)
   if spec_paths != param_paths:
     missing = [p for p in param_paths if p not in spec_paths]
     extra = [p for p in spec_paths if p not in param_paths]
-    detail = (f"no entry for params leaf {missing[0]!r}" if missing
-              else f"entry {extra[0]!r} is not a params leaf" if extra
-              else "its leaves are in another order")
+    detail = (
+        f"no entry for params leaf {missing[0]!r}"
+        if missing
+        else f"entry {extra[0]!r} is not a params leaf"
+        if extra
+        else "its leaves are in another order"
+    )
     raise ValueError(f"the {what} pytree does not match params: {detail}")
   return [leaf for _, leaf in spec_flat]
 
@@ -108,12 +137,21 @@ def _resolve_targets(targets: TargetsSpec, params: Any) -> Optional[list[bool]]:
     targets = targets(params)
   flags = _flatten_matching(targets, params, "targets")
   for path, flag in zip(leaf_paths(params), flags):
-    if not isinstance(flag, bool) and not (hasattr(flag, "dtype") and flag.shape == () and flag.dtype == bool):
-      raise ValueError(f"targets entry for leaf {path!r} must be a bool, got {flag!r}")
+    if not isinstance(flag, bool) and not (
+        hasattr(flag, "dtype") and flag.shape == () and flag.dtype == bool
+    ):
+      raise ValueError(
+          f"targets entry for leaf {path!r} must be a bool, got {flag!r}"
+      )
   return [bool(f) for f in flags]
 
 
-def _resolve_axes(matrix_axes: AxesSpec, params: Any, paths: list[str], shapes: list[tuple[int, ...]]):
+def _resolve_axes(
+    matrix_axes: AxesSpec,
+    params: Any,
+    paths: list[str],
+    shapes: list[tuple[int, ...]],
+):
   if matrix_axes is None:
     return [projection.MatrixAxes() if len(s) == 2 else None for s in shapes]
   if isinstance(matrix_axes, projection.MatrixAxes):
@@ -123,7 +161,9 @@ def _resolve_axes(matrix_axes: AxesSpec, params: Any, paths: list[str], shapes: 
   return _flatten_matching(matrix_axes, params, "matrix_axes")
 
 
-def _resolve_ranks(rank: RankSpec, params: Any, paths: list[str], shapes: list[tuple[int, ...]]):
+def _resolve_ranks(
+    rank: RankSpec, params: Any, paths: list[str], shapes: list[tuple[int, ...]]
+):
   if isinstance(rank, int):
     return [rank] * len(shapes)
   if callable(rank):
@@ -139,15 +179,17 @@ def plan_leaves(
     targets: TargetsSpec = None,
     matrix_axes: AxesSpec = None,
 ) -> list[Optional[LeafPlan]]:
-  """The plan of every leaf of ``params`` (flattening order); ``None`` for a leaf left alone.
+  """The plan of every leaf of ``params`` (flattening order); ``None`` for a
+  leaf left alone.
 
-  Default targets: every leaf that has a matrix view (2-D leaves, or leaves given
-  ``matrix_axes``) and whose path has no part named like an embedding or an output head
-  (:data:`DEFAULT_EXCLUDE`). Ranks are clamped to ``min(m, n)``.
+  Default targets: every leaf that has a matrix view (2-D leaves, or leaves
+  given ``matrix_axes``) and whose path has no part named like an embedding or
+  an output head (:data:`DEFAULT_EXCLUDE`). Ranks are clamped to ``min(m, n)``.
 
   Raises:
-    ValueError: naming the leaf, for a spec pytree that does not match params, a targeted
-      leaf that is not a matrix under its axes, or a rank that is not a positive int.
+    ValueError: naming the leaf, for a spec pytree that does not match params, a
+      targeted leaf that is not a matrix under its axes, or a rank that is not a
+      positive int.
   """
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   paths = [path_str(p) for p, _ in flat]
@@ -156,26 +198,45 @@ def plan_leaves(
   flags = _resolve_targets(targets, params)
   if flags is None:
     flags = [
-        a is not None and not any(re.match(DEFAULT_EXCLUDE, part) for part in p.split("/"))
+        a is not None
+        and not any(re.match(DEFAULT_EXCLUDE, part) for part in p.split("/"))
         for p, a in zip(paths, axes)
     ]
-  ranks = _resolve_ranks(rank, params, paths, shapes) if any(flags) else [None] * len(flat)
+  ranks = (
+      _resolve_ranks(rank, params, paths, shapes)
+      if any(flags)
+      else [None] * len(flat)
+  )
 
   plans: list[Optional[LeafPlan]] = []
-  for path, shape, leaf_axes, flag, leaf_rank in zip(paths, shapes, axes, flags, ranks):
+  for path, shape, leaf_axes, flag, leaf_rank in zip(
+      paths, shapes, axes, flags, ranks
+  ):
     if not flag:
       plans.append(None)
       continue
     if leaf_axes is None:
       raise ValueError(
-          f"leaf {path!r} of shape {shape} is targeted for GaLore but is not a matrix: "
-          "give its rows and columns with matrix_axes=, or leave it out of targets")
+          f"leaf {path!r} of shape {shape} is targeted for GaLore but is not a"
+          " matrix: give its rows and columns with matrix_axes=, or leave it"
+          " out of targets"
+      )
     try:
       view = projection.matrix_view(shape, leaf_axes)
     except ValueError as e:
       raise ValueError(f"leaf {path!r} of shape {shape}: {e}") from None
-    if isinstance(leaf_rank, bool) or not isinstance(leaf_rank, int) or leaf_rank <= 0:
-      raise ValueError(f"rank for leaf {path!r} must be a positive int, got {leaf_rank!r}")
+    if (
+        isinstance(leaf_rank, bool)
+        or not isinstance(leaf_rank, int)
+        or leaf_rank <= 0
+    ):
+      raise ValueError(
+          f"rank for leaf {path!r} must be a positive int, got {leaf_rank!r}"
+      )
     use_left, use_right = projection.basis_sides(view.m, view.n, proj_type)
-    plans.append(LeafPlan(path, view, min(leaf_rank, view.m, view.n), use_left, use_right))
+    plans.append(
+        LeafPlan(
+            path, view, min(leaf_rank, view.m, view.n), use_left, use_right
+        )
+    )
   return plans

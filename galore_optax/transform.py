@@ -1,9 +1,12 @@
-"""``scale_by_galore``: any optax transform, run in a low-rank subspace of each matrix gradient."""
+"""``scale_by_galore``: any optax transform, run in a low-rank subspace of each
+matrix gradient."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any
+from typing import NamedTuple
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +85,8 @@ def scale_by_galore(
     precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""GaLore: the ``inner`` transform sees low-rank projections of matrix gradients.
+  r"""GaLore: the ``inner`` transform sees low-rank projections of matrix
+  gradients.
 
   For a targeted leaf with gradient ``G`` (``m x n`` per batch index) and a
   basis ``P`` from the SVD of ``G`` at steps 0, T, 2T, ... (see
@@ -199,7 +203,9 @@ def scale_by_galore(
       v = p.view
       spec = sharding.spec_of(jax.eval_shape(v.to_matrix, leaf))
       left_spec, right_spec = sharding.basis_specs(spec)
-      new = lambda shape, spec: sharding.zeros(shape, leaf.dtype, spec, leaf)
+      new = lambda shape, spec, leaf=leaf: sharding.zeros(
+          shape, leaf.dtype, spec, leaf
+      )
       lefts.append(
           new(v.batch_shape + (v.m, p.rank), left_spec)
           if p.use_left
@@ -287,7 +293,9 @@ def scale_by_galore(
     # 3. The inner transform, on low-rank and untargeted leaves alike.
     inner_state = state.inner_state
     for s, column in zip(config.slots, slot_leaves):
-      inner_state = moments_lib.set_at(inner_state, s.path, treedef.unflatten(column))
+      inner_state = moments_lib.set_at(
+          inner_state, s.path, treedef.unflatten(column)
+      )
     inner_updates, inner_state = inner.update(
         treedef.unflatten(low), inner_state, None, **extra_args
     )

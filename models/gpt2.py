@@ -1,4 +1,5 @@
-"""GPT-2 in Flax NNX: learned positions, pre-LayerNorm causal blocks, GELU MLP, tied embeddings."""
+"""GPT-2 in Flax NNX: learned positions, pre-LayerNorm causal blocks, GELU MLP,
+tied embeddings."""
 
 from __future__ import annotations
 
@@ -22,31 +23,55 @@ class GPT2Config:
 
 
 PRESETS = {
-    "tiny": GPT2Config(vocab_size=256, max_len=128, d_model=64, n_layers=2, n_heads=4),   # tests
-    "cpu": GPT2Config(vocab_size=256, max_len=256, d_model=128, n_layers=4, n_heads=4),   # the default run
-    "124m": GPT2Config(),                                                                 # GPT-2 small
-    "350m": GPT2Config(d_model=1024, n_layers=24, n_heads=16),                            # GPT-2 medium
+    "tiny": GPT2Config(
+        vocab_size=256, max_len=128, d_model=64, n_layers=2, n_heads=4
+    ),  # tests
+    "cpu": GPT2Config(
+        vocab_size=256, max_len=256, d_model=128, n_layers=4, n_heads=4
+    ),  # the default run
+    "124m": GPT2Config(),  # GPT-2 small
+    "350m": GPT2Config(d_model=1024, n_layers=24, n_heads=16),  # GPT-2 medium
 }
 
 
 class GPT2(nnx.Module):
-  """``tokens`` (batch, length) int -> next-token logits (batch, length, vocab)."""
+  """``tokens`` (batch, length) int -> next-token logits (batch, length,
+  vocab)."""
 
   def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
     self.config = config
-    self.wte = nnx.Embed(config.vocab_size, config.d_model,
-                         embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.wpe = nnx.Embed(config.max_len, config.d_model,
-                         embedding_init=nnx.initializers.normal(0.01), rngs=rngs)
-    self.blocks = transformer.blocks(config.d_model, config.n_heads, config.mlp_ratio,
-                                     config.n_layers, causal=True, rngs=rngs)
+    self.wte = nnx.Embed(
+        config.vocab_size,
+        config.d_model,
+        embedding_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+    self.wpe = nnx.Embed(
+        config.max_len,
+        config.d_model,
+        embedding_init=nnx.initializers.normal(0.01),
+        rngs=rngs,
+    )
+    self.blocks = transformer.blocks(
+        config.d_model,
+        config.n_heads,
+        config.mlp_ratio,
+        config.n_layers,
+        causal=True,
+        rngs=rngs,
+    )
     self.ln_f = nnx.LayerNorm(config.d_model, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     length = tokens.shape[-1]
     if length > self.config.max_len:
-      raise ValueError(f"sequence length {length} exceeds the model's max_len {self.config.max_len}")
-    x = transformer.embed(self.wte.embedding[...], tokens) + self.wpe(jnp.arange(length))
+      raise ValueError(
+          f"sequence length {length} exceeds the model's max_len"
+          f" {self.config.max_len}"
+      )
+    x = transformer.embed(self.wte.embedding[...], tokens) + self.wpe(
+        jnp.arange(length)
+    )
     for block in self.blocks:
       x = block(x)
     return self.wte.attend(self.ln_f(x))  # tied output embedding

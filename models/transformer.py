@@ -1,7 +1,8 @@
 """Pre-LayerNorm transformer blocks shared by GPT-2 and ViT.
 
-Parameter paths read ``blocks/<i>/attn/{qkv,proj}/kernel`` and ``blocks/<i>/mlp/{fc,proj}/kernel``,
-so the paper's GaLore rule (attention and MLP matrices only) is the regex :data:`GALORE_TARGETS`.
+Parameter paths read ``blocks/<i>/attn/{qkv,proj}/kernel`` and
+``blocks/<i>/mlp/{fc,proj}/kernel``, so the paper's GaLore rule (attention and
+MLP matrices only) is the regex :data:`GALORE_TARGETS`.
 """
 
 from __future__ import annotations
@@ -15,32 +16,53 @@ GALORE_TARGETS = r"/(attn|mlp)/\w+/kernel$"
 
 
 def batch_spec(like: jax.Array, ndim: int):
-  """A spec sharding the leading (batch) axis as ``like``'s, for an ``ndim``-d result; else None.
+  """A spec sharding the leading (batch) axis as ``like``'s, for an ``ndim``-d
+  result; else None.
 
-  Explicit-sharding meshes refuse to guess where a gather's, broadcast's or reshape's output
-  lives; models pass this as its ``out_sharding``. Without such a mesh it is None.
+  Explicit-sharding meshes refuse to guess where a gather's, broadcast's or
+  reshape's output lives; models pass this as its ``out_sharding``. Without such
+  a mesh it is None.
   """
   spec = jax.typeof(like).sharding.spec
   return jax.P(spec[0], *([None] * (ndim - 1))) if any(spec) else None
 
 
 def embed(table: jax.Array, ids: jax.Array) -> jax.Array:
-  """``table[ids]``: (vocab, d) and (*batch) -> (*batch, d), sharded like ``ids`` on an explicit mesh."""
+  """``table[ids]``: (vocab, d) and (*batch) -> (*batch, d), sharded like
+  ``ids`` on an explicit mesh."""
   spec = jax.typeof(ids).sharding.spec
-  return table.at[ids].get(out_sharding=jax.P(*spec, None) if any(spec) else None)
+  return table.at[ids].get(
+      out_sharding=jax.P(*spec, None) if any(spec) else None
+  )
 
 
 def _dense(d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(std),
-                    bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+  return nnx.Linear(
+      d_in,
+      d_out,
+      kernel_init=nnx.initializers.normal(std),
+      bias_init=nnx.initializers.zeros_init(),
+      rngs=rngs,
+  )
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with one fused ``qkv`` matrix (d, 3d) and an output ``proj`` (d, d)."""
+  """Multi-head self-attention with one fused ``qkv`` matrix (d, 3d) and an
+  output ``proj`` (d, d)."""
 
-  def __init__(self, d_model: int, n_heads: int, *, causal: bool, out_std: float, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      d_model: int,
+      n_heads: int,
+      *,
+      causal: bool,
+      out_std: float,
+      rngs: nnx.Rngs,
+  ):
     if d_model % n_heads:
-      raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+      raise ValueError(
+          f"d_model {d_model} is not divisible by n_heads {n_heads}"
+      )
     self.n_heads, self.causal = n_heads, causal
     self.qkv = _dense(d_model, 3 * d_model, 0.02, rngs)
     self.proj = _dense(d_model, d_model, out_std, rngs)
@@ -48,7 +70,11 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """``x``: (batch, length, d_model) -> same shape."""
     b, t, d = x.shape
-    q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.n_heads, d // self.n_heads), 3, axis=2)
+    q, k, v = jnp.split(
+        self.qkv(x).reshape(b, t, 3 * self.n_heads, d // self.n_heads),
+        3,
+        axis=2,
+    )
     out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
     return self.proj(out.reshape(b, t, d))
 
@@ -56,7 +82,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """``proj(gelu(fc(x)))`` with hidden width ``mlp_ratio * d_model``."""
 
-  def __init__(self, d_model: int, mlp_ratio: int, *, out_std: float, rngs: nnx.Rngs):
+  def __init__(
+      self, d_model: int, mlp_ratio: int, *, out_std: float, rngs: nnx.Rngs
+  ):
     self.fc = _dense(d_model, mlp_ratio * d_model, 0.02, rngs)
     self.proj = _dense(mlp_ratio * d_model, d_model, out_std, rngs)
 
@@ -67,11 +95,23 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
 
-  def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, n_layers: int, *, causal: bool,
-               rngs: nnx.Rngs):
-    out_std = 0.02 / (2 * n_layers) ** 0.5  # GPT-2's scaling of the residual projections
+  def __init__(
+      self,
+      d_model: int,
+      n_heads: int,
+      mlp_ratio: int,
+      n_layers: int,
+      *,
+      causal: bool,
+      rngs: nnx.Rngs,
+  ):
+    out_std = (
+        0.02 / (2 * n_layers) ** 0.5
+    )  # GPT-2's scaling of the residual projections
     self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
-    self.attn = Attention(d_model, n_heads, causal=causal, out_std=out_std, rngs=rngs)
+    self.attn = Attention(
+        d_model, n_heads, causal=causal, out_std=out_std, rngs=rngs
+    )
     self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
     self.mlp = MLP(d_model, mlp_ratio, out_std=out_std, rngs=rngs)
 
@@ -80,7 +120,16 @@ class Block(nnx.Module):
     return x + self.mlp(self.ln2(x))
 
 
-def blocks(d_model: int, n_heads: int, mlp_ratio: int, n_layers: int, *, causal: bool,
-           rngs: nnx.Rngs) -> nnx.List:
-  return nnx.List([Block(d_model, n_heads, mlp_ratio, n_layers, causal=causal, rngs=rngs)
-                   for _ in range(n_layers)])
+def blocks(
+    d_model: int,
+    n_heads: int,
+    mlp_ratio: int,
+    n_layers: int,
+    *,
+    causal: bool,
+    rngs: nnx.Rngs,
+) -> nnx.List:
+  return nnx.List([
+      Block(d_model, n_heads, mlp_ratio, n_layers, causal=causal, rngs=rngs)
+      for _ in range(n_layers)
+  ])

@@ -1,4 +1,5 @@
-"""ViT in Flax NNX: patch embedding, class token, learned positions, pre-norm encoder, linear head."""
+"""ViT in Flax NNX: patch embedding, class token, learned positions, pre-norm
+encoder, linear head."""
 
 from __future__ import annotations
 
@@ -28,46 +29,93 @@ class ViTConfig:
 
 
 PRESETS = {
-    "tiny": ViTConfig(image_size=8, patch_size=2, channels=1, num_classes=10, d_model=32,
-                      n_layers=2, n_heads=2),                                       # tests
-    "cpu": ViTConfig(image_size=8, patch_size=2, channels=1, num_classes=10, d_model=128,
-                     n_layers=4, n_heads=4),                                        # digits, the default run
-    "b16": ViTConfig(),                                                             # ViT-B/16
+    "tiny": ViTConfig(
+        image_size=8,
+        patch_size=2,
+        channels=1,
+        num_classes=10,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+    ),  # tests
+    "cpu": ViTConfig(
+        image_size=8,
+        patch_size=2,
+        channels=1,
+        num_classes=10,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+    ),  # digits, the default run
+    "b16": ViTConfig(),  # ViT-B/16
 }
 
 
 class ViT(nnx.Module):
-  """``images`` (batch, height, width, channels) float -> class logits (batch, num_classes)."""
+  """``images`` (batch, height, width, channels) float -> class logits (batch,
+  num_classes)."""
 
   def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
     if config.image_size % config.patch_size:
-      raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+      raise ValueError(
+          f"image_size {config.image_size} is not a multiple of patch_size"
+          f" {config.patch_size}"
+      )
     self.config = config
     d = config.d_model
-    self.patch_embed = nnx.Linear(config.patch_size**2 * config.channels, d, rngs=rngs)
+    self.patch_embed = nnx.Linear(
+        config.patch_size**2 * config.channels, d, rngs=rngs
+    )
     self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
-    self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, config.num_patches + 1, d)))
-    self.blocks = transformer.blocks(d, config.n_heads, config.mlp_ratio, config.n_layers,
-                                     causal=False, rngs=rngs)
+    self.pos_embed = nnx.Param(
+        nnx.initializers.normal(0.02)(
+            rngs.params(), (1, config.num_patches + 1, d)
+        )
+    )
+    self.blocks = transformer.blocks(
+        d,
+        config.n_heads,
+        config.mlp_ratio,
+        config.n_layers,
+        causal=False,
+        rngs=rngs,
+    )
     self.ln = nnx.LayerNorm(d, rngs=rngs)
-    self.head = nnx.Linear(d, config.num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+    self.head = nnx.Linear(
+        d,
+        config.num_classes,
+        kernel_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+    )
 
   def patchify(self, images: jax.Array) -> jax.Array:
     """(b, H, W, C) -> (b, num_patches, patch_size^2 C)."""
     b, h, w, c = images.shape
     cfg = self.config
     if (h, w, c) != (cfg.image_size, cfg.image_size, cfg.channels):
-      raise ValueError(f"images of shape {(h, w, c)} do not fit the model's "
-                       f"{(cfg.image_size, cfg.image_size, cfg.channels)}")
+      raise ValueError(
+          f"images of shape {(h, w, c)} do not fit the model's "
+          f"{(cfg.image_size, cfg.image_size, cfg.channels)}"
+      )
     p = cfg.patch_size
-    x = jnp.reshape(images, (b, h // p, p, w // p, p, c), out_sharding=transformer.batch_spec(images, 6))
-    return jnp.reshape(x.transpose(0, 1, 3, 2, 4, 5), (b, (h // p) * (w // p), p * p * c),
-                       out_sharding=transformer.batch_spec(images, 3))
+    x = jnp.reshape(
+        images,
+        (b, h // p, p, w // p, p, c),
+        out_sharding=transformer.batch_spec(images, 6),
+    )
+    return jnp.reshape(
+        x.transpose(0, 1, 3, 2, 4, 5),
+        (b, (h // p) * (w // p), p * p * c),
+        out_sharding=transformer.batch_spec(images, 3),
+    )
 
   def __call__(self, images: jax.Array) -> jax.Array:
     x = self.patch_embed(self.patchify(images))
-    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1]),
-                           out_sharding=transformer.batch_spec(x, 3))
+    cls = jnp.broadcast_to(
+        self.cls_token[...],
+        (x.shape[0], 1, x.shape[-1]),
+        out_sharding=transformer.batch_spec(x, 3),
+    )
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
     for block in self.blocks:
       x = block(x)

@@ -1,10 +1,12 @@
-"""Trains the tiny GPT-2 of tests/test_parallel.py in one process with 4 simulated CPU devices.
+"""Trains the tiny GPT-2 of tests/test_parallel.py in one process with 4
+simulated CPU devices.
 
-``python tests/_parallel_worker.py OUT``: for each layout, writes ``OUT/<name>.npz`` (the final
-parameters, keyed by path) and ``OUT/<name>.json`` (the run's summary), plus
-``OUT/shardings.json`` (the specs that galore_adamw's state takes under an explicit mesh) and
-``OUT/spread.json`` (which device computed which refresh) and ``OUT/blas.json`` (the BLAS
-thread counts after the runs).
+``python tests/_parallel_worker.py OUT``: for each layout, writes
+``OUT/<name>.npz`` (the final parameters, keyed by path) and ``OUT/<name>.json``
+(the run's summary), plus ``OUT/shardings.json`` (the specs that galore_adamw's
+state takes under an explicit mesh) and ``OUT/spread.json`` (which device
+computed which refresh) and ``OUT/blas.json`` (the BLAS thread counts after the
+runs).
 """
 
 import json
@@ -16,16 +18,21 @@ os.environ["JAX_NUM_CPU_DEVICES"] = "4"
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from helpers import ENGINE
+from helpers import LAYOUTS
+from helpers import RESUMED
+from helpers import VIT
+from helpers import flat_params
+from helpers import tiny_config
+from jax.sharding import NamedSharding
 
-import galore_optax  # noqa: E402
-import galore_optax.sharding  # noqa: E402
-from helpers import ENGINE, LAYOUTS, RESUMED, VIT, flat_params, tiny_config  # noqa: E402
-from train.loop import train  # noqa: E402
-from train.parallel import MeshPlacement  # noqa: E402
+import galore_optax
+import galore_optax.sharding
+from train.loop import train
+from train.parallel import MeshPlacement
 
 
 def save(out: pathlib.Path, name: str, result) -> None:
@@ -34,49 +41,90 @@ def save(out: pathlib.Path, name: str, result) -> None:
 
 
 def state_specs(out: pathlib.Path) -> None:
-  """The spec of every GaLore state leaf of a (64, 192) and a (256, 64) matrix under fsdp=4."""
+  """The spec of every GaLore state leaf of a (64, 192) and a (256, 64) matrix
+  under fsdp=4."""
   placement = MeshPlacement.create("data=1,fsdp=4", "explicit")
-  params = placement.put_params({"wide": np.ones((64, 192), np.float32), "tall": np.ones((256, 64), np.float32)})
+  params = placement.put_params({
+      "wide": np.ones((64, 192), np.float32),
+      "tall": np.ones((256, 64), np.float32),
+  })
   tx = galore_optax.galore_adamw(1e-3, rank=8)
   state = placement.init_state(tx.init, params)
   galore = state[0]
-  spec = lambda x: [str(a) for a in x.sharding.spec] if isinstance(x.sharding, NamedSharding) else None
-  specs = {"params": jax.tree.map(spec, params),
-           "left": jax.tree.map(spec, galore.projector.left), "right": jax.tree.map(spec, galore.projector.right),
-           "mu": jax.tree.map(spec, galore.inner_state.mu)}
+  spec = (
+      lambda x: [str(a) for a in x.sharding.spec]
+      if isinstance(x.sharding, NamedSharding)
+      else None
+  )
+  specs = {
+      "params": jax.tree.map(spec, params),
+      "left": jax.tree.map(spec, galore.projector.left),
+      "right": jax.tree.map(spec, galore.projector.right),
+      "mu": jax.tree.map(spec, galore.inner_state.mu),
+  }
   (out / "shardings.json").write_text(json.dumps(specs))
 
 
 def spread_owners(out: pathlib.Path) -> None:
-  """Which device computed each of 6 items spread over a 4-device mesh (and over a pmap axis).
+  """Which device computed each of 6 items spread over a 4-device mesh (and over
+  a pmap axis).
 
-  Each item's function returns 1 + the index of the device running it; the spread result is
-  the sum over devices, so it names the owner only if no other device computed the item.
+  Each item's function returns 1 + the index of the device running it; the
+  spread result is the sum over devices, so it names the owner only if no other
+  device computed the item.
   """
   fns = [lambda m, e: m + 1 + jax.lax.axis_index(("data", "fsdp"))] * 6
   args = [jnp.zeros((), jnp.int32)] * 6
   active = [jnp.bool_(i != 4) for i in range(6)]  # item 4 is not due: zeros
   with jax.set_mesh(MeshPlacement.create("data=2,fsdp=2", "explicit").mesh):
-    mesh_owners = jax.jit(lambda a: galore_optax.sharding.spread(fns, a, [None] * 6, active))(args)
+    mesh_owners = jax.jit(
+        lambda a: galore_optax.sharding.spread(fns, a, [None] * 6, active)
+    )(args)
   pmap_fns = [lambda m, e: m + 1 + jax.lax.axis_index("i")] * 6
-  pmapped = jax.pmap(lambda a: galore_optax.sharding.spread(pmap_fns, [a] * 6, [None] * 6, active, axis_name="i"),
-                     axis_name="i")(jnp.zeros(4, jnp.int32))
+  pmapped = jax.pmap(
+      lambda a: galore_optax.sharding.spread(
+          pmap_fns, [a] * 6, [None] * 6, active, axis_name="i"
+      ),
+      axis_name="i",
+  )(jnp.zeros(4, jnp.int32))
   # Matrices split over one mesh axis travel whole to their owner only.
   gathered = {}
-  for mesh_text, spec in (("fsdp=4", ("None", "fsdp")), ("data=2,fsdp=2", ("fsdp", "None")),
-                          ("data=2,fsdp=2", ("None", "data"))):
+  for mesh_text, spec in (
+      ("fsdp=4", ("None", "fsdp")),
+      ("data=2,fsdp=2", ("fsdp", "None")),
+      ("data=2,fsdp=2", ("None", "data")),
+  ):
     mesh = MeshPlacement.create(mesh_text, "explicit").mesh
-    sharding = NamedSharding(mesh, jax.P(*(None if a == "None" else a for a in spec)))
-    mats = [jax.device_put(np.arange(128, dtype=np.float32).reshape(8, 16) * (k + 1), sharding) for k in range(6)]
+    sharding = NamedSharding(
+        mesh, jax.P(*(None if a == "None" else a for a in spec))
+    )
+    mats = [
+        jax.device_put(
+            np.arange(128, dtype=np.float32).reshape(8, 16) * (k + 1), sharding
+        )
+        for k in range(6)
+    ]
     whole = [lambda m, e: (m, 1 + jax.lax.axis_index(("data", "fsdp")))] * 6
     with jax.set_mesh(mesh):
-      results = jax.jit(lambda m: galore_optax.sharding.spread(whole, m, [None] * 6, active))(mats)
+      results = jax.jit(
+          lambda m, whole=whole: galore_optax.sharding.spread(
+              whole, m, [None] * 6, active
+          )
+      )(mats)
     gathered[f"{mesh_text} {spec}"] = {
         "owners": [int(owner) for _, owner in results],
-        "whole": [bool(np.array_equal(np.asarray(r), np.asarray(m))) for (r, _), m in zip(results, mats)]}
-  (out / "spread.json").write_text(json.dumps({"mesh": [int(x) for x in mesh_owners],
-                                               "pmap": [[int(v) for v in x] for x in pmapped],
-                                               "gathered": gathered}))
+        "whole": [
+            bool(np.array_equal(np.asarray(r), np.asarray(m)))
+            for (r, _), m in zip(results, mats)
+        ],
+    }
+  (out / "spread.json").write_text(
+      json.dumps({
+          "mesh": [int(x) for x in mesh_owners],
+          "pmap": [[int(v) for v in x] for x in pmapped],
+          "gathered": gathered,
+      })
+  )
 
 
 def main(out: pathlib.Path) -> None:
@@ -84,18 +132,39 @@ def main(out: pathlib.Path) -> None:
   state_specs(out)
   spread_owners(out)
   for name, layout in LAYOUTS.items():
-    save(out, name, train(tiny_config(out / "runs" / name, **layout), verbose=False))
+    save(
+        out,
+        name,
+        train(tiny_config(out / "runs" / name, **layout), verbose=False),
+    )
   import threadpoolctl
 
-  blas = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+  blas = [
+      i["num_threads"]
+      for i in threadpoolctl.threadpool_info()
+      if i["user_api"] == "blas"
+  ]
   (out / "blas.json").write_text(json.dumps(blas))
-  save(out, "engine", train(tiny_config(out / "runs" / "engine", **ENGINE), verbose=False))
-  save(out, "vit", train(tiny_config(out / "runs" / "vit", **VIT), verbose=False))
+  save(
+      out,
+      "engine",
+      train(tiny_config(out / "runs" / "engine", **ENGINE), verbose=False),
+  )
+  save(
+      out, "vit", train(tiny_config(out / "runs" / "vit", **VIT), verbose=False)
+  )
   # Checkpoint under fsdp=4, resume under data=2,fsdp=2.
   first, second = RESUMED
   cfg = tiny_config(out / "runs" / "resumed", **first)
   train(cfg, stop_after=3, verbose=False)
-  save(out, "resumed", train(tiny_config(out / "runs" / "resumed", resume=True, **second), verbose=False))
+  save(
+      out,
+      "resumed",
+      train(
+          tiny_config(out / "runs" / "resumed", resume=True, **second),
+          verbose=False,
+      ),
+  )
 
 
 if __name__ == "__main__":

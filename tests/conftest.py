@@ -1,7 +1,6 @@
 """Fixtures; the helpers they use live in helpers.py."""
 
 import pytest
-
 from helpers import small_params
 
 

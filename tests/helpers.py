@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: a small params tree, gradient sequences, a float64
-NumPy GaLore, and the tiny training runs of the parallel tests."""
+"""Helpers shared by the tests: a small params tree, gradient sequences, a
+float64 NumPy GaLore, and the tiny training runs of the parallel tests."""
 
 import jax
 import jax.numpy as jnp
@@ -7,26 +7,48 @@ import numpy as np
 
 
 def small_params(dtype=jnp.float32):
-  """A transformer-like tree: two matrices GaLore targets by default, and two it does not."""
+  """A transformer-like tree: two matrices GaLore targets by default, and two it
+  does not."""
   rng = np.random.default_rng(0)
-  shapes = {"attn": {"kernel": (16, 8)}, "mlp": {"kernel": (8, 24), "bias": (24,)}, "embed": (30, 8)}
-  return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s), dtype), shapes,
-                      is_leaf=lambda x: isinstance(x, tuple))
+  shapes = {
+      "attn": {"kernel": (16, 8)},
+      "mlp": {"kernel": (8, 24), "bias": (24,)},
+      "embed": (30, 8),
+  }
+  return jax.tree.map(
+      lambda s: jnp.asarray(rng.standard_normal(s), dtype),
+      shapes,
+      is_leaf=lambda x: isinstance(x, tuple),
+  )
 
 
 def grad_sequence(params, steps, seed=1):
-  """Gradients that drift slowly, as real ones do, so successive bases differ moderately."""
+  """Gradients that drift slowly, as real ones do, so successive bases differ
+  moderately."""
   rng = np.random.default_rng(seed)
   drift = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
-  return [jax.tree.map(lambda d, p: jnp.asarray(d + 0.5 * rng.standard_normal(p.shape), p.dtype), drift, params)
-          for _ in range(steps)]
+  return [
+      jax.tree.map(
+          lambda d, p: jnp.asarray(
+              d + 0.5 * rng.standard_normal(p.shape), p.dtype
+          ),
+          drift,
+          params,
+      )
+      for _ in range(steps)
+  ]
 
 
 def run(tx, params, grads, jit=True):
-  """Applies ``tx`` to ``grads`` in turn; returns the params after each step and the last state."""
+  """Applies ``tx`` to ``grads`` in turn; returns the params after each step and
+  the last state."""
+
   def step(params, state, g):
     updates, state = tx.update(g, state, params)
-    return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), state
+    return (
+        jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates),
+        state,
+    )
 
   step = jax.jit(step) if jit else step
   state = tx.init(params)
@@ -47,8 +69,13 @@ def np_canonical(vectors, axis):
 
 
 def np_sides(m, n, proj_type):
-  return {"std": (m < n, m >= n), "reverse_std": (m >= n, m < n), "left": (True, False),
-          "right": (False, True), "full": (True, True)}[proj_type]
+  return {
+      "std": (m < n, m >= n),
+      "reverse_std": (m >= n, m < n),
+      "left": (True, False),
+      "right": (False, True),
+      "full": (True, True),
+  }[proj_type]
 
 
 def np_basis(g, rank, proj_type):
@@ -69,12 +96,26 @@ def np_project_back(n, left, right):
   return n @ right if right is not None else n
 
 
-def np_galore_adamw(p0, grads, *, rank, gap, scale, lr, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0,
-                    proj_type="std", moments="keep"):
+def np_galore_adamw(
+    p0,
+    grads,
+    *,
+    rank,
+    gap,
+    scale,
+    lr,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-6,
+    weight_decay=0.0,
+    proj_type="std",
+    moments="keep",
+):
   """GaLore-AdamW on one matrix, in float64, written from the formulas.
 
-  The update, then the decoupled decay of the updated weight. ``moments='reset'``
-  restarts Adam (moments and bias correction) at every refresh.
+  The update, then the decoupled decay of the updated weight.
+  ``moments='reset'`` restarts Adam (moments and bias correction) at every
+  refresh.
   """
   p = np.asarray(p0, np.float64)
   m = v = left = right = None
@@ -91,16 +132,29 @@ def np_galore_adamw(p0, grads, *, rank, gap, scale, lr, b1=0.9, b2=0.999, eps=1e
     m = (1 - b1) * r if m is None else b1 * m + (1 - b1) * r
     v = (1 - b2) * r**2 if v is None else b2 * v + (1 - b2) * r**2
     c = np.sqrt(1 - b2**t) / (1 - b1**t)
-    p = p - lr * scale * np_project_back(c * m / (np.sqrt(v) + eps), left, right)
+    p = p - lr * scale * np_project_back(
+        c * m / (np.sqrt(v) + eps), left, right
+    )
     p = p * (1 - lr * weight_decay)
     out.append(p)
   return out
 
 
-# --------------------------------------------------------------------------- parallel runs
-# The tiny GPT-2 runs of test_parallel.py and its 4-device worker.
-TINY = dict(task="gpt2", preset="tiny", steps=5, batch_size=8, seq_len=32, max_data_bytes=100_000, log_every=5,
-            eval_every=5, eval_batches=2, checkpoint_every=100, update_proj_gap=2)  # refreshes at steps 0, 2, 4
+# ---------------------------------------------------------------------------
+# parallel runs The tiny GPT-2 runs of test_parallel.py and its 4-device worker.
+TINY = dict(
+    task="gpt2",
+    preset="tiny",
+    steps=5,
+    batch_size=8,
+    seq_len=32,
+    max_data_bytes=100_000,
+    log_every=5,
+    eval_every=5,
+    eval_batches=2,
+    checkpoint_every=100,
+    update_proj_gap=2,
+)  # refreshes at steps 0, 2, 4
 LAYOUTS = {
     "data4": dict(mesh="data=4"),
     "fsdp4": dict(mesh="fsdp=4"),
@@ -109,9 +163,20 @@ LAYOUTS = {
     "data2_fsdp2_auto": dict(mesh="data=2,fsdp=2", mesh_axes="auto"),
     "pmap": dict(parallel="pmap"),
 }
-ENGINE = dict(mesh="fsdp=4", svd="randomized", moments="transport", lazy_threshold=0.0, lazy_patience=1)
-VIT = dict(task="vit", mesh="data=2,fsdp=2")  # ViT on digits: images split over the mesh
-RESUMED = (dict(mesh="fsdp=4"), dict(mesh="data=2,fsdp=2"))  # 3 steps on the first, the rest on the second
+ENGINE = dict(
+    mesh="fsdp=4",
+    svd="randomized",
+    moments="transport",
+    lazy_threshold=0.0,
+    lazy_patience=1,
+)
+VIT = dict(
+    task="vit", mesh="data=2,fsdp=2"
+)  # ViT on digits: images split over the mesh
+RESUMED = (
+    dict(mesh="fsdp=4"),
+    dict(mesh="data=2,fsdp=2"),
+)  # 3 steps on the first, the rest on the second
 
 
 def tiny_config(out, **kw):
@@ -123,4 +188,6 @@ def tiny_config(out, **kw):
 def flat_params(params) -> dict:
   from galore_optax.targets import leaf_paths
 
-  return dict(zip(leaf_paths(params), (np.asarray(x) for x in jax.tree.leaves(params))))
+  return dict(
+      zip(leaf_paths(params), (np.asarray(x) for x in jax.tree.leaves(params)))
+  )

@@ -1,4 +1,5 @@
-"""GPT-2 and ViT: shapes, a forward/backward pass, causality, and GaLore-ready parameter paths."""
+"""GPT-2 and ViT: shapes, a forward/backward pass, causality, and GaLore-ready
+parameter paths."""
 
 import re
 
@@ -19,17 +20,23 @@ def _params(model):
 def test_gpt2_forward_backward_and_causality():
   cfg = models.GPT2_PRESETS["tiny"]
   model = models.GPT2(cfg, rngs=nnx.Rngs(0))
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)))
+  tokens = jnp.asarray(
+      np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16))
+  )
   logits = model(tokens)
   assert logits.shape == (2, 16, cfg.vocab_size)
   changed = model(tokens.at[:, 10].set((tokens[:, 10] + 1) % cfg.vocab_size))
-  np.testing.assert_allclose(changed[:, :10], logits[:, :10], atol=1e-6)  # the past ignores the future
+  np.testing.assert_allclose(
+      changed[:, :10], logits[:, :10], atol=1e-6
+  )  # the past ignores the future
   assert not np.allclose(changed[:, 10:], logits[:, 10:])
 
   graphdef, state = nnx.split(model)
   loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)
   grads = jax.grad(loss)(state)
-  assert all(np.isfinite(g).all() and np.any(g != 0) for g in jax.tree.leaves(grads))
+  assert all(
+      np.isfinite(g).all() and np.any(g != 0) for g in jax.tree.leaves(grads)
+  )
 
 
 def test_gpt2_ties_embeddings_and_names_matrices_for_galore():
@@ -38,36 +45,59 @@ def test_gpt2_ties_embeddings_and_names_matrices_for_galore():
   paths = galore_optax.targets.leaf_paths(params)
   assert not any("head" in p for p in paths)  # the output layer is wte, tied
   targeted = [p for p in paths if re.search(models.GALORE_TARGETS, p)]
-  assert targeted == [f"blocks/{i}/{m}/kernel" for i in range(cfg.n_layers)
-                      for m in ("attn/proj", "attn/qkv", "mlp/fc", "mlp/proj")]
+  assert targeted == [
+      f"blocks/{i}/{m}/kernel"
+      for i in range(cfg.n_layers)
+      for m in ("attn/proj", "attn/qkv", "mlp/fc", "mlp/proj")
+  ]
   # the library's default rule agrees with the paper's rule on this model
-  default = [p.path for p in galore_optax.plan_leaves(params, rank=4, proj_type="std") if p]
+  default = [
+      p.path
+      for p in galore_optax.plan_leaves(params, rank=4, proj_type="std")
+      if p
+  ]
   assert default == targeted
   d = cfg.d_model
   shapes = {p: x.shape for p, x in zip(paths, jax.tree.leaves(params))}
-  assert shapes["blocks/0/attn/qkv/kernel"] == (d, 3 * d) and shapes["blocks/0/mlp/fc/kernel"] == (d, 4 * d)
+  assert shapes["blocks/0/attn/qkv/kernel"] == (d, 3 * d) and shapes[
+      "blocks/0/mlp/fc/kernel"
+  ] == (d, 4 * d)
 
 
-@pytest.mark.parametrize("preset, n_params", [("124m", 124_439_808), ("350m", 354_823_168)])
+@pytest.mark.parametrize(
+    "preset, n_params", [("124m", 124_439_808), ("350m", 354_823_168)]
+)
 def test_gpt2_presets_have_gpt2s_sizes(preset, n_params):
-  model = nnx.eval_shape(lambda: models.GPT2(models.GPT2_PRESETS[preset], rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+      lambda: models.GPT2(models.GPT2_PRESETS[preset], rngs=nnx.Rngs(0))
+  )
   assert sum(x.size for x in jax.tree.leaves(nnx.split(model)[1])) == n_params
 
 
 def test_vit_forward_backward_and_presets():
   cfg = models.VIT_PRESETS["tiny"]
   model = models.ViT(cfg, rngs=nnx.Rngs(0))
-  images = jnp.asarray(np.random.default_rng(0).random((3, 8, 8, 1)), jnp.float32)
+  images = jnp.asarray(
+      np.random.default_rng(0).random((3, 8, 8, 1)), jnp.float32
+  )
   assert model(images).shape == (3, cfg.num_classes)
   graphdef, state = nnx.split(model)
-  loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(images) ** 2) + jnp.mean(nnx.merge(graphdef, s).head(
-      jnp.ones((1, cfg.d_model))))
+  loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(images) ** 2) + jnp.mean(
+      nnx.merge(graphdef, s).head(jnp.ones((1, cfg.d_model)))
+  )
   grads = jax.grad(loss)(state)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   paths = galore_optax.targets.leaf_paths(_params(model))
-  assert [p.path for p in galore_optax.plan_leaves(_params(model), rank=4, proj_type="std") if p] == \
-      [p for p in paths if re.search(models.GALORE_TARGETS, p)]
+  assert [
+      p.path
+      for p in galore_optax.plan_leaves(_params(model), rank=4, proj_type="std")
+      if p
+  ] == [p for p in paths if re.search(models.GALORE_TARGETS, p)]
   with pytest.raises(ValueError, match="do not fit"):
     model(jnp.zeros((1, 16, 16, 1)))
-  b16 = nnx.eval_shape(lambda: models.ViT(models.VIT_PRESETS["b16"], rngs=nnx.Rngs(0)))
-  assert sum(x.size for x in jax.tree.leaves(nnx.split(b16)[1])) == 86_567_656  # ViT-B/16, 1000 classes
+  b16 = nnx.eval_shape(
+      lambda: models.ViT(models.VIT_PRESETS["b16"], rngs=nnx.Rngs(0))
+  )
+  assert (
+      sum(x.size for x in jax.tree.leaves(nnx.split(b16)[1])) == 86_567_656
+  )  # ViT-B/16, 1000 classes

@@ -1,7 +1,8 @@
-"""Scale-out on simulated CPU devices: mesh layouts, pmap, two processes, checkpoints across meshes.
+"""Scale-out on simulated CPU devices: mesh layouts, pmap, two processes,
+checkpoints across meshes.
 
-The 4-device runs happen in one subprocess (tests/_parallel_worker.py: JAX fixes its device
-count at start-up); the 1-device reference runs here.
+The 4-device runs happen in one subprocess (tests/_parallel_worker.py: JAX fixes
+its device count at start-up); the 1-device reference runs here.
 """
 
 import json
@@ -14,8 +15,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import ENGINE
+from helpers import LAYOUTS
+from helpers import TINY
+from helpers import VIT
+from helpers import flat_params
+from helpers import tiny_config
 
-from helpers import ENGINE, LAYOUTS, RESUMED, TINY, VIT, flat_params, tiny_config
 from train.__main__ import main
 from train.loop import train
 
@@ -24,7 +30,11 @@ ATOL = 2e-6  # float32: summation orders differ between layouts
 
 
 def _env(devices: int) -> dict:
-  return {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "PYTHONPATH": str(HERE.parent)}
+  return {
+      **os.environ,
+      "JAX_NUM_CPU_DEVICES": str(devices),
+      "PYTHONPATH": str(HERE.parent),
+  }
 
 
 def _close(a: dict, b: dict) -> float:
@@ -42,8 +52,13 @@ def one_device(tmp_path_factory):
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
   out = tmp_path_factory.mktemp("four")
-  proc = subprocess.run([sys.executable, str(HERE / "_parallel_worker.py"), str(out)], env=_env(4),
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+      [sys.executable, str(HERE / "_parallel_worker.py"), str(out)],
+      env=_env(4),
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   return out
 
@@ -59,22 +74,35 @@ def test_every_layout_trains_like_one_device(four_devices, one_device, name):
   params, summary = _load(four_devices, name)
   reference, reference_summary = one_device
   assert summary["per_device"]["devices"] == 4
-  assert summary["refresh"]["bases_computed"] == reference_summary["refresh"]["bases_computed"] == 3 * 8
+  assert (
+      summary["refresh"]["bases_computed"]
+      == reference_summary["refresh"]["bases_computed"]
+      == 3 * 8
+  )
   assert _close(params, reference) < ATOL
   assert abs(summary["val_loss"] - reference_summary["val_loss"]) < 1e-5
 
 
 def test_subspace_engine_options_on_a_mesh(tmp_path, four_devices):
   params, summary = _load(four_devices, "engine")
-  reference = train(tiny_config(tmp_path, **{**ENGINE, "mesh": None}), verbose=False)
-  assert summary["refresh"]["svds_saved"] == reference.summary["refresh"]["svds_saved"] > 0  # lazy refresh acted
-  # The sketch's Cholesky QR and the moment transport amplify rounding a little more.
+  reference = train(
+      tiny_config(tmp_path, **{**ENGINE, "mesh": None}), verbose=False
+  )
+  assert (
+      summary["refresh"]["svds_saved"]
+      == reference.summary["refresh"]["svds_saved"]
+      > 0
+  )  # lazy refresh acted
+  # The sketch's Cholesky QR and the moment transport amplify rounding a little
+  # more.
   assert _close(params, flat_params(reference.params)) < 5 * ATOL
 
 
 def test_vit_on_a_mesh_trains_like_one_device(tmp_path, four_devices):
   params, summary = _load(four_devices, "vit")
-  reference = train(tiny_config(tmp_path, **{**VIT, "mesh": None}), verbose=False)
+  reference = train(
+      tiny_config(tmp_path, **{**VIT, "mesh": None}), verbose=False
+  )
   assert _close(params, flat_params(reference.params)) < ATOL
   assert abs(summary["val_accuracy"] - reference.summary["val_accuracy"]) < 1e-6
 
@@ -83,29 +111,49 @@ def test_fsdp_splits_the_optimizer_state(four_devices, one_device):
   one = one_device[1]["per_device"]
   data = _load(four_devices, "data4")[1]["per_device"]
   fsdp = _load(four_devices, "fsdp4")[1]["per_device"]
-  assert data["optimizer_state_bytes"] == one["optimizer_state_bytes"]  # data parallel replicates it
-  # About a quarter: only GaLore's bases on the unsharded side of their matrix, and scalars, stay whole.
-  assert 0.25 <= fsdp["optimizer_state_bytes"] / one["optimizer_state_bytes"] < 0.33
+  assert (
+      data["optimizer_state_bytes"] == one["optimizer_state_bytes"]
+  )  # data parallel replicates it
+  # About a quarter: only GaLore's bases on the unsharded side of their matrix,
+  # and scalars, stay whole.
+  assert (
+      0.25
+      <= fsdp["optimizer_state_bytes"] / one["optimizer_state_bytes"]
+      < 0.33
+  )
   assert 0.25 <= fsdp["param_bytes"] / one["param_bytes"] < 0.26
   for layout in (one, fsdp):
     assert layout["xla_train_step"]["argument_size_bytes"] > 0
     assert layout["xla_train_step"]["temp_size_bytes"] > 0
-  assert fsdp["xla_train_step"]["argument_size_bytes"] < one["xla_train_step"]["argument_size_bytes"] / 2
+  assert (
+      fsdp["xla_train_step"]["argument_size_bytes"]
+      < one["xla_train_step"]["argument_size_bytes"] / 2
+  )
 
 
 def test_runs_on_several_cpu_devices_use_one_blas_thread(four_devices):
-  # 4 simulated devices running LAPACK at once must not each start a thread per core.
+  # 4 simulated devices running LAPACK at once must not each start a thread per
+  # core.
   assert json.loads((four_devices / "blas.json").read_text()) and set(
-      json.loads((four_devices / "blas.json").read_text())) == {1}
+      json.loads((four_devices / "blas.json").read_text())
+  ) == {1}
 
 
 def test_galore_state_follows_its_parameters_on_an_explicit_mesh(four_devices):
   specs = json.loads((four_devices / "shardings.json").read_text())
-  # wide (64, 192): split along its 192 columns; std projects from the left (U is 64 x r).
+  # wide (64, 192): split along its 192 columns; std projects from the left (U
+  # is 64 x r).
   assert specs["params"]["wide"] == ["None", "fsdp"]
-  assert specs["left"]["wide"] == ["None", "None"]       # U's rows follow the parameter's (whole) rows
-  assert specs["mu"]["wide"] == ["None", "fsdp"]          # the r x 192 moments keep the columns' split
-  # tall (256, 64): split along its 256 rows; std projects from the right (V^T is r x 64).
+  assert specs["left"]["wide"] == [
+      "None",
+      "None",
+  ]  # U's rows follow the parameter's (whole) rows
+  assert specs["mu"]["wide"] == [
+      "None",
+      "fsdp",
+  ]  # the r x 192 moments keep the columns' split
+  # tall (256, 64): split along its 256 rows; std projects from the right (V^T
+  # is r x 64).
   assert specs["params"]["tall"] == ["fsdp", "None"]
   assert specs["right"]["tall"] == ["None", "None"]
   assert specs["mu"]["tall"] == ["fsdp", "None"]
@@ -113,14 +161,25 @@ def test_galore_state_follows_its_parameters_on_an_explicit_mesh(four_devices):
 
 def test_refreshes_are_spread_one_device_each(four_devices):
   owners = json.loads((four_devices / "spread.json").read_text())
-  # Item k on device k mod 4 (reported as 1 + index); item 4 is not due, so it is zeros.
+  # Item k on device k mod 4 (reported as 1 + index); item 4 is not due, so it
+  # is zeros.
   assert owners["mesh"] == [1, 2, 3, 4, 0, 2]
-  assert owners["pmap"] == [[owner] * 4 for owner in (1, 2, 3, 4, 0, 2)]  # every device holds every result
-  # Split matrices (FSDP over either axis) reach their owner whole, with the same round-robin.
+  assert owners["pmap"] == [
+      [owner] * 4 for owner in (1, 2, 3, 4, 0, 2)
+  ]  # every device holds every result
+  # Split matrices (FSDP over either axis) reach their owner whole, with the
+  # same round-robin.
   assert len(owners["gathered"]) == 3
   for layout, got in owners["gathered"].items():
     assert got["owners"] == [1, 2, 3, 4, 0, 2], layout
-    assert got["whole"] == [True, True, True, True, False, True], layout  # item 4 not due: zeros
+    assert got["whole"] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+        True,
+    ], layout  # item 4 not due: zeros
 
 
 def test_resume_on_another_mesh_shape(four_devices):
@@ -135,44 +194,111 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path, four_devices):
-  flags = ["gpt2"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "task"]
-  flags += ["--mesh=data=2,fsdp=2", f"--out={tmp_path / 'run'}", f"--coordinator=localhost:{_free_port()}",
-            "--num-processes=2"]
-  procs = [subprocess.Popen([sys.executable, "-m", "train", *flags, f"--process-id={i}"], env=_env(2),
-                            cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+def test_two_processes_match_one_process_with_four_devices(
+    tmp_path, four_devices
+):
+  flags = ["gpt2"] + [
+      f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "task"
+  ]
+  flags += [
+      "--mesh=data=2,fsdp=2",
+      f"--out={tmp_path / 'run'}",
+      f"--coordinator=localhost:{_free_port()}",
+      "--num-processes=2",
+  ]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-m", "train", *flags, f"--process-id={i}"],
+          env=_env(2),
+          cwd=HERE.parent,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  assert [p.returncode for p in procs] == [0, 0], (
+      outputs[0][-3000:] + outputs[1][-3000:]
+  )
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-  assert summary["per_device"]["processes"] == 2 and summary["per_device"]["devices"] == 4
-  # Restore the two processes' checkpoint here, on one device: it holds the final parameters.
+  assert (
+      summary["per_device"]["processes"] == 2
+      and summary["per_device"]["devices"] == 4
+  )
+  # Restore the two processes' checkpoint here, on one device: it holds the
+  # final parameters.
   restored = train(tiny_config(tmp_path / "run", resume=True), verbose=False)
   assert restored.summary["steps"] == TINY["steps"]
-  assert _close(flat_params(restored.params), _load(four_devices, "data2_fsdp2")[0]) < ATOL
+  assert (
+      _close(
+          flat_params(restored.params), _load(four_devices, "data2_fsdp2")[0]
+      )
+      < ATOL
+  )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--mesh", "data=3"], "must multiply to 1"),
-    (["--mesh", "model=1"], "NAME=SIZE pairs"),
-    (["--mesh", "data=x"], "NAME=SIZE pairs"),
-    (["--mesh-axes", "manual"], "--mesh-axes"),
-    (["--parallel", "shmap"], "--parallel"),
-    (["--coordinator", "localhost:1234"], "go together"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mesh", "data=3"], "must multiply to 1"),
+        (["--mesh", "model=1"], "NAME=SIZE pairs"),
+        (["--mesh", "data=x"], "NAME=SIZE pairs"),
+        (["--mesh-axes", "manual"], "--mesh-axes"),
+        (["--parallel", "shmap"], "--parallel"),
+        (["--coordinator", "localhost:1234"], "go together"),
+    ],
+)
 def test_bad_layouts_are_refused(tmp_path, capsys, flags, message):
-  assert main(["gpt2", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path), *flags]) == 2
+  assert (
+      main([
+          "gpt2",
+          "--preset",
+          "tiny",
+          "--steps",
+          "1",
+          "--out",
+          str(tmp_path),
+          *flags,
+      ])
+      == 2
+  )
   assert message in capsys.readouterr().err
 
 
 def test_batch_rows_on_a_mesh_that_interleaves_two_processes(tmp_path):
   coordinator = f"localhost:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, str(HERE / "_rows_worker.py"), coordinator, str(i), str(tmp_path)],
-                            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              str(HERE / "_rows_worker.py"),
+              coordinator,
+              str(i),
+              str(tmp_path),
+          ],
+          env=_env(2),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-  results = [json.loads((tmp_path / f"rows{i}.json").read_text()) for i in range(2)]
-  # Mesh devices p0, p1, p0, p1 each hold 2 of the 8 rows: each process's rows are not contiguous.
-  assert results[0]["rows"] == [0, 1, 4, 5] and results[1]["rows"] == [2, 3, 6, 7]
-  assert results[0]["same"] and results[1]["same"]  # the assembled batch is the whole batch
+  assert [p.returncode for p in procs] == [0, 0], (
+      outputs[0][-3000:] + outputs[1][-3000:]
+  )
+  results = [
+      json.loads((tmp_path / f"rows{i}.json").read_text()) for i in range(2)
+  ]
+  # Mesh devices p0, p1, p0, p1 each hold 2 of the 8 rows: each process's rows
+  # are not contiguous.
+  assert results[0]["rows"] == [0, 1, 4, 5] and results[1]["rows"] == [
+      2,
+      3,
+      6,
+      7,
+  ]
+  assert (
+      results[0]["same"] and results[1]["same"]
+  )  # the assembled batch is the whole batch

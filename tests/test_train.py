@@ -1,4 +1,5 @@
-"""The training CLI on tiny presets: every optimizer, outputs, resume, compare and bad input."""
+"""The training CLI on tiny presets: every optimizer, outputs, resume, compare
+and bad input."""
 
 import dataclasses
 import json
@@ -15,30 +16,54 @@ from train import config as config_lib
 from train.__main__ import main
 from train.loop import train
 
-TINY = dict(preset="tiny", steps=4, batch_size=4, seq_len=32, max_data_bytes=100_000, log_every=2,
-            eval_every=4, eval_batches=2, checkpoint_every=2, update_proj_gap=2)
+TINY = dict(
+    preset="tiny",
+    steps=4,
+    batch_size=4,
+    seq_len=32,
+    max_data_bytes=100_000,
+    log_every=2,
+    eval_every=4,
+    eval_batches=2,
+    checkpoint_every=2,
+    update_proj_gap=2,
+)
 
 
 def _cfg(tmp_path, **kw):
-  return config_lib.TrainConfig(**{"task": "gpt2", "out": str(tmp_path / "run"), **TINY, **kw})
+  return config_lib.TrainConfig(
+      **{"task": "gpt2", "out": str(tmp_path / "run"), **TINY, **kw}
+  )
 
 
 @pytest.mark.parametrize("optimizer", sorted(config_lib.OPTIMIZERS))
 def test_a_few_steps_with_each_optimizer(tmp_path, optimizer):
-  result = train(_cfg(tmp_path, optimizer=optimizer, steps=3, eval_every=3), verbose=False)
+  result = train(
+      _cfg(tmp_path, optimizer=optimizer, steps=3, eval_every=3), verbose=False
+  )
   s = result.summary
   assert s["finished"] and s["steps"] == 3 and np.isfinite(s["val_loss"])
   if optimizer.startswith("galore"):
     assert s["optimizer_state_bytes"] < s["adamw_state_bytes"]
     # 2 layers x 4 matrices, refreshed at steps 0 and 2
-    assert s["refresh"]["bases_computed"] == s["refresh"]["fixed_schedule"] == 16
+    assert (
+        s["refresh"]["bases_computed"] == s["refresh"]["fixed_schedule"] == 16
+    )
 
 
 def test_subspace_engine_flags(tmp_path):
-  cfg = _cfg(tmp_path, steps=12, eval_every=12, svd="randomized", moments="transport", lazy_threshold=0.0,
-             lazy_patience=1)
+  cfg = _cfg(
+      tmp_path,
+      steps=12,
+      eval_every=12,
+      svd="randomized",
+      moments="transport",
+      lazy_threshold=0.0,
+      lazy_patience=1,
+  )
   refresh = train(cfg, verbose=False).summary["refresh"]
-  # every refresh is "similar" at threshold 0: intervals 2, 4, 8 -> refreshes at 0, 2, 6 (not 0, 2, ..., 10)
+  # every refresh is "similar" at threshold 0: intervals 2, 4, 8 -> refreshes at
+  # 0, 2, 6 (not 0, 2, ..., 10)
   assert (refresh["svd"], refresh["moments"]) == ("randomized", "transport")
   assert refresh["bases_computed"] == 8 * 3 and refresh["svds_saved"] == 8 * 3
 
@@ -47,111 +72,258 @@ def test_gpt2_run_writes_metrics_summary_config_and_plot(tmp_path):
   cfg = _cfg(tmp_path, steps=40, eval_every=20, lr=3e-2)
   result = train(cfg, verbose=False)
   out = tmp_path / "run"
-  rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  rows = [
+      json.loads(line)
+      for line in (out / "metrics.jsonl").read_text().splitlines()
+  ]
   assert [r["step"] for r in rows] == list(range(2, 41, 2))
   assert all({"step", "loss", "lr"} <= r.keys() for r in rows)
   assert "val_loss" in rows[9] and "val_ppl" in rows[-1]
   assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
   summary = json.loads((out / "summary.json").read_text())
-  assert summary["val_loss"] == rows[-1]["val_loss"] == result.summary["val_loss"]
-  for key in ("final_train_loss", "tok_per_s", "optimizer_state_bytes", "adamw_state_bytes", "refresh",
-              "unigram_entropy"):
+  assert (
+      summary["val_loss"] == rows[-1]["val_loss"] == result.summary["val_loss"]
+  )
+  for key in (
+      "final_train_loss",
+      "tok_per_s",
+      "optimizer_state_bytes",
+      "adamw_state_bytes",
+      "refresh",
+      "unigram_entropy",
+  ):
     assert summary[key] is not None
   assert summary["val_loss"] < summary["unigram_entropy"]
-  assert json.loads((out / "config.json").read_text())["rank"] == 16  # d_model // 4
+  assert (
+      json.loads((out / "config.json").read_text())["rank"] == 16
+  )  # d_model // 4
   assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_vit_run_reports_accuracy(tmp_path):
-  cfg = config_lib.TrainConfig(task="vit", preset="tiny", steps=60, batch_size=32, eval_every=60, log_every=10,
-                               out=str(tmp_path / "vit"), lr=1e-2, scale=1.0, update_proj_gap=10)
+  cfg = config_lib.TrainConfig(
+      task="vit",
+      preset="tiny",
+      steps=60,
+      batch_size=32,
+      eval_every=60,
+      log_every=10,
+      out=str(tmp_path / "vit"),
+      lr=1e-2,
+      scale=1.0,
+      update_proj_gap=10,
+  )
   s = train(cfg, verbose=False).summary
   assert s["val_accuracy"] > 0.2  # well above chance (0.1) after 60 steps
   assert "img_per_s" in s
 
 
 def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path):
-  whole = train(_cfg(tmp_path, out=str(tmp_path / "whole"), steps=6), verbose=False)
+  whole = train(
+      _cfg(tmp_path, out=str(tmp_path / "whole"), steps=6), verbose=False
+  )
   cfg = _cfg(tmp_path, out=str(tmp_path / "parts"), steps=6)
   first = train(cfg, stop_after=3, verbose=False)
   assert not first.summary["finished"]
-  resumed = train(config_lib.TrainConfig(**{**cfg.__dict__, "resume": True}), verbose=False)
+  resumed = train(
+      config_lib.TrainConfig(**{**cfg.__dict__, "resume": True}), verbose=False
+  )
   assert resumed.summary["finished"]
-  for a, b in zip(jax.tree.leaves((whole.params, whole.opt_state)), jax.tree.leaves((resumed.params, resumed.opt_state))):
+  for a, b in zip(
+      jax.tree.leaves((whole.params, whole.opt_state)),
+      jax.tree.leaves((resumed.params, resumed.opt_state)),
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  rows = [json.loads(l) for l in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [2, 3, 4, 6]  # the log continues where it stopped
+  rows = [
+      json.loads(line)
+      for line in (
+          (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+      )
+  ]
+  assert [r["step"] for r in rows] == [
+      2,
+      3,
+      4,
+      6,
+  ]  # the log continues where it stopped
 
 
 def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
   out = tmp_path / "cmp"
-  args = ["gpt2", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
-          "--max-data-bytes", "100000", "--eval-every", "3", "--eval-batches", "1", "--out", str(out),
-          "--compare", "galore_adamw,adamw"]
+  args = [
+      "gpt2",
+      "--preset",
+      "tiny",
+      "--steps",
+      "3",
+      "--batch-size",
+      "4",
+      "--seq-len",
+      "32",
+      "--max-data-bytes",
+      "100000",
+      "--eval-every",
+      "3",
+      "--eval-batches",
+      "1",
+      "--out",
+      str(out),
+      "--compare",
+      "galore_adamw,adamw",
+  ]
   assert main(args) == 0
   table = (out / "compare.md").read_text()
   assert "| galore_adamw |" in table and "| adamw |" in table
-  assert (out / "compare.png").exists() and (out / "galore_adamw" / "summary.json").exists()
+  assert (out / "compare.png").exists() and (
+      out / "galore_adamw" / "summary.json"
+  ).exists()
   assert "| adamw |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--preset", "huge"], "unknown gpt2 preset 'huge'"),
-    (["--optimizer", "adamx"], "unknown optimizer 'adamx'"),
-    (["--rank", "1000"], "--rank 1000 is larger than the matrix 'blocks/0/attn/proj/kernel' (64 x 64)"),
-    (["--data", "/nonexistent/corpus"], "data path '/nonexistent/corpus' does not exist"),
-    (["--seq-len", "4096"], "--seq-len 4096 exceeds the max_len of preset 'tiny', 128"),
-    (["--compare", "galore_adamw,nope"], "unknown optimizer 'nope'"),
-    (["--optimizer", "contrib_galore", "--resume"], "contrib_galore's state holds zero-size arrays"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "huge"], "unknown gpt2 preset 'huge'"),
+        (["--optimizer", "adamx"], "unknown optimizer 'adamx'"),
+        (
+            ["--rank", "1000"],
+            (
+                "--rank 1000 is larger than the matrix"
+                " 'blocks/0/attn/proj/kernel' (64 x 64)"
+            ),
+        ),
+        (
+            ["--data", "/nonexistent/corpus"],
+            "data path '/nonexistent/corpus' does not exist",
+        ),
+        (
+            ["--seq-len", "4096"],
+            "--seq-len 4096 exceeds the max_len of preset 'tiny', 128",
+        ),
+        (["--compare", "galore_adamw,nope"], "unknown optimizer 'nope'"),
+        (
+            ["--optimizer", "contrib_galore", "--resume"],
+            "contrib_galore's state holds zero-size arrays",
+        ),
+    ],
+)
 def test_bad_input_stops_before_training(tmp_path, capsys, args, message):
   out = tmp_path / "bad"
-  assert main(["gpt2", "--preset", "tiny", "--steps", "2", "--out", str(out), *args]) == 2
+  assert (
+      main(
+          ["gpt2", "--preset", "tiny", "--steps", "2", "--out", str(out), *args]
+      )
+      == 2
+  )
   assert message in capsys.readouterr().err
   assert not (out / "metrics.jsonl").exists()
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path, capsys):
   out = str(tmp_path / "run")
-  base = ["gpt2", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "32",
-          "--max-data-bytes", "100000", "--eval-batches", "1", "--out", out]
+  base = [
+      "gpt2",
+      "--preset",
+      "tiny",
+      "--steps",
+      "2",
+      "--batch-size",
+      "4",
+      "--seq-len",
+      "32",
+      "--max-data-bytes",
+      "100000",
+      "--eval-batches",
+      "1",
+      "--out",
+      out,
+  ]
   assert main(base) == 0
   assert main([*base, "--resume", "--rank", "8"]) == 2
-  assert "from another config (rank: checkpoint 16 vs now 8)" in capsys.readouterr().err
+  assert (
+      "from another config (rank: checkpoint 16 vs now 8)"
+      in capsys.readouterr().err
+  )
   assert main([*base[:-2], "--out", str(tmp_path / "empty"), "--resume"]) == 2
   assert "--resume: no checkpoint in" in capsys.readouterr().err
 
 
 def test_module_entry_point(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "train", "vit", "--preset", "tiny", "--steps", "2", "--batch-size", "8",
-       "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "train",
+          "vit",
+          "--preset",
+          "tiny",
+          "--steps",
+          "2",
+          "--batch-size",
+          "8",
+          "--out",
+          str(tmp_path / "cli"),
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   assert "validation loss" in proc.stdout and "AdamW would hold" in proc.stdout
 
 
-SMALL = ["gpt2", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "32",
-         "--max-data-bytes", "100000", "--eval-batches", "1", "--checkpoint-every", "2"]
+SMALL = [
+    "gpt2",
+    "--preset",
+    "tiny",
+    "--steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--max-data-bytes",
+    "100000",
+    "--eval-batches",
+    "1",
+    "--checkpoint-every",
+    "2",
+]
 
 
 def test_runs_without_out_get_fresh_directories(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert main(SMALL) == 0
   first = (tmp_path / "runs" / "gpt2" / "metrics.jsonl").read_text()
-  assert main(SMALL) == 0  # the same command again: a new directory, the first run untouched
+  assert (
+      main(SMALL) == 0
+  )  # the same command again: a new directory, the first run untouched
   assert (tmp_path / "runs" / "gpt2-1" / "summary.json").exists()
   assert (tmp_path / "runs" / "gpt2" / "metrics.jsonl").read_text() == first
-  assert json.loads((tmp_path / "runs" / "gpt2-1" / "config.json").read_text())["out"] == "runs/gpt2-1"
+  assert (
+      json.loads((tmp_path / "runs" / "gpt2-1" / "config.json").read_text())[
+          "out"
+      ]
+      == "runs/gpt2-1"
+  )
 
 
-def test_an_out_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+def test_an_out_that_holds_a_run_is_refused_unless_resumed_or_overwritten(
+    tmp_path, capsys
+):
   out = tmp_path / "run"
   args = [*SMALL, "--out", str(out)]
   assert main(args) == 0
   before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
   assert main(args) == 2
-  assert f"--out {out} already holds a run; pass --resume to continue it, --overwrite" in capsys.readouterr().err
-  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost
+  assert (
+      f"--out {out} already holds a run; pass --resume to continue it,"
+      " --overwrite"
+      in capsys.readouterr().err
+  )
+  assert {
+      p: p.read_bytes() for p in out.rglob("*") if p.is_file()
+  } == before  # nothing lost
   assert main([*args, "--overwrite", "--steps", "3"]) == 0
   assert json.loads((out / "summary.json").read_text())["steps"] == 3
   assert main([*args, "--resume", "--overwrite"]) == 2
@@ -164,8 +336,12 @@ def test_files_are_replaced_whole(tmp_path):
   path = tmp_path / "summary.json"
   write_atomic(path, "old")
   with pytest.raises(TypeError):
-    write_atomic(path, None)  # fails mid-write: the old file stays, no temporary is left
-  assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    write_atomic(
+        path, None
+    )  # fails mid-write: the old file stays, no temporary is left
+  assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [
+      "summary.json"
+  ]
   write_atomic(path, "new")
   assert path.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
 
@@ -177,16 +353,27 @@ def _damage(checkpoint: pathlib.Path) -> None:
 
 
 def test_resume_skips_a_damaged_checkpoint(tmp_path, capsys):
-  whole = train(_cfg(tmp_path, out=str(tmp_path / "whole"), steps=6), verbose=False)
+  whole = train(
+      _cfg(tmp_path, out=str(tmp_path / "whole"), steps=6), verbose=False
+  )
   cfg = _cfg(tmp_path, out=str(tmp_path / "parts"), steps=6, checkpoint_every=2)
   train(cfg, stop_after=4, verbose=False)  # checkpoints at steps 2 and 4
   _damage(tmp_path / "parts" / "checkpoints" / "4")
   resumed = train(dataclasses.replace(cfg, resume=True), verbose=False)
   err_out = capsys.readouterr().out
-  assert "the checkpoint of step 4 is unreadable" in err_out and "resuming from step 2" in err_out
-  assert (tmp_path / "parts" / "damaged-checkpoints" / "4").is_dir()  # set aside, not deleted
-  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # steps 3-6 redone exactly
+  assert (
+      "the checkpoint of step 4 is unreadable" in err_out
+      and "resuming from step 2" in err_out
+  )
+  assert (
+      tmp_path / "parts" / "damaged-checkpoints" / "4"
+  ).is_dir()  # set aside, not deleted
+  for a, b in zip(
+      jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params)
+  ):
+    np.testing.assert_array_equal(
+        np.asarray(a), np.asarray(b)
+    )  # steps 3-6 redone exactly
 
 
 def test_resume_with_no_intact_checkpoint_says_so(tmp_path, capsys):
@@ -196,33 +383,72 @@ def test_resume_with_no_intact_checkpoint_says_so(tmp_path, capsys):
     _damage(out / "checkpoints" / step)
   assert main([*SMALL, "--steps", "4", "--out", str(out), "--resume"]) == 2
   err = capsys.readouterr().err
-  assert "no intact checkpoint in" in err and "step 4 unreadable" in err and "step 2 unreadable" in err
+  assert (
+      "no intact checkpoint in" in err
+      and "step 4 unreadable" in err
+      and "step 2 unreadable" in err
+  )
   assert "Traceback" not in err
 
 
 def test_a_diverging_run_ends_with_one_clear_line(tmp_path, capsys):
   out = tmp_path / "run"
-  code = main([*SMALL, "--steps", "30", "--out", str(out), "--lr", "1e30", "--schedule", "constant",
-               "--clip", "0", "--log-every", "1", "--optimizer", "sgd"])
+  code = main([
+      *SMALL,
+      "--steps",
+      "30",
+      "--out",
+      str(out),
+      "--lr",
+      "1e30",
+      "--schedule",
+      "constant",
+      "--clip",
+      "0",
+      "--log-every",
+      "1",
+      "--optimizer",
+      "sgd",
+  ])
   err = capsys.readouterr().err
   assert code == 1
-  assert re.fullmatch(r"error: the loss became (nan|inf) at step \d+; (the last checkpoint kept is step \d+ in .*"
-                      r"|no checkpoint was kept)\n", err), err
-  assert json.loads((out / "config.json").read_text())["lr"] == 1e30  # the run's files are there
+  assert re.fullmatch(
+      r"error: the loss became (nan|inf) at step \d+; (the last checkpoint kept"
+      r" is step \d+ in .*"
+      r"|no checkpoint was kept)\n",
+      err,
+  ), err
+  assert (
+      json.loads((out / "config.json").read_text())["lr"] == 1e30
+  )  # the run's files are there
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--scale", "nan"),
-                                         ("--weight-decay", "inf"), ("--clip", "-1")])
-def test_non_finite_hyperparameters_are_refused_up_front(tmp_path, capsys, flag, value):
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--lr", "-1"),
+        ("--scale", "nan"),
+        ("--weight-decay", "inf"),
+        ("--clip", "-1"),
+    ],
+)
+def test_non_finite_hyperparameters_are_refused_up_front(
+    tmp_path, capsys, flag, value
+):
   assert main([*SMALL, "--out", str(tmp_path / "run"), flag, value]) == 2
   assert f"{flag} must be" in capsys.readouterr().err
   assert not (tmp_path / "run").exists()
 
 
 def test_refresh_steps_are_timed_where_bases_were_computed(tmp_path):
-  # Lazy refresh at threshold 0 doubles the interval after each refresh: bases at steps 0, 2, 6
-  # (a fixed T=2 rule would time steps 2, 4, 6). Step 0 compiles, so 2 and 6 are timed.
-  cfg = _cfg(tmp_path, steps=8, eval_every=8, lazy_threshold=0.0, lazy_patience=1)
+  # Lazy refresh at threshold 0 doubles the interval after each refresh: bases
+  # at steps 0, 2, 6 (a fixed T=2 rule would time steps 2, 4, 6). Step 0
+  # compiles, so 2 and 6 are timed.
+  cfg = _cfg(
+      tmp_path, steps=8, eval_every=8, lazy_threshold=0.0, lazy_patience=1
+  )
   refresh = train(cfg, verbose=False).summary["refresh"]
   assert refresh["refresh_steps_timed"] == 2
   assert refresh["bases_computed"] == 3 * 8

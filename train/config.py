@@ -1,4 +1,5 @@
-"""Training configuration: one dataclass, with per-task defaults and the optimizer registry."""
+"""Training configuration: one dataclass, with per-task defaults and the
+optimizer registry."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ import optax
 import galore_optax
 from train.tasks import TASKS
 
-# name -> (factory, default peak learning rate, kind): kind "galore" takes galore_optax's keywords,
-# "contrib" the baseline optax.contrib.galore's (rank, update_proj_gap, scale, targets), "full" none.
+# name -> (factory, default peak learning rate, kind): kind "galore" takes
+# galore_optax's keywords, "contrib" the baseline optax.contrib.galore's (rank,
+# update_proj_gap, scale, targets), "full" none.
 OPTIMIZERS = {
     "galore_adamw": (galore_optax.galore_adamw, 1e-2, "galore"),
     "galore_adam": (galore_optax.galore_adam, 1e-2, "galore"),
-    "galore_sgd": (lambda lr, **kw: galore_optax.galore_sgd(lr, momentum=0.9, **kw), 0.3, "galore"),
+    "galore_sgd": (
+        lambda lr, **kw: galore_optax.galore_sgd(lr, momentum=0.9, **kw),
+        0.3,
+        "galore",
+    ),
     "galore_adafactor": (galore_optax.galore_adafactor, 1e-2, "galore"),
     "galore_lion": (galore_optax.galore_lion, 1e-3, "galore"),
     "galore_lamb": (galore_optax.galore_lamb, 1e-2, "galore"),
@@ -28,7 +34,11 @@ OPTIMIZERS = {
     "lion": (optax.lion, 3e-4, "full"),
     "lamb": (optax.lamb, 3e-3, "full"),
 }
-WEIGHT_DECAY_KW = {"adam", "galore_adam", "adafactor"}  # these take no weight_decay keyword
+WEIGHT_DECAY_KW = {
+    "adam",
+    "galore_adam",
+    "adafactor",
+}  # these take no weight_decay keyword
 
 
 def _field(default, help_text: str):
@@ -40,78 +50,173 @@ class TrainConfig:
   """Everything that defines a run; saved as ``DIR/config.json``."""
 
   task: str = _field("gpt2", "gpt2 or vit")
-  preset: str = _field("cpu", "model size: see models.GPT2_PRESETS / VIT_PRESETS")
+  preset: str = _field(
+      "cpu", "model size: see models.GPT2_PRESETS / VIT_PRESETS"
+  )
   optimizer: str = _field("galore_adamw", "one of " + ", ".join(OPTIMIZERS))
   rank: Optional[int] = _field(None, "GaLore rank r (default: d_model // 4)")
-  update_proj_gap: int = _field(50, "GaLore T: steps between subspace refreshes")
-  scale: float = _field(0.25, "GaLore alpha: scale of the back-projected update")
-  proj_type: str = _field("std", "GaLore projection: std, reverse_std, left, right or full")
-  svd: str = _field("exact", "how bases are computed: exact, randomized or gram")
-  moments: str = _field("keep", "the subspace moments at a refresh: keep, reset or transport")
-  lazy_threshold: Optional[float] = _field(None, "turn on lazy refresh with this basis-similarity threshold")
-  lazy_patience: int = _field(5, "similar refreshes in a row before a layer's interval doubles")
-  lr: Optional[float] = _field(None, "peak learning rate (default: per optimizer)")
-  schedule: str = _field("cosine", "cosine (linear warmup, cosine to 10%%) or constant")
-  warmup_steps: Optional[int] = _field(None, "warmup steps (default: 10%% of steps)")
+  update_proj_gap: int = _field(
+      50, "GaLore T: steps between subspace refreshes"
+  )
+  scale: float = _field(
+      0.25, "GaLore alpha: scale of the back-projected update"
+  )
+  proj_type: str = _field(
+      "std", "GaLore projection: std, reverse_std, left, right or full"
+  )
+  svd: str = _field(
+      "exact", "how bases are computed: exact, randomized or gram"
+  )
+  moments: str = _field(
+      "keep", "the subspace moments at a refresh: keep, reset or transport"
+  )
+  lazy_threshold: Optional[float] = _field(
+      None, "turn on lazy refresh with this basis-similarity threshold"
+  )
+  lazy_patience: int = _field(
+      5, "similar refreshes in a row before a layer's interval doubles"
+  )
+  lr: Optional[float] = _field(
+      None, "peak learning rate (default: per optimizer)"
+  )
+  schedule: str = _field(
+      "cosine", "cosine (linear warmup, cosine to 10%%) or constant"
+  )
+  warmup_steps: Optional[int] = _field(
+      None, "warmup steps (default: 10%% of steps)"
+  )
   weight_decay: float = _field(0.0, "decoupled weight decay on matrices")
   clip: float = _field(1.0, "global gradient-norm clipping; 0 turns it off")
-  steps: Optional[int] = _field(None, "training steps (default: 800 for gpt2, 400 for vit)")
-  batch_size: Optional[int] = _field(None, "sequences or images per step (default: 16 for gpt2, 64 for vit)")
+  steps: Optional[int] = _field(
+      None, "training steps (default: 800 for gpt2, 400 for vit)"
+  )
+  batch_size: Optional[int] = _field(
+      None, "sequences or images per step (default: 16 for gpt2, 64 for vit)"
+  )
   seq_len: int = _field(128, "tokens per sequence (gpt2)")
-  data: Optional[str] = _field(None, "stdlib or digits (the defaults), a local path, or hf:NAME[:CONFIG]")
+  data: Optional[str] = _field(
+      None, "stdlib or digits (the defaults), a local path, or hf:NAME[:CONFIG]"
+  )
   max_data_bytes: int = _field(8 * 2**20, "read at most this much text")
   seed: int = _field(0, "seed of the initialisation and of the batch order")
-  out: Optional[str] = _field(None, "output directory (default: a new runs/<task>, runs/<task>-1, ...)")
-  resume: bool = _field(False, "continue from the latest intact checkpoint in --out")
-  overwrite: bool = _field(False, "start afresh in an --out that holds a run, replacing its checkpoints and logs")
+  out: Optional[str] = _field(
+      None, "output directory (default: a new runs/<task>, runs/<task>-1, ...)"
+  )
+  resume: bool = _field(
+      False, "continue from the latest intact checkpoint in --out"
+  )
+  overwrite: bool = _field(
+      False,
+      "start afresh in an --out that holds a run, replacing its checkpoints and"
+      " logs",
+  )
   log_every: int = _field(10, "steps between progress lines and metrics rows")
   eval_every: int = _field(50, "steps between evaluations")
   eval_batches: int = _field(8, "validation batches per evaluation (gpt2)")
   checkpoint_every: int = _field(100, "steps between checkpoints")
   keep_checkpoints: int = _field(2, "checkpoints kept")
-  mesh: Optional[str] = _field(None, "device mesh, e.g. data=2,fsdp=2 (default: data over all devices)")
-  mesh_axes: str = _field("explicit", "mesh axis types: explicit (shardings in the types) or auto (XLA's choice)")
-  parallel: str = _field("mesh", "mesh (jit over --mesh) or pmap (data parallel with jax.pmap, one process)")
-  coordinator: Optional[str] = _field(None, "HOST:PORT of process 0 for a multi-process run")
-  num_processes: Optional[int] = _field(None, "processes in a multi-process run")
-  process_id: Optional[int] = _field(None, "this process's index in a multi-process run")
-  distributed: bool = _field(False, "let jax.distributed.initialize() detect the cluster (TPU pods, SLURM)")
+  mesh: Optional[str] = _field(
+      None, "device mesh, e.g. data=2,fsdp=2 (default: data over all devices)"
+  )
+  mesh_axes: str = _field(
+      "explicit",
+      "mesh axis types: explicit (shardings in the types) or auto (XLA's"
+      " choice)",
+  )
+  parallel: str = _field(
+      "mesh",
+      "mesh (jit over --mesh) or pmap (data parallel with jax.pmap, one"
+      " process)",
+  )
+  coordinator: Optional[str] = _field(
+      None, "HOST:PORT of process 0 for a multi-process run"
+  )
+  num_processes: Optional[int] = _field(
+      None, "processes in a multi-process run"
+  )
+  process_id: Optional[int] = _field(
+      None, "this process's index in a multi-process run"
+  )
+  distributed: bool = _field(
+      False,
+      "let jax.distributed.initialize() detect the cluster (TPU pods, SLURM)",
+  )
 
   def __post_init__(self):
     if self.task not in TASKS:
-      raise ValueError(f"unknown task {self.task!r}; choose one of {tuple(TASKS)}")
+      raise ValueError(
+          f"unknown task {self.task!r}; choose one of {tuple(TASKS)}"
+      )
     presets = TASKS[self.task].presets
     if self.preset not in presets:
-      raise ValueError(f"unknown {self.task} preset {self.preset!r}; choose one of {sorted(presets)}")
+      raise ValueError(
+          f"unknown {self.task} preset {self.preset!r}; choose one of"
+          f" {sorted(presets)}"
+      )
     if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+      raise ValueError(
+          f"unknown optimizer {self.optimizer!r}; choose one of"
+          f" {sorted(OPTIMIZERS)}"
+      )
     if self.proj_type not in galore_optax.PROJ_TYPES:
-      raise ValueError(f"unknown proj_type {self.proj_type!r}; choose one of {galore_optax.PROJ_TYPES}")
+      raise ValueError(
+          f"unknown proj_type {self.proj_type!r}; choose one of"
+          f" {galore_optax.PROJ_TYPES}"
+      )
     if self.svd not in galore_optax.SVD_METHODS:
-      raise ValueError(f"unknown svd {self.svd!r}; choose one of {galore_optax.SVD_METHODS}")
+      raise ValueError(
+          f"unknown svd {self.svd!r}; choose one of {galore_optax.SVD_METHODS}"
+      )
     if self.moments not in galore_optax.MOMENT_POLICIES:
-      raise ValueError(f"unknown moments policy {self.moments!r}; choose one of {galore_optax.MOMENT_POLICIES}")
+      raise ValueError(
+          f"unknown moments policy {self.moments!r}; choose one of"
+          f" {galore_optax.MOMENT_POLICIES}"
+      )
     if self.mesh_axes not in ("explicit", "auto"):
-      raise ValueError(f"unknown --mesh-axes {self.mesh_axes!r}; choose 'explicit' or 'auto'")
+      raise ValueError(
+          f"unknown --mesh-axes {self.mesh_axes!r}; choose 'explicit' or 'auto'"
+      )
     if self.parallel not in ("mesh", "pmap"):
-      raise ValueError(f"unknown --parallel {self.parallel!r}; choose 'mesh' or 'pmap'")
+      raise ValueError(
+          f"unknown --parallel {self.parallel!r}; choose 'mesh' or 'pmap'"
+      )
     if self.schedule not in ("cosine", "constant"):
-      raise ValueError(f"unknown schedule {self.schedule!r}; choose 'cosine' or 'constant'")
+      raise ValueError(
+          f"unknown schedule {self.schedule!r}; choose 'cosine' or 'constant'"
+      )
     if self.resume and self.overwrite:
-      raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one")
+      raise ValueError(
+          "--resume continues the run in --out and --overwrite replaces it:"
+          " give one"
+      )
     for name in ("lr", "scale", "weight_decay", "clip"):
       value = getattr(self, name)
       if value is not None and not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        raise ValueError(
+            f"--{name.replace('_', '-')} must be a finite number >= 0, got"
+            f" {value}"
+        )
     if self.lr is not None and self.lr <= 0:
       raise ValueError(f"--lr must be positive, got {self.lr}")
     for name, default in TASKS[self.task].defaults.items():
       if getattr(self, name) is None:
         setattr(self, name, default)
-    for name in ("steps", "batch_size", "seq_len", "update_proj_gap", "log_every", "eval_every",
-                 "checkpoint_every", "eval_batches", "keep_checkpoints"):
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "update_proj_gap",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "eval_batches",
+        "keep_checkpoints",
+    ):
       if getattr(self, name) <= 0:
-        raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        raise ValueError(
+            f"--{name.replace('_', '-')} must be positive, got"
+            f" {getattr(self, name)}"
+        )
     if self.rank is not None and self.rank <= 0:
       raise ValueError(f"--rank must be positive, got {self.rank}")
     self.rank = self.rank or self.model_config.d_model // 4
@@ -125,13 +230,33 @@ class TrainConfig:
 
   @property
   def uses_galore(self) -> bool:
-    """Whether the optimizer is one of galore_optax's (its state then has refresh statistics)."""
+    """Whether the optimizer is one of galore_optax's (its state then has
+    refresh statistics)."""
     return OPTIMIZERS[self.optimizer][2] == "galore"
 
   def identity(self) -> dict:
     """The fields a checkpoint must agree on to be resumed."""
-    keep = ("task", "preset", "optimizer", "rank", "update_proj_gap", "proj_type", "svd", "moments",
-            "lazy_threshold", "lazy_patience", "batch_size",
-            "seq_len", "data", "seed", "steps", "schedule", "lr", "warmup_steps", "weight_decay",
-            "scale", "clip")
+    keep = (
+        "task",
+        "preset",
+        "optimizer",
+        "rank",
+        "update_proj_gap",
+        "proj_type",
+        "svd",
+        "moments",
+        "lazy_threshold",
+        "lazy_patience",
+        "batch_size",
+        "seq_len",
+        "data",
+        "seed",
+        "steps",
+        "schedule",
+        "lr",
+        "warmup_steps",
+        "weight_decay",
+        "scale",
+        "clip",
+    )
     return {k: getattr(self, k) for k in keep}

@@ -1,16 +1,20 @@
-"""Data for the training CLI: embedded offline defaults and loaders for what users bring.
+"""Data for the training CLI: embedded offline defaults and loaders for what
+users bring.
 
-Text is byte-level (vocabulary 256). The default corpus is the Python standard library's
-own source, read from the interpreter's installation: real text, no download. Images default
-to scikit-learn's bundled 8x8 digits. Batches are a pure function of (seed, step), so a
-resumed run sees exactly the batches an uninterrupted one would.
+Text is byte-level (vocabulary 256). The default corpus is the Python standard
+library's own source, read from the interpreter's installation: real text, no
+download. Images default to scikit-learn's bundled 8x8 digits. Batches are a
+pure function of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import pathlib
 import sysconfig
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator
+from typing import NamedTuple
+from typing import Optional
 
 import numpy as np
 
@@ -45,13 +49,27 @@ class ImageData(NamedTuple):
   description: str
 
 
-# --------------------------------------------------------------------------- text
+# ---------------------------------------------------------------------------
+# text
+
 
 def stdlib_files() -> list[pathlib.Path]:
-  """The ``.py`` files of the standard library, sorted, without tests or installed packages."""
+  """The ``.py`` files of the standard library, sorted, without tests or
+  installed packages."""
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-  return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1]))
+  skip = {
+      "site-packages",
+      "dist-packages",
+      "test",
+      "tests",
+      "idle_test",
+      "__pycache__",
+  }
+  return sorted(
+      p
+      for p in root.rglob("*.py")
+      if not skip & set(p.relative_to(root).parts[:-1])
+  )
 
 
 def _read_files(paths: list[pathlib.Path], max_bytes: int) -> bytes:
@@ -74,55 +92,91 @@ def _split_text(data: bytes, description: str) -> TextData:
 def load_text(spec: str, max_bytes: int = 8 * 2**20) -> TextData:
   """``stdlib``, a local file or directory of text, or ``hf:NAME[:CONFIG]``.
 
-  Local text and the standard library are held out deterministically: the last 5% of the
-  concatenated bytes (files in sorted order) is the validation split.
+  Local text and the standard library are held out deterministically: the last
+  5% of the concatenated bytes (files in sorted order) is the validation split.
   """
   if spec == "stdlib":
     files = stdlib_files()
     if not files:
-      raise DataError("found no standard-library source to train on; pass --data PATH")
-    return _split_text(_read_files(files, max_bytes), f"Python {sysconfig.get_python_version()} "
-                       f"standard library source ({len(files)} files)")
+      raise DataError(
+          "found no standard-library source to train on; pass --data PATH"
+      )
+    return _split_text(
+        _read_files(files, max_bytes),
+        f"Python {sysconfig.get_python_version()} "
+        f"standard library source ({len(files)} files)",
+    )
   if spec.startswith("hf:"):
     return _load_hf_text(spec[3:], max_bytes)
   path = pathlib.Path(spec)
   if not path.exists():
     raise DataError(f"data path {spec!r} does not exist")
-  files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+  files = (
+      sorted(p for p in path.rglob("*") if p.is_file())
+      if path.is_dir()
+      else [path]
+  )
   data = _read_files(files, max_bytes)
   if len(data) < 2 * 1024:
-    raise DataError(f"data path {spec!r} holds {len(data)} bytes of text; at least 2 KiB are needed")
+    raise DataError(
+        f"data path {spec!r} holds {len(data)} bytes of text; at least 2 KiB"
+        " are needed"
+    )
   return _split_text(data, f"{spec} ({len(files)} files)")
 
 
-def text_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int, rows: slice = slice(None)):
-  """Random windows of ``seq_len + 1`` tokens: (inputs, targets), each (batch, seq_len) int32.
+def text_batch(
+    tokens: np.ndarray,
+    step: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    rows: slice = slice(None),
+):
+  """Random windows of ``seq_len + 1`` tokens: (inputs, targets), each (batch,
+  seq_len) int32.
 
-  ``rows`` picks some rows of that batch (a process's share) without building the others.
+  ``rows`` picks some rows of that batch (a process's share) without building
+  the others.
   """
   if len(tokens) <= seq_len + 1:
-    raise DataError(f"{len(tokens)} tokens cannot fill a window of {seq_len + 1}")
-  starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len - 1, batch_size)[rows]
-  windows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
+    raise DataError(
+        f"{len(tokens)} tokens cannot fill a window of {seq_len + 1}"
+    )
+  starts = np.random.default_rng([seed, step]).integers(
+      0, len(tokens) - seq_len - 1, batch_size
+  )[rows]
+  windows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(
+      np.int32
+  )
   return windows[:, :-1], windows[:, 1:]
 
 
-def eval_text_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> Iterator:
-  """Consecutive non-overlapping windows from the start of ``tokens``; the same every time."""
+def eval_text_batches(
+    tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int
+) -> Iterator:
+  """Consecutive non-overlapping windows from the start of ``tokens``; the same
+  every time."""
   n_windows = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
   for first in range(0, n_windows - batch_size + 1, batch_size):
-    windows = np.stack([tokens[i * seq_len:(i + 1) * seq_len + 1] for i in range(first, first + batch_size)])
+    windows = np.stack([
+        tokens[i * seq_len : (i + 1) * seq_len + 1]
+        for i in range(first, first + batch_size)
+    ])
     yield windows[:, :-1].astype(np.int32), windows[:, 1:].astype(np.int32)
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
-  """Entropy in nats of the token frequencies: the loss of the best context-free model."""
+  """Entropy in nats of the token frequencies: the loss of the best context-free
+  model."""
   counts = np.bincount(tokens, minlength=256).astype(np.float64)
   p = counts[counts > 0] / counts.sum()
   return float(-(p * np.log(p)).sum())
 
 
-# --------------------------------------------------------------------------- images
+# ---------------------------------------------------------------------------
+# images
+
 
 def _split_images(x, y, num_classes, description, seed=0) -> ImageData:
   order = np.random.default_rng(seed).permutation(len(x))
@@ -133,8 +187,13 @@ def _split_images(x, y, num_classes, description, seed=0) -> ImageData:
 
 def _fit_image(image, image_size: int, channels: int) -> np.ndarray:
   """A PIL image -> (image_size, image_size, channels) float32 in [0, 1]."""
-  image = image.convert("L" if channels == 1 else "RGB").resize((image_size, image_size))
-  return np.asarray(image, np.float32).reshape(image_size, image_size, channels) / 255.0
+  image = image.convert("L" if channels == 1 else "RGB").resize(
+      (image_size, image_size)
+  )
+  return (
+      np.asarray(image, np.float32).reshape(image_size, image_size, channels)
+      / 255.0
+  )
 
 
 def _image_folder(root: pathlib.Path, image_size: int, channels: int):
@@ -152,66 +211,114 @@ def _image_folder(root: pathlib.Path, image_size: int, channels: int):
 
 
 def load_images(spec: str, image_size: int, channels: int) -> ImageData:
-  """``digits``, an image folder (``ROOT/CLASS/*.png``, or ``ROOT/train`` and ``ROOT/val``
-  or ``ROOT/test`` laid out so), or ``hf:NAME``."""
+  """``digits``, an image folder (``ROOT/CLASS/*.png``, or ``ROOT/train`` and
+  ``ROOT/val`` or ``ROOT/test`` laid out so), or ``hf:NAME``."""
   if spec == "digits":
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]
     if (image_size, channels) != (8, 1):
-      raise DataError(f"digits are 8x8 grayscale; the model expects {image_size}x{image_size}x{channels}")
-    return _split_images(x, digits.target.astype(np.int32), 10, "scikit-learn digits (1797 8x8 images)")
+      raise DataError(
+          "digits are 8x8 grayscale; the model expects"
+          f" {image_size}x{image_size}x{channels}"
+      )
+    return _split_images(
+        x,
+        digits.target.astype(np.int32),
+        10,
+        "scikit-learn digits (1797 8x8 images)",
+    )
   if spec.startswith("hf:"):
     return _load_hf_images(spec[3:], image_size, channels)
   root = pathlib.Path(spec)
   if not root.is_dir():
-    raise DataError(f"image folder {spec!r} does not exist or is not a directory")
-  val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    raise DataError(
+        f"image folder {spec!r} does not exist or is not a directory"
+    )
+  val_dir = next(
+      (root / d for d in ("val", "test") if (root / d).is_dir()), None
+  )
   if (root / "train").is_dir() and val_dir is not None:
     tx, ty, classes = _image_folder(root / "train", image_size, channels)
     vx, vy, val_classes = _image_folder(val_dir, image_size, channels)
     if val_classes != classes:
-      raise DataError(f"{val_dir} has classes {val_classes}, {root / 'train'} has {classes}")
+      raise DataError(
+          f"{val_dir} has classes {val_classes}, {root / 'train'} has {classes}"
+      )
     if not tx or not vx:
-      raise DataError(f"image folder {spec!r} has no images under train/ or {val_dir.name}/")
-    return ImageData(np.stack(tx), np.asarray(ty, np.int32), np.stack(vx), np.asarray(vy, np.int32),
-                     len(classes), f"{spec} ({len(tx)} + {len(vx)} images)")
+      raise DataError(
+          f"image folder {spec!r} has no images under train/ or {val_dir.name}/"
+      )
+    return ImageData(
+        np.stack(tx),
+        np.asarray(ty, np.int32),
+        np.stack(vx),
+        np.asarray(vy, np.int32),
+        len(classes),
+        f"{spec} ({len(tx)} + {len(vx)} images)",
+    )
   xs, ys, classes = _image_folder(root, image_size, channels)
   if len(xs) < 2 or len(classes) < 2:
-    raise DataError(f"image folder {spec!r} needs at least two class folders with images, "
-                    f"found {len(classes)} classes and {len(xs)} images")
-  return _split_images(np.stack(xs), np.asarray(ys, np.int32), len(classes), f"{spec} ({len(xs)} images)")
+    raise DataError(
+        f"image folder {spec!r} needs at least two class folders with images, "
+        f"found {len(classes)} classes and {len(xs)} images"
+    )
+  return _split_images(
+      np.stack(xs),
+      np.asarray(ys, np.int32),
+      len(classes),
+      f"{spec} ({len(xs)} images)",
+  )
 
 
-def image_batch(x: np.ndarray, y: np.ndarray, step: int, batch_size: int, seed: int, rows: slice = slice(None)):
+def image_batch(
+    x: np.ndarray,
+    y: np.ndarray,
+    step: int,
+    batch_size: int,
+    seed: int,
+    rows: slice = slice(None),
+):
   """A random batch of (images, labels); ``rows`` as in :func:`text_batch`."""
-  idx = np.random.default_rng([seed, step]).choice(len(x), size=batch_size, replace=len(x) < batch_size)[rows]
+  idx = np.random.default_rng([seed, step]).choice(
+      len(x), size=batch_size, replace=len(x) < batch_size
+  )[rows]
   return x[idx], y[idx]
 
 
-def eval_image_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator:
+def eval_image_batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int
+) -> Iterator:
   for first in range(0, len(x) - batch_size + 1, batch_size):
-    yield x[first:first + batch_size], y[first:first + batch_size]
+    yield x[first : first + batch_size], y[first : first + batch_size]
   if len(x) < batch_size:
     yield x, y
 
 
-# --------------------------------------------------------------------------- Hugging Face
+# ---------------------------------------------------------------------------
+# Hugging Face
+
 
 def _hf_dataset(name: str):
   try:
     import datasets
   except ImportError:
-    raise DataError(f"hf:{name} needs the 'datasets' package: pip install datasets") from None
+    raise DataError(
+        f"hf:{name} needs the 'datasets' package: pip install datasets"
+    ) from None
   path, config = HF_ALIASES.get(name, (name, None))
   if ":" in name and name not in HF_ALIASES:
     path, config = name.split(":", 1)
   try:
     return datasets.load_dataset(path, config)
-  except Exception as e:  # unreachable hub, unknown name, ...: say which and why, then stop
-    raise DataError(f"could not load Hugging Face dataset {path!r}"
-                    f"{f' ({config})' if config else ''}: {type(e).__name__}: {e}") from None
+  except (
+      Exception
+  ) as e:  # unreachable hub, unknown name, ...: say which and why, then stop
+    raise DataError(
+        f"could not load Hugging Face dataset {path!r}"
+        f"{f' ({config})' if config else ''}: {type(e).__name__}: {e}"
+    ) from None
 
 
 def _held_out_split(ds) -> Optional[str]:
@@ -222,7 +329,11 @@ def _load_hf_text(name: str, max_bytes: int) -> TextData:
   ds = _hf_dataset(name)
   if "train" not in ds:
     raise DataError(f"hf:{name} has no train split (splits: {list(ds)})")
-  column = "text" if "text" in ds["train"].column_names else ds["train"].column_names[0]
+  column = (
+      "text"
+      if "text" in ds["train"].column_names
+      else ds["train"].column_names[0]
+  )
 
   def join(split, limit):
     out, total = [], 0
@@ -238,7 +349,9 @@ def _load_hf_text(name: str, max_bytes: int) -> TextData:
   if val_name is None:
     return _split_text(join(ds["train"], max_bytes), f"hf:{name}")
   train = np.frombuffer(join(ds["train"], max_bytes), np.uint8)
-  val = np.frombuffer(join(ds[val_name], max(int(max_bytes * VAL_FRACTION), 2**16)), np.uint8)
+  val = np.frombuffer(
+      join(ds[val_name], max(int(max_bytes * VAL_FRACTION), 2**16)), np.uint8
+  )
   return TextData(train, val, f"hf:{name} (train / {val_name})")
 
 
@@ -249,14 +362,24 @@ def _load_hf_images(name: str, image_size: int, channels: int) -> ImageData:
   if "train" not in ds:
     raise DataError(f"hf:{name} has no train split (splits: {list(ds)})")
   features = ds["train"].features
-  image_col = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
-  label_col = next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+  image_col = next(
+      (c for c, f in features.items() if isinstance(f, datasets.Image)), None
+  )
+  label_col = next(
+      (c for c, f in features.items() if isinstance(f, datasets.ClassLabel)),
+      None,
+  )
   if image_col is None or label_col is None:
-    raise DataError(f"hf:{name} needs an image column and a class-label column; it has {dict(features)}")
+    raise DataError(
+        f"hf:{name} needs an image column and a class-label column; it has"
+        f" {dict(features)}"
+    )
   num_classes = features[label_col].num_classes
 
   def arrays(split):
-    x = np.stack([_fit_image(im, image_size, channels) for im in split[image_col]])
+    x = np.stack(
+        [_fit_image(im, image_size, channels) for im in split[image_col]]
+    )
     return x, np.asarray(split[label_col], np.int32)
 
   val_name = _held_out_split(ds)
@@ -264,4 +387,6 @@ def _load_hf_images(name: str, image_size: int, channels: int) -> ImageData:
     x, y = arrays(ds["train"])
     return _split_images(x, y, num_classes, f"hf:{name}")
   (tx, ty), (vx, vy) = arrays(ds["train"]), arrays(ds[val_name])
-  return ImageData(tx, ty, vx, vy, num_classes, f"hf:{name} (train / {val_name})")
+  return ImageData(
+      tx, ty, vx, vy, num_classes, f"hf:{name} (train / {val_name})"
+  )

@@ -1,6 +1,8 @@
-"""The training loop: one jitted, donated train step over pytrees; eval, logs, checkpoints.
+"""The training loop: one jitted, donated train step over pytrees; eval, logs,
+checkpoints.
 
-What is trained is the task's business (:mod:`train.tasks`); this module only runs it.
+What is trained is the task's business (:mod:`train.tasks`); this module only
+runs it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import math
 import pathlib
 import sys
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+from typing import Optional
 
 import jax
 import numpy as np
@@ -23,8 +28,11 @@ from models import GALORE_TARGETS
 from train import parallel
 from train import report
 from train.checkpoint import Checkpointer
-from train.config import OPTIMIZERS, WEIGHT_DECAY_KW, TrainConfig
-from train.tasks import TASKS, Task
+from train.config import OPTIMIZERS
+from train.config import WEIGHT_DECAY_KW
+from train.config import TrainConfig
+from train.tasks import TASKS
+from train.tasks import Task
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 
@@ -34,50 +42,93 @@ class ConfigError(ValueError):
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss became non-finite; the message gives the step and the last checkpoint."""
+  """The loss became non-finite; the message gives the step and the last
+  checkpoint."""
 
 
-# --------------------------------------------------------------------------- building
+# ---------------------------------------------------------------------------
+# building
+
 
 def galore_targets():
   return galore_optax.match_paths(GALORE_TARGETS)
 
 
 def contrib_dimension_numbers(params: Any) -> Any:
-  """optax.contrib.galore's ``weight_dimension_numbers`` for the matrices :func:`galore_targets` picks."""
-  return jax.tree.map(lambda t: optax.contrib.GaLoreDimensionNumbers() if t else None, galore_targets()(params))
+  """optax.contrib.galore's ``weight_dimension_numbers`` for the matrices
+  :func:`galore_targets` picks."""
+  return jax.tree.map(
+      lambda t: optax.contrib.GaLoreDimensionNumbers() if t else None,
+      galore_targets()(params),
+  )
 
 
-def build_optimizer(cfg: TrainConfig, params: Any,
-                    axis_name: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer named by ``cfg`` behind global-norm clipping, and its learning-rate schedule.
+def build_optimizer(
+    cfg: TrainConfig, params: Any, axis_name: Any = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer named by ``cfg`` behind global-norm clipping, and its
+  learning-rate schedule.
 
   ``axis_name``: the pmap axis, over which GaLore spreads its refreshes.
   """
   if cfg.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1),
-                                            end_value=0.1 * cfg.lr)
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0,
+        cfg.lr,
+        cfg.warmup_steps,
+        max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=0.1 * cfg.lr,
+    )
   else:
     lr = optax.constant_schedule(cfg.lr)
   factory, _, kind = OPTIMIZERS[cfg.optimizer]
   kwargs: dict[str, Any] = {}
   if cfg.weight_decay:
     if cfg.optimizer in WEIGHT_DECAY_KW:
-      raise ConfigError(f"--optimizer {cfg.optimizer} takes no weight decay; use its 'w' variant")
-    kwargs.update(weight_decay=cfg.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
-  if kind == "contrib":  # the baseline, on the same matrices and with the same recipe
-    kwargs.update(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
-                  weight_dimension_numbers=contrib_dimension_numbers)
+      raise ConfigError(
+          f"--optimizer {cfg.optimizer} takes no weight decay; use its 'w'"
+          " variant"
+      )
+    kwargs.update(
+        weight_decay=cfg.weight_decay,
+        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+    )
+  if (
+      kind == "contrib"
+  ):  # the baseline, on the same matrices and with the same recipe
+    kwargs.update(
+        rank=cfg.rank,
+        update_proj_gap=cfg.update_proj_gap,
+        scale=cfg.scale,
+        weight_dimension_numbers=contrib_dimension_numbers,
+    )
   if kind == "galore":
-    plans = galore_optax.plan_leaves(params, rank=cfg.rank, proj_type=cfg.proj_type, targets=galore_targets())
+    plans = galore_optax.plan_leaves(
+        params, rank=cfg.rank, proj_type=cfg.proj_type, targets=galore_targets()
+    )
     for plan in filter(None, plans):
       if cfg.rank > min(plan.view.m, plan.view.n):
-        raise ConfigError(f"--rank {cfg.rank} is larger than the matrix {plan.path!r} "
-                          f"({plan.view.m} x {plan.view.n}); choose at most {min(plan.view.m, plan.view.n)}")
-    lazy = None if cfg.lazy_threshold is None else galore_optax.LazyRefresh(cfg.lazy_threshold, cfg.lazy_patience)
-    kwargs.update(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
-                  proj_type=cfg.proj_type, targets=galore_targets(), svd=cfg.svd, moments=cfg.moments,
-                  lazy_refresh=lazy, axis_name=axis_name)
+        raise ConfigError(
+            f"--rank {cfg.rank} is larger than the matrix {plan.path!r}"
+            f" ({plan.view.m} x {plan.view.n}); choose at most"
+            f" {min(plan.view.m, plan.view.n)}"
+        )
+    lazy = (
+        None
+        if cfg.lazy_threshold is None
+        else galore_optax.LazyRefresh(cfg.lazy_threshold, cfg.lazy_patience)
+    )
+    kwargs.update(
+        rank=cfg.rank,
+        update_proj_gap=cfg.update_proj_gap,
+        scale=cfg.scale,
+        proj_type=cfg.proj_type,
+        targets=galore_targets(),
+        svd=cfg.svd,
+        moments=cfg.moments,
+        lazy_refresh=lazy,
+        axis_name=axis_name,
+    )
   tx = factory(lr, **kwargs)
   if cfg.clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip), tx)
@@ -85,21 +136,28 @@ def build_optimizer(cfg: TrainConfig, params: Any,
 
 
 def make_steps(graphdef, tx, loss_fn: Callable, gather: Callable = lambda p: p):
-  """``train_step(params, opt_state, batch, grad_reduce=None)`` and ``eval_step(params, batch)``.
+  """``train_step(params, opt_state, batch, grad_reduce=None)`` and
+  ``eval_step(params, batch)``.
 
-  ``train_step`` returns the new params and state and ``{"loss", "bases_computed"}``: the
-  running count of GaLore bases tells the loop which steps refreshed. ``gather`` turns stored
-  parameters into the ones the forward pass uses (whole, under FSDP); ``grad_reduce``
-  averages gradients and loss over a pmap axis. The caller jits or pmaps.
+  ``train_step`` returns the new params and state and ``{"loss",
+  "bases_computed"}``: the running count of GaLore bases tells the loop which
+  steps refreshed. ``gather`` turns stored parameters into the ones the forward
+  pass uses (whole, under FSDP); ``grad_reduce`` averages gradients and loss
+  over a pmap axis. The caller jits or pmaps.
   """
 
   def train_step(params, opt_state, batch, grad_reduce=None):
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, gather(p)), batch), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p: loss_fn(nnx.merge(graphdef, gather(p)), batch), has_aux=True
+    )
     (loss, _), grads = grad_fn(params)
     if grad_reduce is not None:
       grads, loss = grad_reduce((grads, loss))
     updates, opt_state = tx.update(grads, opt_state, params)
-    metrics = {"loss": loss, "bases_computed": galore_optax.bases_computed(opt_state)}
+    metrics = {
+        "loss": loss,
+        "bases_computed": galore_optax.bases_computed(opt_state),
+    }
     return optax.apply_updates(params, updates), opt_state, metrics
 
   def eval_step(params, batch):
@@ -112,61 +170,95 @@ def holds_run(out: pathlib.Path) -> bool:
   return any((out / name).exists() for name in RUN_FILES)
 
 
-def first_free(base: pathlib.Path, taken: Callable[[pathlib.Path], bool]) -> pathlib.Path:
-  """The first of ``base``, ``base-1``, ``base-2``, ... that is not ``taken``."""
-  candidates = (base.with_name(f"{base.name}-{i}") if i else base for i in range(10**6))
+def first_free(
+    base: pathlib.Path, taken: Callable[[pathlib.Path], bool]
+) -> pathlib.Path:
+  """The first of ``base``, ``base-1``, ``base-2``, ... that is not
+  ``taken``."""
+  candidates = (
+      base.with_name(f"{base.name}-{i}") if i else base for i in range(10**6)
+  )
   return next(c for c in candidates if not taken(c))
 
 
 def run_directory(cfg: TrainConfig) -> pathlib.Path:
-  """Where the run writes: ``--out``, or the first of ``runs/<task>``, ``runs/<task>-1``, ...
-  that holds no run. An ``--out`` that holds one is refused unless resumed or overwritten."""
+  """Where the run writes: ``--out``, or the first of ``runs/<task>``,
+  ``runs/<task>-1``, ... that holds no run. An ``--out`` that holds one is
+  refused unless resumed or overwritten.
+  """
   if cfg.out is None:
     if jax.process_count() > 1:
-      raise ConfigError("a multi-process run needs --out: every process must write to the same directory")
+      raise ConfigError(
+          "a multi-process run needs --out: every process must write to the"
+          " same directory"
+      )
     return first_free(pathlib.Path("runs") / cfg.task, holds_run)
   out = pathlib.Path(cfg.out)
   if holds_run(out) and not (cfg.resume or cfg.overwrite):
-    raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
-                      "replace it, or another --out")
+    raise ConfigError(
+        f"--out {out} already holds a run; pass --resume to continue it,"
+        " --overwrite to replace it, or another --out"
+    )
   return out
 
 
-# --------------------------------------------------------------------------- running
+# ---------------------------------------------------------------------------
+# running
+
 
 class Progress:
-  """One line per log step: a bar, loss, lr, throughput and ETA (redrawn in place on a TTY)."""
+  """One line per log step: a bar, loss, lr, throughput and ETA (redrawn in
+  place on a TTY)."""
 
   def __init__(self, total: int, unit: str):
     self.total, self.unit, self.tty = total, unit, sys.stdout.isatty()
 
-  def show(self, step: int, loss: float, lr: float, rate: float, eta_s: float) -> None:
+  def show(
+      self, step: int, loss: float, lr: float, rate: float, eta_s: float
+  ) -> None:
     filled = int(20 * step / self.total)
-    line = (f"[{'#' * filled}{'.' * (20 - filled)}] {step:>5}/{self.total}  loss {loss:.4f}  "
-            f"lr {lr:.2e}  {rate / 1000:.1f}k {self.unit}/s  ETA {int(eta_s) // 60}:{int(eta_s) % 60:02d}")
-    print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+    line = (
+        f"[{'#' * filled}{'.' * (20 - filled)}] {step:>5}/{self.total}  loss"
+        f" {loss:.4f}  lr {lr:.2e}  {rate / 1000:.1f}k {self.unit}/s  ETA"
+        f" {int(eta_s) // 60}:{int(eta_s) % 60:02d}"
+    )
+    print(
+        ("\r" + line) if self.tty else line,
+        end="" if self.tty else "\n",
+        flush=True,
+    )
 
   def note(self, text: str) -> None:
     print(("\n" if self.tty else "") + text, flush=True)
 
 
-def evaluate(task: Task, cfg: TrainConfig, eval_step, params, data, placement) -> dict:
+def evaluate(
+    task: Task, cfg: TrainConfig, eval_step, params, data, placement
+) -> dict:
   losses, aux = [], []
   for batch in task.eval_batches(cfg, data):
     n = len(batch[0])
-    if n % placement.size:  # a split smaller than one batch may not spread over the devices
+    if (
+        n % placement.size
+    ):  # a split smaller than one batch may not spread over the devices
       continue
-    batch = placement.put_batch(tuple(x[placement.local_rows(n)] for x in batch), n)
+    batch = placement.put_batch(
+        tuple(x[placement.local_rows(n)] for x in batch), n
+    )
     loss, batch_aux = eval_step(params, batch)
     losses.append(float(loss))
     aux.append(batch_aux)
   if not losses:
-    raise ConfigError("the validation split is smaller than one batch; lower --batch-size or --seq-len")
+    raise ConfigError(
+        "the validation split is smaller than one batch; lower --batch-size or"
+        " --seq-len"
+    )
   return task.eval_metrics(losses, aux)
 
 
 def _read_metrics(path: pathlib.Path, upto: int) -> list[dict]:
-  """The rows logged up to step ``upto``; a torn last line (a crash mid-write) is dropped."""
+  """The rows logged up to step ``upto``; a torn last line (a crash mid-write)
+  is dropped."""
   if not path.exists():
     return []
   rows = []
@@ -184,69 +276,120 @@ class RunResult(NamedTuple):
   opt_state: Any
 
 
-def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = True) -> RunResult:
+def train(
+    cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = True
+) -> RunResult:
   """Runs (or resumes) the training ``cfg`` describes.
 
-  ``stop_after`` ends this invocation after that many steps, with a checkpoint, as a
-  preempted job would; ``--resume`` then continues it.
+  ``stop_after`` ends this invocation after that many steps, with a checkpoint,
+  as a preempted job would; ``--resume`` then continues it.
 
   Raises:
-    TrainingDiverged: when the loss becomes non-finite (after closing logs and checkpoints).
+    TrainingDiverged: when the loss becomes non-finite (after closing logs and
+      checkpoints).
   """
   task = TASKS[cfg.task]
-  parallel.initialize_processes(cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed)
-  placement = (parallel.PmapPlacement.create(cfg.mesh) if cfg.parallel == "pmap"
-               else parallel.MeshPlacement.create(cfg.mesh, cfg.mesh_axes))
+  parallel.initialize_processes(
+      cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed
+  )
+  placement = (
+      parallel.PmapPlacement.create(cfg.mesh)
+      if cfg.parallel == "pmap"
+      else parallel.MeshPlacement.create(cfg.mesh, cfg.mesh_axes)
+  )
   parallel.limit_blas_threads()
   out = run_directory(cfg)
   cfg = dataclasses.replace(cfg, out=str(out))
-  lead = jax.process_index() == 0  # the process that writes logs, metrics and plots
+  lead = (
+      jax.process_index() == 0
+  )  # the process that writes logs, metrics and plots
   verbose = verbose and lead
   rows = placement.local_rows(cfg.batch_size)
   data = task.load_data(cfg)
   graphdef, state = nnx.split(task.build_model(cfg, data))
   params = nnx.to_pure_dict(state)
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  tx, schedule = build_optimizer(cfg, params, axis_name=parallel.PMAP_AXIS if cfg.parallel == "pmap" else None)
+  tx, schedule = build_optimizer(
+      cfg,
+      params,
+      axis_name=parallel.PMAP_AXIS if cfg.parallel == "pmap" else None,
+  )
   memory = galore_optax.memory_report(params, tx)
   params = placement.put_params(params)
   opt_state = placement.init_state(tx.init, params)
 
-  # orbax refuses zero-size arrays, which optax.contrib.galore's state holds: such runs keep no checkpoints.
+  # orbax refuses zero-size arrays, which optax.contrib.galore's state holds:
+  # such runs keep no checkpoints.
   savable = all(x.size for x in jax.tree.leaves(opt_state))
   if not savable and cfg.resume:
-    raise ConfigError(f"--resume: {cfg.optimizer}'s state holds zero-size arrays, which orbax cannot save, "
-                      "so its runs keep no checkpoints")
+    raise ConfigError(
+        f"--resume: {cfg.optimizer}'s state holds zero-size arrays, which orbax"
+        " cannot save, so its runs keep no checkpoints"
+    )
   if lead:
     out.mkdir(parents=True, exist_ok=True)
   if not savable and verbose:
-    print(f"note: no checkpoints: {cfg.optimizer}'s state holds zero-size arrays, which orbax cannot save")
-  checkpointer = Checkpointer(out, cfg.checkpoint_every, cfg.keep_checkpoints, fresh=cfg.overwrite, enabled=savable)
+    print(
+        f"note: no checkpoints: {cfg.optimizer}'s state holds zero-size arrays,"
+        " which orbax cannot save"
+    )
+  checkpointer = Checkpointer(
+      out,
+      cfg.checkpoint_every,
+      cfg.keep_checkpoints,
+      fresh=cfg.overwrite,
+      enabled=savable,
+  )
   start = 0
   if cfg.resume:
-    params, opt_state, meta = checkpointer.restore(placement.to_checkpoint(params),
-                                                   placement.to_checkpoint(opt_state), cfg.identity())
-    params, opt_state = placement.from_checkpoint(params), placement.from_checkpoint(opt_state)
+    params, opt_state, meta = checkpointer.restore(
+        placement.to_checkpoint(params),
+        placement.to_checkpoint(opt_state),
+        cfg.identity(),
+    )
+    params, opt_state = placement.from_checkpoint(
+        params
+    ), placement.from_checkpoint(opt_state)
     start = meta["step"]
   metrics_path = out / "metrics.jsonl"
   history = _read_metrics(metrics_path, start) if cfg.resume else []
   if lead:
-    report.write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    report.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    report.write_atomic(
+        out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2)
+    )
+    report.write_atomic(
+        metrics_path, "".join(json.dumps(r) + "\n" for r in history)
+    )
 
   unit, per_step = task.unit, task.items_per_step(cfg)
-  step_fn, eval_fn = make_steps(graphdef, tx, task.loss, gather=placement.gather_for_compute)
+  step_fn, eval_fn = make_steps(
+      graphdef, tx, task.loss, gather=placement.gather_for_compute
+  )
   train_step, step_memory = placement.compile_step(
-      step_fn, params, opt_state, placement.put_batch(task.batch(cfg, data, start, rows), cfg.batch_size))
+      step_fn,
+      params,
+      opt_state,
+      placement.put_batch(task.batch(cfg, data, start, rows), cfg.batch_size),
+  )
   eval_step = placement.jit_eval(eval_fn)
   progress = Progress(cfg.steps, unit)
   if verbose:
-    print(f"{cfg.task} preset {cfg.preset!r}: {n_params / 1e6:.2f}M params; data: {data.description}")
-    print(f"optimizer {cfg.optimizer}" + (f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {cfg.scale}, "
-                                          f"{cfg.proj_type})" if cfg.uses_galore else "")
-          + f": state {report.human_bytes(memory.state_bytes)} vs AdamW's "
-            f"{report.human_bytes(memory.adamw_bytes)} ({memory.state_ratio:.0%})"
-          + (f"; resuming at step {start}" if start else ""))
+    print(
+        f"{cfg.task} preset {cfg.preset!r}: {n_params / 1e6:.2f}M params; data:"
+        f" {data.description}"
+    )
+    print(
+        f"optimizer {cfg.optimizer}"
+        + (
+            f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {cfg.scale}, "
+            f"{cfg.proj_type})"
+            if cfg.uses_galore
+            else ""
+        )
+        + f": state {report.human_bytes(memory.state_bytes)} vs AdamW's "
+        f"{report.human_bytes(memory.adamw_bytes)} ({memory.state_ratio:.0%})"
+        + (f"; resuming at step {start}" if start else "")
+    )
     if placement.size > 1:
       print(f"devices: {placement.describe()}")
 
@@ -259,17 +402,27 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
   try:
     for step in range(start, end):
       t0 = time.perf_counter()
-      batch = placement.put_batch(task.batch(cfg, data, step, rows), cfg.batch_size)
+      batch = placement.put_batch(
+          task.batch(cfg, data, step, rows), cfg.batch_size
+      )
       params, opt_state, metrics = train_step(params, opt_state, batch)
       loss, computed = float(metrics["loss"]), int(metrics["bases_computed"])
       dt = time.perf_counter() - t0
       if not math.isfinite(loss):
-        kept = (f"the last checkpoint kept is step {saved_step} in {checkpointer.path}" if saved_step is not None
-                else "no checkpoint was kept")
-        raise TrainingDiverged(f"the loss became {loss} at step {step + 1}; {kept}")
+        kept = (
+            f"the last checkpoint kept is step {saved_step} in"
+            f" {checkpointer.path}"
+            if saved_step is not None
+            else "no checkpoint was kept"
+        )
+        raise TrainingDiverged(
+            f"the loss became {loss} at step {step + 1}; {kept}"
+        )
       if step > start:  # the first step may still warm up
         step_times.append(dt)
-        if bases is not None and computed > bases:  # a step that computed bases, whatever the schedule
+        if (
+            bases is not None and computed > bases
+        ):  # a step that computed bases, whatever the schedule
           refresh_times.append(dt)
       bases = computed
       window.append(loss)
@@ -278,58 +431,111 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = Tr
       if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == end:
         median = float(np.median(step_times)) if step_times else 0.0
         rate = per_step / median if median else 0.0
-        row = {"step": done, "loss": float(np.mean(window)), "lr": float(schedule(step)), f"{unit}_per_s": rate}
+        row = {
+            "step": done,
+            "loss": float(np.mean(window)),
+            "lr": float(schedule(step)),
+            f"{unit}_per_s": rate,
+        }
         window = []
         if verbose:
-          progress.show(done, row["loss"], row["lr"], rate, (cfg.steps - done) * median)
+          progress.show(
+              done, row["loss"], row["lr"], rate, (cfg.steps - done) * median
+          )
       if done % cfg.eval_every == 0 or done == cfg.steps:
         row.update(evaluate(task, cfg, eval_step, params, data, placement))
         if verbose:
-          progress.note("  eval " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val")))
+          progress.note(
+              "  eval "
+              + "  ".join(
+                  f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val")
+              )
+          )
       if row:
         history.append(row)
         if log:
           log.write(json.dumps(row) + "\n")
           log.flush()
-      if checkpointer.due(done, force=done == end):  # pmap's to_checkpoint copies: only when saving
-        meta = {"step": done, "config": cfg.identity(), "rng": {"seed": cfg.seed, "data_position": done}}
-        checkpointer.save(done, placement.to_checkpoint(params), placement.to_checkpoint(opt_state), meta)
+      if checkpointer.due(
+          done, force=done == end
+      ):  # pmap's to_checkpoint copies: only when saving
+        meta = {
+            "step": done,
+            "config": cfg.identity(),
+            "rng": {"seed": cfg.seed, "data_position": done},
+        }
+        checkpointer.save(
+            done,
+            placement.to_checkpoint(params),
+            placement.to_checkpoint(opt_state),
+            meta,
+        )
         saved_step = done
   finally:
     if log:
       log.close()
     checkpointer.close()
 
-  summary = _summary(cfg, task, data, history, memory, step_times, refresh_times, time.perf_counter() - t_begin,
-                     finished=end == cfg.steps)
-  params, opt_state = placement.to_checkpoint(params), placement.to_checkpoint(opt_state)
+  summary = _summary(
+      cfg,
+      task,
+      data,
+      history,
+      memory,
+      step_times,
+      refresh_times,
+      time.perf_counter() - t_begin,
+      finished=end == cfg.steps,
+  )
+  params, opt_state = placement.to_checkpoint(params), placement.to_checkpoint(
+      opt_state
+  )
   summary["out"] = str(out)
   summary["per_device"] = {
-      "devices": placement.size, "processes": jax.process_count(), "layout": placement.describe(),
+      "devices": placement.size,
+      "processes": jax.process_count(),
+      "layout": placement.describe(),
       "param_bytes": parallel.bytes_per_device(params),
       "optimizer_state_bytes": parallel.bytes_per_device(opt_state),
       "xla_train_step": step_memory,
   }
   if cfg.uses_galore:
-    summary["refresh"].update(galore_optax.refresh_stats(opt_state, cfg.update_proj_gap))
+    summary["refresh"].update(
+        galore_optax.refresh_stats(opt_state, cfg.update_proj_gap)
+    )
   if lead:
     report.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    report.plot_losses({cfg.optimizer: history}, out / "loss.png", f"{cfg.task} {cfg.preset}",
-                       report.entropy_line(summary))
+    report.plot_losses(
+        {cfg.optimizer: history},
+        out / "loss.png",
+        f"{cfg.task} {cfg.preset}",
+        report.entropy_line(summary),
+    )
   if verbose:
     print(report.describe_summary(summary))
   return RunResult(summary, params, opt_state)
 
 
-def _summary(cfg, task, data, history, memory, step_times, refresh_times, wall, finished):
+def _summary(
+    cfg, task, data, history, memory, step_times, refresh_times, wall, finished
+):
   evals = [r for r in history if "val_loss" in r]
   median = float(np.median(step_times)) if step_times else float("nan")
   summary = {
-      "task": cfg.task, "preset": cfg.preset, "optimizer": cfg.optimizer, "finished": finished,
+      "task": cfg.task,
+      "preset": cfg.preset,
+      "optimizer": cfg.optimizer,
+      "finished": finished,
       "steps": history[-1]["step"] if history else 0,
       "final_train_loss": history[-1]["loss"] if history else None,
-      **({k: v for k, v in evals[-1].items() if k.startswith("val")} if evals else {}),
-      f"{task.unit}_per_s": task.items_per_step(cfg) / median if step_times else None,
+      **(
+          {k: v for k, v in evals[-1].items() if k.startswith("val")}
+          if evals
+          else {}
+      ),
+      f"{task.unit}_per_s": (
+          task.items_per_step(cfg) / median if step_times else None
+      ),
       "median_step_ms": 1000 * median,
       "wall_time_s": wall,
       "param_bytes": memory.param_bytes,
@@ -347,7 +553,12 @@ def _summary(cfg, task, data, history, memory, step_times, refresh_times, wall, 
         "moments": cfg.moments,
         "refresh_steps_timed": len(refresh_times),
         "mean_refresh_step_ms": refresh_ms,
-        "amortised_overhead": (refresh_ms / (1000 * median) - 1) * len(refresh_times) / len(step_times)
-        if refresh_times else None,
+        "amortised_overhead": (
+            (refresh_ms / (1000 * median) - 1)
+            * len(refresh_times)
+            / len(step_times)
+            if refresh_times
+            else None
+        ),
     }
   return summary

@@ -1,4 +1,5 @@
-"""What a run shows a person: the summary in words, loss plots, the comparison table."""
+"""What a run shows a person: the summary in words, loss plots, the comparison
+table."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from galore_optax.memory import human_bytes
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and a rename, so that a
-  crash leaves the old file or the new one, never a torn one."""
+  """Writes ``text`` to ``path`` through a temporary file and a rename, so that
+  a crash leaves the old file or the new one, never a torn one."""
   path = pathlib.Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
   try:
@@ -31,18 +32,36 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
     raise
 
 
-def plot_losses(histories: dict[str, list[dict]], path: pathlib.Path, title: str,
-                baseline: Optional[tuple[str, float]] = None) -> None:
-  """Train loss (lines) and validation loss (markers) of one or more runs against step,
-  with an optional horizontal ``(label, value)`` line such as the data's unigram entropy."""
+def plot_losses(
+    histories: dict[str, list[dict]],
+    path: pathlib.Path,
+    title: str,
+    baseline: Optional[tuple[str, float]] = None,
+) -> None:
+  """Train loss (lines) and validation loss (markers) of one or more runs
+  against step, with an optional horizontal ``(label, value)`` line such as the
+  data's unigram entropy.
+  """
   fig, ax = plt.subplots(figsize=(7, 4.2))
   if baseline is not None:
     ax.axhline(baseline[1], color="gray", linestyle=":", label=baseline[0])
   for i, (name, rows) in enumerate(histories.items()):
     color = f"C{i}"
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, alpha=0.8, label=f"{name} train")
+    ax.plot(
+        [r["step"] for r in rows],
+        [r["loss"] for r in rows],
+        color=color,
+        alpha=0.8,
+        label=f"{name} train",
+    )
     evals = [r for r in rows if "val_loss" in r]
-    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--", color=color, label=f"{name} val")
+    ax.plot(
+        [r["step"] for r in evals],
+        [r["val_loss"] for r in evals],
+        "o--",
+        color=color,
+        label=f"{name} val",
+    )
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats)")
   ax.set_title(title)
@@ -62,32 +81,65 @@ def entropy_line(summary: dict) -> Optional[tuple[str, float]]:
 
 
 def describe_summary(s: dict) -> str:
-  lines = [f"done: {s['steps']} steps of {s['optimizer']} in {s['wall_time_s']:.0f}s"
-           f" ({s['median_step_ms']:.1f} ms/step)"]
+  lines = [
+      f"done: {s['steps']} steps of {s['optimizer']} in {s['wall_time_s']:.0f}s"
+      f" ({s['median_step_ms']:.1f} ms/step)"
+  ]
   if "val_ppl" in s:
-    lines.append(f"validation loss {s['val_loss']:.4f} nats (perplexity {s['val_ppl']:.2f}); "
-                 f"unigram entropy of the data {s['unigram_entropy']:.4f} nats")
+    lines.append(
+        f"validation loss {s['val_loss']:.4f} nats (perplexity"
+        f" {s['val_ppl']:.2f}); unigram entropy of the data"
+        f" {s['unigram_entropy']:.4f} nats"
+    )
   elif "val_accuracy" in s:
-    lines.append(f"validation loss {s['val_loss']:.4f}, accuracy {s['val_accuracy']:.1%}")
-  lines.append(f"optimizer state {human_bytes(s['optimizer_state_bytes'])}, AdamW would hold "
-               f"{human_bytes(s['adamw_state_bytes'])} ({s['optimizer_state_vs_adamw']:.0%}); "
-               f"params {human_bytes(s['param_bytes'])}")
+    lines.append(
+        f"validation loss {s['val_loss']:.4f}, accuracy {s['val_accuracy']:.1%}"
+    )
+  lines.append(
+      f"optimizer state {human_bytes(s['optimizer_state_bytes'])}, AdamW would"
+      f" hold {human_bytes(s['adamw_state_bytes'])}"
+      f" ({s['optimizer_state_vs_adamw']:.0%}); params"
+      f" {human_bytes(s['param_bytes'])}"
+  )
   refresh = s.get("refresh")
   if refresh and refresh["mean_refresh_step_ms"]:
-    lines.append(f"{refresh['bases_computed']} bases computed ({refresh['svd']} SVD, every {refresh['every']} steps"
-                 + (f", {refresh['svds_saved']} saved by lazy refresh" if refresh["svds_saved"] > 0 else "")
-                 + (f", {refresh['refreshes_skipped']} retried: gradient zero or not finite"
-                    if refresh["refreshes_skipped"] else "")
-                 + f"): a refresh step took {refresh['mean_refresh_step_ms']:.1f} ms, "
-                 f"{refresh['amortised_overhead']:+.1%} per step amortised")
+    lines.append(
+        f"{refresh['bases_computed']} bases computed ({refresh['svd']} SVD,"
+        f" every {refresh['every']} steps"
+        + (
+            f", {refresh['svds_saved']} saved by lazy refresh"
+            if refresh["svds_saved"] > 0
+            else ""
+        )
+        + (
+            f", {refresh['refreshes_skipped']} retried: gradient zero or not"
+            " finite"
+            if refresh["refreshes_skipped"]
+            else ""
+        )
+        + f"): a refresh step took {refresh['mean_refresh_step_ms']:.1f} ms, "
+        f"{refresh['amortised_overhead']:+.1%} per step amortised"
+    )
   return "\n".join(lines)
 
 
 def compare_table(summaries: dict[str, dict]) -> str:
-  """A Markdown table of final validation loss, optimizer-state bytes and step time."""
-  metric = "val_ppl" if any("val_ppl" in s for s in summaries.values()) else "val_accuracy"
-  head = ("| optimizer | final val loss | " + ("val ppl" if metric == "val_ppl" else "val accuracy")
-          + " | optimizer state | vs AdamW | ms/step |\n|---|---|---|---|---|---|")
-  rows = [f"| {name} | {s['val_loss']:.4f} | {s[metric]:.4g} | {human_bytes(s['optimizer_state_bytes'])} | "
-          f"{s['optimizer_state_vs_adamw']:.0%} | {s['median_step_ms']:.1f} |" for name, s in summaries.items()]
+  """A Markdown table of final validation loss, optimizer-state bytes and step
+  time."""
+  metric = (
+      "val_ppl"
+      if any("val_ppl" in s for s in summaries.values())
+      else "val_accuracy"
+  )
+  head = (
+      "| optimizer | final val loss | "
+      + ("val ppl" if metric == "val_ppl" else "val accuracy")
+      + " | optimizer state | vs AdamW | ms/step |\n|---|---|---|---|---|---|"
+  )
+  rows = [
+      f"| {name} | {s['val_loss']:.4f} | {s[metric]:.4g} |"
+      f" {human_bytes(s['optimizer_state_bytes'])} |"
+      f" {s['optimizer_state_vs_adamw']:.0%} | {s['median_step_ms']:.1f} |"
+      for name, s in summaries.items()
+  ]
   return "\n".join([head, *rows])

@@ -1,4 +1,5 @@
-"""The tasks the CLI trains: each says what its data, model, loss, batches and metrics are.
+"""The tasks the CLI trains: each says what its data, model, loss, batches and
+metrics are.
 
 The loop (:mod:`train.loop`) asks the task chosen by ``cfg.task`` once and never
 branches on its name, so a new task (BERT, CLIP) is a new class here and an
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Iterator
+from typing import Any
+from typing import ClassVar
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +20,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from models import gpt2, vit
+from models import gpt2
+from models import vit
 from train import data as data_lib
 
 Batch = tuple[np.ndarray, ...]
@@ -45,7 +49,8 @@ class Task:
     raise NotImplementedError
 
   def batch(self, cfg, data, step: int, rows: np.ndarray) -> Batch:
-    """Rows ``rows`` of the training batch of ``step`` (a pure function of seed and step)."""
+    """Rows ``rows`` of the training batch of ``step`` (a pure function of seed
+    and step)."""
     raise NotImplementedError
 
   def eval_batches(self, cfg, data) -> Iterator[Batch]:
@@ -147,4 +152,3 @@ TASKS: dict[str, Task] = {
     "gpt2": LanguageModeling(),
     "vit": ImageClassification(),
 }
-
