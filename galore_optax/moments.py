@@ -62,9 +62,8 @@ jax.tree_util.register_pytree_node(
 
 
 class MomentSlot(NamedTuple):
-  path: tuple[
-      Any, ...
-  ]  # field names, tuple indices or dict keys from the inner state's root
+  # field names, tuple indices or dict keys from the inner state's root
+  path: tuple[Any, ...]
   owner: str  # e.g. 'ScaleByAdamState.mu'
   kind: Optional[str]  # 'first', 'second', or None when unknown
 

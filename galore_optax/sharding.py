@@ -41,9 +41,8 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-Spec = Optional[
-    tuple
-]  # a full-length PartitionSpec as a tuple; None off explicit meshes
+# A full-length PartitionSpec as a tuple; None off explicit meshes.
+Spec = Optional[tuple]
 
 
 def spec_of(x: Any) -> Spec:
@@ -188,10 +187,6 @@ def spread(
   n = len(fns)
   whole = [jax.ShapeDtypeStruct(m.shape, m.dtype) for m in matrices]
 
-  # where the mapped axes are bound, for fns that name them
-  def result_shapes():
-    return [jax.eval_shape(fns[i], whole[i], extras[i]) for i in range(n)]
-
   def compute(i, on, matrix, extra):
     zeros = _zeros_of(jax.eval_shape(fns[i], matrix, extra))
     return jax.lax.cond(on, fns[i], lambda *_: zeros, matrix, extra)
@@ -203,9 +198,7 @@ def spread(
         compute(i, active[i] & (me == i % size), matrices[i], extras[i])
         for i in range(n)
     ]
-    return jax.lax.psum(
-        outs, names
-    )  # owners hold the result, everyone else zeros
+    return jax.lax.psum(outs, names)  # owners hold results, the others zeros
 
   if axis_name is not None:
     return owned(axis_name, matrices, extras)
@@ -219,99 +212,76 @@ def spread(
   specs = [spec_of(m) for m in matrices]
   split = [_split_axis(s) if GATHER_TO_OWNER else None for s in specs]
   local = [i for i in range(n) if split[i] is None]
-  matrices = [
-      matrices[i] if split[i] else replicate(matrices[i]) for i in range(n)
-  ]
-  in_specs = (
-      [
-          PartitionSpec(*specs[i]) if split[i] else PartitionSpec()
-          for i in range(n)
-      ],
-      PartitionSpec(),
-      PartitionSpec(),
-  )
 
   def body(matrices, extras, active):
-    shapes = result_shapes()
+    shapes = [jax.eval_shape(fns[i], whole[i], extras[i]) for i in range(n)]
     me = jax.lax.axis_index(names)
     outs = [None] * n
-    for k, i in enumerate(local):
-      outs[i] = compute(
-          i, active[i] & (me == k % mesh.size), matrices[i], extras[i]
+    for k, i in enumerate(local):  # whole on every device: no gathering
+      mine = active[i] & (me == k % mesh.size)
+      outs[i] = compute(i, mine, matrices[i], extras[i])
+    rounds = _rounds(split, whole, shapes, len(local), mesh.size)
+    for (dim, axis), owners in rounds:
+      results = _owner_round(
+          names, mesh, axis, dim, owners, fns, shapes, matrices, extras, active
       )
-    position = len(local)  # the round-robin continues over the split items
-    for items, (dim, axis) in _groups(split, whole, shapes):
-      slots = {position + k: i for k, i in enumerate(items)}
-      position += len(items)
-      for first in range(
-          slots_start(min(slots), mesh.size), position, mesh.size
-      ):
-        in_round = {
-            p % mesh.size: i
-            for p, i in slots.items()
-            if first <= p < first + mesh.size
-        }
-        outs_round = _owner_round(
-            names,
-            mesh,
-            axis,
-            dim,
-            in_round,
-            fns,
-            shapes,
-            matrices,
-            extras,
-            active,
-        )
-        for i, out in outs_round.items():
-          outs[i] = out
+      for i, out in results.items():
+        outs[i] = out
     return jax.lax.psum(outs, names)
 
+  in_specs = [
+      PartitionSpec(*specs[i]) if split[i] else PartitionSpec()
+      for i in range(n)
+  ]
+  matrices = [m if split[i] else replicate(m) for i, m in enumerate(matrices)]
   return jax.shard_map(
       body,
-      in_specs=in_specs,
+      in_specs=(in_specs, PartitionSpec(), PartitionSpec()),
       out_specs=PartitionSpec(),
       axis_names=set(names),
       check_vma=False,
   )(matrices, list(extras), list(active))
 
 
-def slots_start(position: int, size: int) -> int:
-  """The first position of the round of ``size`` slots that holds
-  ``position``."""
-  return position - position % size
+def _rounds(split, whole, shapes, start, size):
+  """The split items in rounds: ``[((dim, axis), {device: item})]``.
 
-
-def _groups(split, matrices, shapes):
-  """The split items grouped by shapes and placement: ``[(items, (dim,
-  axis))]``."""
+  Items whose matrices share shape, dtype and split, and whose results share
+  shapes, are dealt round-robin from position ``start`` on; a round holds the
+  positions ``[r * size, (r + 1) * size)``, so at most one item per device.
+  """
   groups: dict[Any, list[int]] = {}
   for i, where in enumerate(split):
-    if where is None:
-      continue
-    outs = jax.tree.map(lambda s: (s.shape, s.dtype), shapes[i])
-    key = (
-        matrices[i].shape,
-        matrices[i].dtype,
-        where,
-        jax.tree.structure(shapes[i]),
-        tuple(jax.tree.leaves(outs)),
-    )
-    groups.setdefault(key, []).append(i)
-  return [(items, key[2]) for key, items in groups.items()]
+    if where is not None:
+      results = [(s.shape, s.dtype) for s in jax.tree.leaves(shapes[i])]
+      key = (
+          whole[i].shape,
+          whole[i].dtype,
+          where,
+          jax.tree.structure(shapes[i]),
+          tuple(results),
+      )
+      groups.setdefault(key, []).append(i)
+  rounds, position = [], start
+  for key, items in groups.items():
+    by_round: dict[int, dict[int, int]] = {}
+    for i in items:
+      by_round.setdefault(position // size, {})[position % size] = i
+      position += 1
+    rounds += [(key[2], owners) for owners in by_round.values()]
+  return rounds
 
 
 def _owner_round(
     names, mesh, axis, dim, slots, fns, shapes, matrices, extras, active
 ):
   """One round of split items, at most one per device (``slots``: device ->
-  item).
+  item), inside a ``shard_map`` over ``names``.
 
-  Inside a ``shard_map`` over ``names``, where the matrices are local shards
-  split along ``dim`` over ``axis``. Each device stacks its shards of the items
-  owned along its ``axis`` row; an ``all_to_all`` over ``axis`` leaves it the
-  whole matrix of its own item, whose ``fn`` it then runs. Returns item ->
-  result on its owner, zeros elsewhere.
+  The matrices are local shards, split along ``dim`` over ``axis``. Each device
+  stacks its shards of the items owned along its ``axis`` row; an ``all_to_all``
+  over ``axis`` leaves it the whole matrix of its own item, whose ``fn`` it then
+  runs. Returns item -> result on its owner, zeros elsewhere.
   """
   sizes = dict(mesh.shape)
   others = [a for a in names if a != axis]
@@ -361,12 +331,13 @@ def _owner_round(
         lambda: jax.lax.switch(me, branches, whole),
         lambda: _zeros_of(out_shapes),
     )
-    return {
-        i: jax.tree.map(
-            lambda o, d=d: jnp.where(me == d, o, jnp.zeros_like(o)), out
-        )
-        for d, i in slots.items()
-    }
+
+    def on_owner(d):  # the result on device ``d``, zeros on the others
+      return jax.tree.map(
+          lambda o: jnp.where(me == d, o, jnp.zeros_like(o)), out
+      )
+
+    return {i: on_owner(d) for d, i in slots.items()}
 
   due = jnp.any(jnp.stack([active[i] for i in items]))
   zeros = {i: _zeros_of(out_shapes) for i in items}

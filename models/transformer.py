@@ -105,9 +105,8 @@ class Block(nnx.Module):
       causal: bool,
       rngs: nnx.Rngs,
   ):
-    out_std = (
-        0.02 / (2 * n_layers) ** 0.5
-    )  # GPT-2's scaling of the residual projections
+    # GPT-2's scaling of the residual projections
+    out_std = 0.02 / (2 * n_layers) ** 0.5
     self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
     self.attn = Attention(
         d_model, n_heads, causal=causal, out_std=out_std, rngs=rngs

@@ -27,9 +27,8 @@ def parser() -> argparse.ArgumentParser:
     if field.name == "task":
       continue
     flag = "--" + field.name.replace("_", "-")
-    default = (
-        field.default
-    )  # None where the default depends on the task or optimizer
+    # None where the default depends on the task or optimizer
+    default = field.default
     if field.type in ("bool",):
       p.add_argument(flag, action="store_true", help=field.metadata["help"])
     else:

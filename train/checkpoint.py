@@ -46,9 +46,8 @@ class Checkpointer:
     if fresh and self.path.exists() and jax.process_index() == 0:
       print(f"note: --overwrite: replacing the checkpoints in {self.path}")
       shutil.rmtree(self.path)
-    _sync(
-        "galore_optax.checkpoints.fresh"
-    )  # no process opens the directory while process 0 clears it
+    # no process opens the directory while process 0 clears it
+    _sync("galore_optax.checkpoints.fresh")
     self.every, self.enabled = every, enabled
     self.manager = ocp.CheckpointManager(
         self.path, options=ocp.CheckpointManagerOptions(max_to_keep=keep)

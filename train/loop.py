@@ -300,9 +300,8 @@ def train(
   parallel.limit_blas_threads()
   out = run_directory(cfg)
   cfg = dataclasses.replace(cfg, out=str(out))
-  lead = (
-      jax.process_index() == 0
-  )  # the process that writes logs, metrics and plots
+  # the process that writes logs, metrics and plots
+  lead = jax.process_index() == 0
   verbose = verbose and lead
   rows = placement.local_rows(cfg.batch_size)
   data = task.load_data(cfg)

@@ -69,9 +69,8 @@ def initialize_processes(
     )
   if jax.distributed.is_initialized():  # e.g. the second run of --compare
     return
-  jax.config.update(
-      "jax_cpu_collectives_implementation", "gloo"
-  )  # used only where devices are CPUs
+  # used only where devices are CPUs
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = (
       {}
       if auto
