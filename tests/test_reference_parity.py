@@ -31,6 +31,17 @@ import galore_optax
 SHAPES = {"tall": (12, 7), "wide": (6, 11), "square": (9, 9)}
 PROJ_TYPES = ["std", "reverse_std", "left", "right", "full"]
 _torch_svd = torch.linalg.svd
+# Adam's defaults, galore-torch's recipe, a weight decay large enough to see.
+HYPERPARAMS = dict(
+    rank=3,
+    gap=3,
+    scale=0.25,
+    lr=1e-2,
+    weight_decay=0.1,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-6,
+)
 
 
 def _canonical_torch_svd(a, full_matrices=True):
@@ -132,17 +143,7 @@ def _problem(proj_type, shape_name, steps=8):
       (drift + 0.5 * rng.standard_normal(shape)).astype(np.float32)
       for _ in range(steps)
   ]
-  hp = dict(
-      proj_type=proj_type,
-      rank=3,
-      gap=3,
-      scale=0.25,
-      lr=1e-2,
-      weight_decay=0.1,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-6,
-  )
+  hp = dict(HYPERPARAMS, proj_type=proj_type)
   if proj_type == "full":
     # R = U^T G V is diagonal at a refresh up to rounding noise, which Adam with
     # a tiny eps blows up to +-1 differently in any two implementations; b2=0
@@ -222,17 +223,7 @@ def test_full_projection_with_adams_default_b2_and_eps(shape_name):
     else:
       g = drift + 0.5 * rng.standard_normal(shape)
     grads.append(g.astype(np.float32))
-  hp = dict(
-      proj_type="full",
-      rank=3,
-      gap=3,
-      scale=0.25,
-      lr=1e-2,
-      weight_decay=0.1,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-6,
-  )
+  hp = dict(HYPERPARAMS, proj_type="full")
   with mock.patch.object(torch.linalg, "svd", _canonical_torch_svd):
     ref, _ = _run_torch(p0, grads, **hp)
   ours, _ = _run_ours(p0, grads, **hp)

@@ -30,6 +30,25 @@ TINY = dict(
 )
 
 
+SMALL = [
+    "gpt2",
+    "--preset",
+    "tiny",
+    "--steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--max-data-bytes",
+    "100000",
+    "--eval-batches",
+    "1",
+    "--checkpoint-every",
+    "2",
+]
+
+
 def _cfg(tmp_path, **kw):
   return config_lib.TrainConfig(
       **{"task": "gpt2", "out": str(tmp_path / "run"), **TINY, **kw}
@@ -221,23 +240,7 @@ def test_bad_input_stops_before_training(tmp_path, capsys, args, message):
 
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path, capsys):
   out = str(tmp_path / "run")
-  base = [
-      "gpt2",
-      "--preset",
-      "tiny",
-      "--steps",
-      "2",
-      "--batch-size",
-      "4",
-      "--seq-len",
-      "32",
-      "--max-data-bytes",
-      "100000",
-      "--eval-batches",
-      "1",
-      "--out",
-      out,
-  ]
+  base = [*SMALL, "--out", out]
   assert main(base) == 0
   assert main([*base, "--resume", "--rank", "8"]) == 2
   assert (
@@ -270,25 +273,6 @@ def test_module_entry_point(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr
   assert "validation loss" in proc.stdout and "AdamW would hold" in proc.stdout
-
-
-SMALL = [
-    "gpt2",
-    "--preset",
-    "tiny",
-    "--steps",
-    "2",
-    "--batch-size",
-    "4",
-    "--seq-len",
-    "32",
-    "--max-data-bytes",
-    "100000",
-    "--eval-batches",
-    "1",
-    "--checkpoint-every",
-    "2",
-]
 
 
 def test_runs_without_out_get_fresh_directories(tmp_path, monkeypatch):
