@@ -190,6 +190,31 @@ def merge_state(
   return state
 
 
+def own_update(
+    inner: optax.GradientTransformationExtraArgs,
+    layout: ScalarLayout,
+    slots: Sequence[MomentSlot],
+    update: jax.Array,
+    scalars: Sequence[jax.Array],
+    moments: Sequence[jax.Array],
+    **extra_args: Any,
+) -> tuple[jax.Array, tuple[jax.Array, ...], list[jax.Array]]:
+  """One leaf's step of ``inner`` with its own state (``moments='reset'``).
+
+  Args:
+    update: the leaf's projected gradient.
+    scalars: the leaf's own copies of the inner state's step counts.
+    moments: the leaf's entries of the moment slots.
+
+  Returns:
+    ``(the leaf's update, its new scalars, its new moments)``.
+  """
+  state = merge_state(layout.treedef, scalars, slots, moments)
+  update, state = inner.update(update, state, None, **extra_args)
+  new_scalars, _ = split_state(state, slots)
+  return update, new_scalars, [get_at(state, s.path) for s in slots]
+
+
 def transport(
     moment: jax.Array,
     kind: str,

@@ -308,18 +308,19 @@ def scale_by_galore(
           flat(moments_lib.get_at(inner_state, s.path)) for s in config.slots
       ]
       for i in plans:
-        own = moments_lib.merge_state(
-            config.scalars.treedef,
-            [column[i] for column in scalar_leaves],
+        out[i], own_scalars, own_moments = moments_lib.own_update(
+            inner,
+            config.scalars,
             config.slots,
+            low[i],
+            [column[i] for column in scalar_leaves],
             [column[i] for column in slot_leaves],
+            **extra_args,
         )
-        out[i], own = inner.update(low[i], own, None, **extra_args)
-        own_scalars, _ = moments_lib.split_state(own, config.slots)
         for column, value in zip(scalar_leaves, own_scalars):
           column[i] = value
-        for column, s in zip(new_slots, config.slots):
-          column[i] = moments_lib.get_at(own, s.path)
+        for column, value in zip(new_slots, own_moments):
+          column[i] = value
       for s, column in zip(config.slots, new_slots):
         inner_state = moments_lib.set_at(
             inner_state, s.path, treedef.unflatten(column)
