@@ -5,7 +5,7 @@ simulated CPU devices.
 ``OUT/<name>.npz`` (the final parameters, keyed by path) and ``OUT/<name>.json``
 (the run's summary), plus ``OUT/shardings.json`` (the specs that galore_adamw's
 state takes under an explicit mesh) and ``OUT/spread.json`` (which device
-computed which refresh) and ``OUT/blas.json`` (the BLAS thread counts after the
+computed which refresh) and ``OUT/blas.json`` (the BLAS thread counts before the
 runs).
 """
 
@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 
 import galore_optax
 import galore_optax.sharding
+from train import parallel
 from train.loop import train
 from train.parallel import MeshPlacement
 
@@ -127,8 +128,23 @@ def spread_owners(out: pathlib.Path) -> None:
   )
 
 
+def blas_threads(out: pathlib.Path) -> None:
+  """The thread counts of the BLAS libraries after the first training run's
+  set-up and an SVD, in this fresh process."""
+  import threadpoolctl
+
+  parallel.limit_blas_threads()  # what train() does first
+  jnp.linalg.svd(jnp.ones((8, 8))).S.block_until_ready()  # LAPACK in use now
+  info = threadpoolctl.threadpool_info()
+  blas = {
+      i["filepath"]: i["num_threads"] for i in info if i["user_api"] == "blas"
+  }
+  (out / "blas.json").write_text(json.dumps(blas))
+
+
 def main(out: pathlib.Path) -> None:
   assert jax.device_count() == 4, jax.devices()
+  blas_threads(out)
   state_specs(out)
   spread_owners(out)
   for name, layout in LAYOUTS.items():
@@ -137,14 +153,6 @@ def main(out: pathlib.Path) -> None:
         name,
         train(tiny_config(out / "runs" / name, **layout), verbose=False),
     )
-  import threadpoolctl
-
-  blas = [
-      i["num_threads"]
-      for i in threadpoolctl.threadpool_info()
-      if i["user_api"] == "blas"
-  ]
-  (out / "blas.json").write_text(json.dumps(blas))
   save(
       out,
       "engine",

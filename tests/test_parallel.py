@@ -135,10 +135,10 @@ def test_fsdp_splits_the_optimizer_state(four_devices, one_device):
 
 def test_runs_on_several_cpu_devices_use_one_blas_thread(four_devices):
   # 4 simulated devices running LAPACK at once must not each start a thread per
-  # core.
-  assert json.loads((four_devices / "blas.json").read_text()) and set(
-      json.loads((four_devices / "blas.json").read_text())
-  ) == {1}
+  # core; SciPy's OpenBLAS (jaxlib's LAPACK) among them.
+  threads = json.loads((four_devices / "blas.json").read_text())
+  assert any("scipy" in path for path in threads), threads
+  assert set(threads.values()) == {1}, threads
 
 
 def test_galore_state_follows_its_parameters_on_an_explicit_mesh(four_devices):

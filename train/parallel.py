@@ -176,7 +176,10 @@ def limit_blas_threads() -> bool:
   """
   if jax.local_device_count() < 2 or jax.local_devices()[0].platform != "cpu":
     return False
-  import threadpoolctl  # installed with scikit-learn
+  # jaxlib's CPU LAPACK is SciPy's, whose OpenBLAS loads on first use; load it
+  # now, since threadpoolctl can only limit libraries already loaded.
+  import scipy.linalg  # noqa: F401
+  import threadpoolctl  # both come with scikit-learn
 
   threadpoolctl.threadpool_limits(1, user_api="blas")
   return True
