@@ -10,10 +10,11 @@ result stays in that precision: the caller checks it and casts it.
 - ``randomized``: Halko, Martinsson and Tropp's range finder. For the side that
   is needed, ``A = G`` (left) or ``G^T`` (right), sketch ``Y = A Omega`` with
   ``r + oversample`` Gaussian columns, run ``power_iters`` rounds
-  ``Y <- A (A^T Q)`` with re-orthonormalisation, then take the thin SVD of the
-  small ``B = Q^T A = W S Z^T``: ``U = Q W`` and, for ``full``, ``V^T = Z^T``.
-  Both factors come out of orthogonal factorisations, so they are orthonormal
-  even when ``G`` has lower rank than ``r``. Cost: ``(2 q + 2) m n k``
+  ``Y <- A (A^T Q)`` with re-orthonormalisation, then ``U = Q W`` with ``W``
+  the top eigenvectors of the small ``B B^T``, ``B = Q^T A``; for ``full``,
+  the thin SVD ``B = W S Z^T`` gives ``V^T = Z^T`` as well. Every factor comes
+  out of an orthogonal factorisation, so it is orthonormal even when ``G`` has
+  lower rank than ``r``. Cost: ``(2 q + 2) m n k``
   multiply-adds against the ``O(m n min(m, n))`` of a full SVD.
 - ``gram``: the top eigenvectors of the Gram matrix of each needed side:
   ``G G^T`` (m x m) for ``U``, ``G^T G`` (n x n) for ``V``. Eigenvectors of a
@@ -172,11 +173,13 @@ def randomized_basis(
   for _ in range(power_iters):
     q = _orthonormalize(_mm(a, _mm(_t(a), q)))
   b = _mm(_t(q), a)  # (k, cols)
-  w, _, zt = jnp.linalg.svd(b, full_matrices=False)
-  u = _mm(q, w[..., :, :rank])
+  if use_left and use_right:  # 'full' needs B's right singular vectors too
+    w, _, zt = jnp.linalg.svd(b, full_matrices=False)
+    return _finish(_mm(q, w[..., :, :rank]), zt[..., :rank, :])
+  u = _mm(q, _top_eigh(_mm(b, _t(b)), rank))  # cheaper: a k x k eigenproblem
   if not use_left:  # right side only: A = G^T, so U of A is V of G
     return _finish(None, _t(u))
-  return _finish(u, zt[..., :rank, :] if use_right else None)
+  return _finish(u, None)
 
 
 def gram_basis(
