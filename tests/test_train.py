@@ -161,27 +161,9 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path):
 
 def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
   out = tmp_path / "cmp"
-  args = [
-      "gpt2",
-      "--preset",
-      "tiny",
-      "--steps",
-      "3",
-      "--batch-size",
-      "4",
-      "--seq-len",
-      "32",
-      "--max-data-bytes",
-      "100000",
-      "--eval-every",
-      "3",
-      "--eval-batches",
-      "1",
-      "--out",
-      str(out),
-      "--compare",
-      "galore_adamw,adamw",
-  ]
+  # SMALL with 3 steps, evaluated at the end (argparse keeps the last value)
+  args = [*SMALL, "--steps", "3", "--eval-every", "3", "--out", str(out)]
+  args += ["--compare", "galore_adamw,adamw"]
   assert main(args) == 0
   table = (out / "compare.md").read_text()
   assert "| galore_adamw |" in table and "| adamw |" in table
