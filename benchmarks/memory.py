@@ -98,9 +98,8 @@ def trees() -> dict:
   }
 
 
-targeted = (
-    loop.galore_targets()
-)  # the training CLI's rule: attention and MLP matrices
+# the training CLI's rule: attention and MLP matrices
+targeted = loop.galore_targets()
 
 
 def only_targets(params):
@@ -179,9 +178,8 @@ def torch_state_bytes(params, rank: int) -> tuple[int, int]:
   def nbytes(state) -> int:
     total = 0
     for value in state.values():
-      value = getattr(
-          value, "ortho_matrix", value
-      )  # the projector object holds its basis
+      # the projector object holds its basis
+      value = getattr(value, "ortho_matrix", value)
       if torch.is_tensor(value):
         total += value.numel() * value.element_size()
     return total

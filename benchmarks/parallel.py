@@ -95,9 +95,8 @@ def _run(args) -> None:
     with jax.set_mesh(placement.mesh):
       update = jax.jit(tx.update)
       if not refresh:
-        _, state = update(
-            grads, state, params
-        )  # step 0 refreshes; with a large T, step 1 does not
+        # step 0 refreshes; with a large T, step 1 does not
+        _, state = update(grads, state, params)
       return median_seconds(
           lambda: jax.block_until_ready(update(grads, state, params)),
           args.repeats,
@@ -117,9 +116,8 @@ def _run(args) -> None:
   )
   rows = {"spread": step_time(mesh, galore(1))}
   context_axes = sharding._context_axes
-  sharding._context_axes = (
-      lambda: None
-  )  # spreading off: every device computes every SVD
+  # spreading off: every device computes every SVD
+  sharding._context_axes = lambda: None
   try:
     rows["every device"] = step_time(mesh, galore(1))
   finally:
@@ -142,9 +140,8 @@ def _run(args) -> None:
     fsdp."""
     sharding.GATHER_TO_OWNER = to_owner
     try:
-      tx = galore(
-          1
-      )  # a new transform: the switch is read when the update is traced
+      # a new transform: the switch is read when the update is traced
+      tx = galore(1)
       params = mesh.put_params(wide)
       state = mesh.init_state(tx.init, params)
       with jax.set_mesh(mesh.mesh):

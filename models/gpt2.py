@@ -23,12 +23,14 @@ class GPT2Config:
 
 
 PRESETS = {
+    # tests
     "tiny": GPT2Config(
         vocab_size=256, max_len=128, d_model=64, n_layers=2, n_heads=4
-    ),  # tests
+    ),
+    # the default run
     "cpu": GPT2Config(
         vocab_size=256, max_len=256, d_model=128, n_layers=4, n_heads=4
-    ),  # the default run
+    ),
     "124m": GPT2Config(),  # GPT-2 small
     "350m": GPT2Config(d_model=1024, n_layers=24, n_heads=16),  # GPT-2 medium
 }

@@ -29,6 +29,7 @@ class ViTConfig:
 
 
 PRESETS = {
+    # tests
     "tiny": ViTConfig(
         image_size=8,
         patch_size=2,
@@ -37,7 +38,8 @@ PRESETS = {
         d_model=32,
         n_layers=2,
         n_heads=2,
-    ),  # tests
+    ),
+    # digits, the default run
     "cpu": ViTConfig(
         image_size=8,
         patch_size=2,
@@ -46,7 +48,7 @@ PRESETS = {
         d_model=128,
         n_layers=4,
         n_heads=4,
-    ),  # digits, the default run
+    ),
     "b16": ViTConfig(),  # ViT-B/16
 }
 

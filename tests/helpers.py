@@ -142,6 +142,7 @@ def np_galore_adamw(
 
 # ---------------------------------------------------------------------------
 # parallel runs The tiny GPT-2 runs of test_parallel.py and its 4-device worker.
+# refreshes at steps 0, 2, 4
 TINY = dict(
     task="gpt2",
     preset="tiny",
@@ -154,7 +155,7 @@ TINY = dict(
     eval_batches=2,
     checkpoint_every=100,
     update_proj_gap=2,
-)  # refreshes at steps 0, 2, 4
+)
 LAYOUTS = {
     "data4": dict(mesh="data=4"),
     "fsdp4": dict(mesh="fsdp=4"),
@@ -170,13 +171,13 @@ ENGINE = dict(
     lazy_threshold=0.0,
     lazy_patience=1,
 )
-VIT = dict(
-    task="vit", mesh="data=2,fsdp=2"
-)  # ViT on digits: images split over the mesh
+# ViT on digits: images split over the mesh
+VIT = dict(task="vit", mesh="data=2,fsdp=2")
+# 3 steps on the first, the rest on the second
 RESUMED = (
     dict(mesh="fsdp=4"),
     dict(mesh="data=2,fsdp=2"),
-)  # 3 steps on the first, the rest on the second
+)
 
 
 def tiny_config(out, **kw):

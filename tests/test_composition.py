@@ -47,9 +47,8 @@ def test_masked(params):
   state = tx.init(params)
   for g in grads:
     updates, state = tx.update(g, state, params)
-  np.testing.assert_array_equal(
-      updates["embed"], grads[-1]["embed"]
-  )  # masked out: passed through
+  # masked out: passed through
+  np.testing.assert_array_equal(updates["embed"], grads[-1]["embed"])
   sub = {"attn": params["attn"]}
   sub_tx = galore()
   sub_state = sub_tx.init(sub)
@@ -130,9 +129,8 @@ def test_apply_if_finite_neither_updates_nor_refreshes(params):
   for g in grads[:3]:
     _, state = update(g, state, params)
   before = state.inner_state[0]
-  bad = jax.tree.map(
-      lambda x: x.at[0].set(jnp.nan), grads[3]
-  )  # would be the refresh step
+  # would be the refresh step
+  bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), grads[3])
   updates, state = update(bad, state, params)
   assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
   after = state.inner_state[0]
@@ -171,9 +169,8 @@ def test_inject_hyperparams(params):
   state.hyperparams["scale"] = jnp.asarray(0.0)
   state.hyperparams["learning_rate"] = jnp.asarray(2e-2)
   updates, _ = tx.update(grads[3], state, injected[-1])
-  assert np.all(
-      np.asarray(updates["attn"]["kernel"]) == 0
-  )  # scale acts on targeted leaves
+  # scale acts on targeted leaves
+  assert np.all(np.asarray(updates["attn"]["kernel"]) == 0)
   assert np.any(np.asarray(updates["embed"]) != 0)
 
 

@@ -23,9 +23,8 @@ def test_stdlib_corpus_is_real_python_with_a_held_out_tail():
   assert len(text.val) == int(200_000 * data.VAL_FRACTION)
   sample = bytes(text.train[:20_000]).decode("utf-8", errors="replace")
   assert "def " in sample and "import " in sample
-  assert (
-      2.5 < data.unigram_entropy(text.train) < 5.0
-  )  # bytes of English-like code
+  # bytes of English-like code
+  assert 2.5 < data.unigram_entropy(text.train) < 5.0
 
 
 def test_local_text_file_and_directory(tmp_path):
@@ -39,9 +38,8 @@ def test_local_text_file_and_directory(tmp_path):
   )
   both = data.load_text(str(tmp_path))
   assert len(both.train) + len(both.val) == 3000 + 1 + 2500
-  assert bytes(both.val).endswith(
-      b"beta "
-  )  # the held-out tail comes from the last file
+  # the held-out tail comes from the last file
+  assert bytes(both.val).endswith(b"beta ")
 
 
 @pytest.mark.parametrize(
@@ -66,9 +64,8 @@ def test_text_batches_are_a_function_of_seed_and_step():
   tokens = np.arange(1000, dtype=np.int64) % 256
   x, y = data.text_batch(tokens, step=5, batch_size=4, seq_len=16, seed=0)
   assert x.shape == y.shape == (4, 16)
-  np.testing.assert_array_equal(
-      x[:, 1:], y[:, :-1]
-  )  # targets are the inputs shifted by one
+  # targets are the inputs shifted by one
+  np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
   again, _ = data.text_batch(tokens, step=5, batch_size=4, seq_len=16, seed=0)
   other, _ = data.text_batch(tokens, step=6, batch_size=4, seq_len=16, seed=0)
   np.testing.assert_array_equal(x, again)

@@ -6,9 +6,8 @@ import optax
 
 import galore_optax
 
-BOOKKEEPING = 4 * len(
-    galore_optax.RefreshState._fields
-)  # per-leaf int32 refresh counters
+# per-leaf int32 refresh counters
+BOOKKEEPING = 4 * len(galore_optax.RefreshState._fields)
 
 
 def test_galore_state_bytes_follow_the_formula(params):

@@ -26,9 +26,8 @@ def test_gpt2_forward_backward_and_causality():
   logits = model(tokens)
   assert logits.shape == (2, 16, cfg.vocab_size)
   changed = model(tokens.at[:, 10].set((tokens[:, 10] + 1) % cfg.vocab_size))
-  np.testing.assert_allclose(
-      changed[:, :10], logits[:, :10], atol=1e-6
-  )  # the past ignores the future
+  # the past ignores the future
+  np.testing.assert_allclose(changed[:, :10], logits[:, :10], atol=1e-6)
   assert not np.allclose(changed[:, 10:], logits[:, 10:])
 
   graphdef, state = nnx.split(model)
@@ -98,6 +97,5 @@ def test_vit_forward_backward_and_presets():
   b16 = nnx.eval_shape(
       lambda: models.ViT(models.VIT_PRESETS["b16"], rngs=nnx.Rngs(0))
   )
-  assert (
-      sum(x.size for x in jax.tree.leaves(nnx.split(b16)[1])) == 86_567_656
-  )  # ViT-B/16, 1000 classes
+  # ViT-B/16, 1000 classes
+  assert sum(x.size for x in jax.tree.leaves(nnx.split(b16)[1])) == 86_567_656

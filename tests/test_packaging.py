@@ -29,9 +29,8 @@ def test_the_wheel_holds_only_the_library(tmp_path):
       cwd=tmp_path,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert (
-      "DeprecationWarning" not in proc.stdout + proc.stderr
-  )  # e.g. a TOML-table license
+  # e.g. a TOML-table license
+  assert "DeprecationWarning" not in proc.stdout + proc.stderr
   (wheel,) = tmp_path.glob("galore_optax-*.whl")
   names = zipfile.ZipFile(wheel).namelist()
   top = {n.split("/")[0] for n in names}

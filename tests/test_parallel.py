@@ -88,11 +88,12 @@ def test_subspace_engine_options_on_a_mesh(tmp_path, four_devices):
   reference = train(
       tiny_config(tmp_path, **{**ENGINE, "mesh": None}), verbose=False
   )
+  # lazy refresh acted
   assert (
       summary["refresh"]["svds_saved"]
       == reference.summary["refresh"]["svds_saved"]
       > 0
-  )  # lazy refresh acted
+  )
   # The sketch's Cholesky QR and the moment transport amplify rounding a little
   # more.
   assert _close(params, flat_params(reference.params)) < 5 * ATOL
@@ -113,9 +114,8 @@ def test_fsdp_splits_the_optimizer_state(four_devices, one_device):
   one = one_device[1]["per_device"]
   data = _load(four_devices, "data4")[1]["per_device"]
   fsdp = _load(four_devices, "fsdp4")[1]["per_device"]
-  assert (
-      data["optimizer_state_bytes"] == one["optimizer_state_bytes"]
-  )  # data parallel replicates it
+  # data parallel replicates it
+  assert data["optimizer_state_bytes"] == one["optimizer_state_bytes"]
   # About a quarter: only GaLore's bases on the unsharded side of their matrix,
   # and scalars, stay whole.
   assert (
@@ -146,14 +146,16 @@ def test_galore_state_follows_its_parameters_on_an_explicit_mesh(four_devices):
   # wide (64, 192): split along its 192 columns; std projects from the left (U
   # is 64 x r).
   assert specs["params"]["wide"] == ["None", "fsdp"]
+  # U's rows follow the parameter's (whole) rows
   assert specs["left"]["wide"] == [
       "None",
       "None",
-  ]  # U's rows follow the parameter's (whole) rows
+  ]
+  # the r x 192 moments keep the columns' split
   assert specs["mu"]["wide"] == [
       "None",
       "fsdp",
-  ]  # the r x 192 moments keep the columns' split
+  ]
   # tall (256, 64): split along its 256 rows; std projects from the right (V^T
   # is r x 64).
   assert specs["params"]["tall"] == ["fsdp", "None"]
@@ -166,9 +168,8 @@ def test_refreshes_are_spread_one_device_each(four_devices):
   # Item k on device k mod 4 (reported as 1 + index); item 4 is not due, so it
   # is zeros.
   assert owners["mesh"] == [1, 2, 3, 4, 0, 2]
-  assert owners["pmap"] == [
-      [owner] * 4 for owner in (1, 2, 3, 4, 0, 2)
-  ]  # every device holds every result
+  # every device holds every result
+  assert owners["pmap"] == [[owner] * 4 for owner in (1, 2, 3, 4, 0, 2)]
   # Split matrices (FSDP over either axis) reach their owner whole, with the
   # same round-robin.
   assert len(owners["gathered"]) == 3
@@ -291,6 +292,5 @@ def test_batch_rows_on_a_mesh_that_interleaves_two_processes(tmp_path):
       6,
       7,
   ]
-  assert (
-      results[0]["same"] and results[1]["same"]
-  )  # the assembled batch is the whole batch
+  # the assembled batch is the whole batch
+  assert results[0]["same"] and results[1]["same"]

@@ -94,9 +94,8 @@ def test_svd_runs_in_float32_for_bfloat16():
   rng = np.random.default_rng(5)
   g = jnp.asarray(rng.standard_normal((32, 16)), jnp.bfloat16)
   left, right = subspace.exact_basis(g, 4, False, True)
-  assert (
-      left is None and right.dtype == jnp.float32
-  )  # the refresh checks it, then casts it
+  # the refresh checks it, then casts it
+  assert left is None and right.dtype == jnp.float32
   ref = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)[2][:4]
   np.testing.assert_allclose(
       np.asarray(right, np.float64).T @ np.asarray(right, np.float64),
@@ -107,9 +106,8 @@ def test_svd_runs_in_float32_for_bfloat16():
 
 def test_matrix_view_of_attention_kernel_and_stacked_layers():
   rng = np.random.default_rng(6)
-  x = rng.standard_normal((8, 2, 4)).astype(
-      np.float32
-  )  # (embed, heads, head_dim)
+  # (embed, heads, head_dim)
+  x = rng.standard_normal((8, 2, 4)).astype(np.float32)
   view = projection.matrix_view(x.shape, MatrixAxes(rows=0, cols=(1, 2)))
   assert (view.batch_shape, view.m, view.n) == ((), 8, 8)
   np.testing.assert_array_equal(view.to_matrix(jnp.asarray(x)), x.reshape(8, 8))
@@ -127,9 +125,8 @@ def test_matrix_view_of_attention_kernel_and_stacked_layers():
     ref, _ = np_basis(x[layer], 2, "left")
     np.testing.assert_allclose(np.asarray(left[layer]), ref, atol=1e-5)
 
-  x = rng.standard_normal((4, 6, 5)).astype(
-      np.float32
-  )  # columns first, rows last, batch in the middle
+  # columns first, rows last, batch in the middle
+  x = rng.standard_normal((4, 6, 5)).astype(np.float32)
   view = projection.matrix_view(x.shape, MatrixAxes(rows=2, cols=0))
   np.testing.assert_array_equal(
       view.to_matrix(jnp.asarray(x)), np.transpose(x, (1, 2, 0))

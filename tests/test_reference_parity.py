@@ -136,9 +136,8 @@ def _problem(proj_type, shape_name, steps=8):
   )
   shape = SHAPES[shape_name]
   p0 = rng.standard_normal(shape).astype(np.float32)
-  drift = rng.standard_normal(
-      shape
-  )  # successive gradients, and bases, differ but not wildly
+  # successive gradients, and bases, differ but not wildly
+  drift = rng.standard_normal(shape)
   grads = [
       (drift + 0.5 * rng.standard_normal(shape)).astype(np.float32)
       for _ in range(steps)

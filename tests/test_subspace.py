@@ -54,12 +54,12 @@ def test_fast_methods_agree_with_exact_on_a_spectral_gap(method, sides, shape):
   for side, e, f in zip(("left", "right"), exact, fast):
     assert (e is None) == (f is None)
     if e is not None:
+      # same subspace
       np.testing.assert_allclose(
           _projector(f, side), _projector(e, side), atol=1e-4
-      )  # same subspace
-      np.testing.assert_allclose(
-          np.asarray(f), np.asarray(e), atol=1e-3
-      )  # same vectors: canonical signs
+      )
+      # same vectors: canonical signs
+      np.testing.assert_allclose(np.asarray(f), np.asarray(e), atol=1e-3)
 
 
 def test_randomized_is_reproducible_from_its_seed():
@@ -100,10 +100,11 @@ def test_zero_gradient_gives_an_orthonormal_basis(method):
   right = np.asarray(state.projector.right["w"])
   np.testing.assert_allclose(right @ right.T, np.eye(3), atol=1e-6)
   assert np.all(np.asarray(updates["w"]) == 0)
+  # retried next step
   assert (
       int(state.refresh.skipped["w"]) == 1
       and int(state.refresh.next_step["w"]) == 1
-  )  # retried next step
+  )
 
 
 @pytest.mark.parametrize("method", galore_optax.SVD_METHODS)
@@ -161,9 +162,8 @@ def test_transport_is_exact_for_a_rotation_inside_the_subspace():
   c_left = jnp.asarray(new.T @ old, jnp.float32)
   mu = rng.standard_normal((3, 7)).astype(np.float32)
   moved = moments_lib.transport(jnp.asarray(mu), "first", c_left, None)
-  np.testing.assert_allclose(
-      new @ np.asarray(moved), old @ mu, atol=1e-5
-  )  # same full-space moment
+  # same full-space moment
+  np.testing.assert_allclose(new @ np.asarray(moved), old @ mu, atol=1e-5)
   # a signed permutation (a rotation too) moves second moments exactly, with no
   # fill-in
   perm = np.array([[0, -1, 0], [0, 0, 1], [1, 0, 0]], np.float32)
@@ -192,9 +192,8 @@ def test_moment_policies_end_to_end():
   u, _ = np.linalg.qr(rng.standard_normal((16, 16)))
   v, _ = np.linalg.qr(rng.standard_normal((6, 6)))
   g0 = jnp.asarray((u[:, :6] * [5, 3, 2, 0.1, 0.1, 0.1]) @ v.T, jnp.float32)
-  g1 = jnp.asarray(
-      (u[:, :6] * [3, 5, 2, 0.1, 0.1, 0.1]) @ v.T, jnp.float32
-  )  # top two swapped
+  # top two swapped
+  g1 = jnp.asarray((u[:, :6] * [3, 5, 2, 0.1, 0.1, 0.1]) @ v.T, jnp.float32)
   params = {"w": jnp.zeros((16, 6))}
   results = {}
   for policy in galore_optax.MOMENT_POLICIES:
@@ -208,9 +207,8 @@ def test_moment_policies_end_to_end():
     )
     _, state = tx.update({"w": g1}, state)
     right = np.asarray(state.projector.right["w"])
-    new_part = (
-        np.asarray(g1) @ right.T @ right
-    )  # what this step's gradient adds, in full space
+    # what this step's gradient adds, in full space
+    new_part = np.asarray(g1) @ right.T @ right
     results[policy] = (
         np.asarray(state.inner_state.trace["w"]) @ right - new_part
     )
@@ -229,9 +227,8 @@ def test_transport_refuses_an_inner_state_it_does_not_know():
     galore_optax.scale_by_galore(optax.rmsprop(1e-3), moments="transport")
   with pytest.raises(ValueError, match="unknown moments policy 'forget'"):
     galore_optax.scale_by_galore(moments="forget")
-  galore_optax.scale_by_galore(
-      optax.rmsprop(1e-3), moments="reset"
-  )  # reset needs no kinds
+  # reset needs no kinds
+  galore_optax.scale_by_galore(optax.rmsprop(1e-3), moments="reset")
 
 
 def test_lazy_refresh_doubles_the_interval_up_to_the_cap():
@@ -289,12 +286,10 @@ def test_adaptive_ranks_from_a_known_spectrum():
     return jnp.asarray((u * s) @ v.T, jnp.float32)
 
   grads = {
-      "attn": with_spectrum(
-          64, 48, [1.0] * 20 + [0.0] * 28
-      ),  # 90% energy at k = 18
-      "mlp": with_spectrum(
-          48, 96, [2.0**-i for i in range(48)]
-      ),  # 1 - 4^-k >= 0.9 at k = 2
+      # 90% energy at k = 18
+      "attn": with_spectrum(64, 48, [1.0] * 20 + [0.0] * 28),
+      # 1 - 4^-k >= 0.9 at k = 2
+      "mlp": with_spectrum(48, 96, [2.0**-i for i in range(48)]),
       "norm": jnp.ones(48),
   }
   ranks = galore_optax.adaptive_ranks(grads, energy=0.9, min_rank=1, multiple=1)
@@ -360,9 +355,8 @@ def _hard_inputs():
   u, _ = np.linalg.qr(rng.standard_normal((128, 128)))
   v, _ = np.linalg.qr(rng.standard_normal((128, 128)))
   ill = (u * np.geomspace(1.0, 1 / 6e3, 128)) @ v.T  # condition number 6e3
-  low = rng.standard_normal((32, 4)) @ rng.standard_normal(
-      (4, 32)
-  )  # rank 4, square
+  # rank 4, square
+  low = rng.standard_normal((32, 4)) @ rng.standard_normal((4, 32))
   low_tall = rng.standard_normal((40, 3)) @ rng.standard_normal((3, 24))
   return [
       ("ill_conditioned", ill, 128, 128),
@@ -450,9 +444,8 @@ def test_reset_restarts_adams_bias_correction():
   # With the shared count instead, step 50 would be 0.71 of step 0 (sqrt(1 -
   # b2^51) / sqrt(0.1^2 / 0.001)).
   np.testing.assert_allclose(norms[50], norms[0], rtol=1e-5)
-  assert (
-      int(state[0].leaf_scalars[0]["w"]) == 1
-  )  # the leaf's own Adam count restarted at step 50
+  # the leaf's own Adam count restarted at step 50
+  assert int(state[0].leaf_scalars[0]["w"]) == 1
 
   p0 = rng.standard_normal((12, 6)).astype(np.float32)
   grads = [
@@ -504,6 +497,5 @@ def test_reset_restarts_any_inner_optimizer_per_leaf():
       int(state.leaf_scalars[0]["a"]) == 2
       and int(state.leaf_scalars[0]["b"]) == 1
   )
-  assert (
-      int(state.inner_state.count) == 6
-  )  # the shared count (untargeted leaves) runs on
+  # the shared count (untargeted leaves) runs on
+  assert int(state.inner_state.count) == 6

@@ -113,9 +113,8 @@ def test_gpt2_run_writes_metrics_summary_config_and_plot(tmp_path):
   ):
     assert summary[key] is not None
   assert summary["val_loss"] < summary["unigram_entropy"]
-  assert (
-      json.loads((out / "config.json").read_text())["rank"] == 16
-  )  # d_model // 4
+  # d_model // 4
+  assert json.loads((out / "config.json").read_text())["rank"] == 16
   assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -249,21 +248,19 @@ def test_module_entry_point(tmp_path):
   assert "validation loss" in proc.stdout and "AdamW would hold" in proc.stdout
 
 
-def test_runs_without_out_get_fresh_directories(tmp_path, monkeypatch):
+def test_runs_without_out_get_fresh_directories(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
+  runs = tmp_path / "runs"
   assert main(SMALL) == 0
-  first = (tmp_path / "runs" / "gpt2" / "metrics.jsonl").read_text()
-  assert (
-      main(SMALL) == 0
-  )  # the same command again: a new directory, the first run untouched
-  assert (tmp_path / "runs" / "gpt2-1" / "summary.json").exists()
-  assert (tmp_path / "runs" / "gpt2" / "metrics.jsonl").read_text() == first
-  assert (
-      json.loads((tmp_path / "runs" / "gpt2-1" / "config.json").read_text())[
-          "out"
-      ]
-      == "runs/gpt2-1"
-  )
+  first = (runs / "gpt2" / "metrics.jsonl").read_text()
+  # the same command again: a new directory, the first run untouched
+  assert main(SMALL) == 0
+  assert (runs / "gpt2-1" / "summary.json").exists()
+  assert (runs / "gpt2" / "metrics.jsonl").read_text() == first
+  config = json.loads((runs / "gpt2-1" / "config.json").read_text())
+  assert config["out"] == "runs/gpt2-1"
+  assert main([*SMALL, "--resume"]) == 2  # which run? it must be named
+  assert "--resume needs --out" in capsys.readouterr().err
 
 
 def test_an_out_that_holds_a_run_is_refused_unless_resumed_or_overwritten(
@@ -294,9 +291,8 @@ def test_files_are_replaced_whole(tmp_path):
   path = tmp_path / "summary.json"
   write_atomic(path, "old")
   with pytest.raises(TypeError):
-    write_atomic(
-        path, None
-    )  # fails mid-write: the old file stays, no temporary is left
+    # fails mid-write: the old file stays, no temporary is left
+    write_atomic(path, None)
   assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [
       "summary.json"
   ]
@@ -329,9 +325,8 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path, capsys):
   for a, b in zip(
       jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params)
   ):
-    np.testing.assert_array_equal(
-        np.asarray(a), np.asarray(b)
-    )  # steps 3-6 redone exactly
+    # steps 3-6 redone exactly
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_resume_with_no_intact_checkpoint_says_so(tmp_path, capsys):
@@ -376,9 +371,8 @@ def test_a_diverging_run_ends_with_one_clear_line(tmp_path, capsys):
       r"|no checkpoint was kept)\n",
       err,
   ), err
-  assert (
-      json.loads((out / "config.json").read_text())["lr"] == 1e30
-  )  # the run's files are there
+  # the run's files are there
+  assert json.loads((out / "config.json").read_text())["lr"] == 1e30
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,8 @@ def test_galore_adamw_matches_float64_statement(params, proj_type):
   grads = grad_sequence(params, 7)
   hp = dict(rank=3, scale=0.5, lr=1e-2, weight_decay=0.05, proj_type=proj_type)
   if proj_type == "full":
-    hp.update(
-        b2=0.0, eps=0.1
-    )  # see test_reference_parity: damp noise off the r x r diagonal
+    # see test_reference_parity: damp noise off the r x r diagonal
+    hp.update(b2=0.0, eps=0.1)
   tx = galore_optax.galore_adamw(
       hp["lr"],
       b2=hp.get("b2", 0.999),
@@ -141,10 +140,11 @@ def test_per_leaf_ranks_from_pytree_and_callable_are_clamped(params):
   }
   state = galore_optax.scale_by_galore(rank=ranks).init(params)
   assert state.projector.right["attn"]["kernel"].shape == (2, 8)
+  # clamped to min(8, 24)
   assert state.projector.left["mlp"]["kernel"].shape == (
       8,
       8,
-  )  # clamped to min(8, 24)
+  )
   assert state.inner_state.mu["mlp"]["kernel"].shape == (8, 24)
   state = galore_optax.scale_by_galore(
       rank=lambda path, shape: 1 if "attn" in path else 3
@@ -156,9 +156,8 @@ def test_per_leaf_ranks_from_pytree_and_callable_are_clamped(params):
 def test_attention_kernel_and_stacked_layers_with_matrix_axes():
   rng = np.random.default_rng(7)
   params = {
-      "attn": jnp.asarray(
-          rng.standard_normal((8, 2, 4)), jnp.float32
-      ),  # (embed, heads, head_dim)
+      # (embed, heads, head_dim)
+      "attn": jnp.asarray(rng.standard_normal((8, 2, 4)), jnp.float32),
       "mlp": jnp.asarray(rng.standard_normal((3, 8, 16)), jnp.float32),
   }  # (layers, d_in, d_out)
   axes = {
@@ -170,11 +169,12 @@ def test_attention_kernel_and_stacked_layers_with_matrix_axes():
   )
   state = tx.init(params)
   assert state[0].projector.right["attn"].shape == (2, 8)
+  # one basis per layer
   assert state[0].projector.left["mlp"].shape == (
       3,
       8,
       2,
-  )  # one basis per layer
+  )
   grads = grad_sequence(params, 5)
   trajectory, _ = run(tx, params, grads)
   for layer in range(3):  # each stacked layer behaves as its own GaLore matrix
@@ -234,9 +234,10 @@ def test_every_alias_minimises_a_quadratic_through_its_targeted_leaves(name):
   def train(scale):
     tx = ALIASES[name](rank=4, update_proj_gap=5, scale=scale)
     state = tx.init(params)
+    # found once
     assert isinstance(
         optax.tree.get(state, "projector"), galore_optax.GaLoreProjector
-    )  # found once
+    )
 
     @jax.jit
     def step(p, state):
@@ -282,9 +283,8 @@ def test_lamb_rescales_the_back_projected_adam_direction():
   )
   left, right = np_basis(g, 2, "std")
   r = np_project(g, left, right)
-  d = scale * np_project_back(
-      r / (np.abs(r) + eps), left, right
-  )  # Adam's first step: m_hat / sqrt(v_hat)
+  # Adam's first step: m_hat / sqrt(v_hat)
+  d = scale * np_project_back(r / (np.abs(r) + eps), left, right)
   w = d + wd * p
   np.testing.assert_allclose(
       updates["w"], -lr * np.linalg.norm(p) / np.linalg.norm(w) * w, atol=1e-5
@@ -313,9 +313,8 @@ def test_bfloat16_params_follow_the_float32_run():
   start = np.asarray(params16["attn"]["kernel"], np.float32)
   moved16 = np.asarray(run16[-1]["attn"]["kernel"], np.float32) - start
   moved32 = np.asarray(run32[-1]["attn"]["kernel"]) - start
-  assert (
-      np.abs(moved32).max() > 0.1
-  )  # the float32 run moved the leaf well past bf16 resolution
+  # the float32 run moved the leaf well past bf16 resolution
+  assert np.abs(moved32).max() > 0.1
   # bf16 keeps 8 bits: weights of about 1 round by up to 8e-3 at each step, so
   # the runs agree to about a tenth of the movement, in direction and size.
   assert np.linalg.norm(moved16 - moved32) < 0.1 * np.linalg.norm(moved32)
@@ -343,13 +342,11 @@ def test_weight_decay_acts_on_the_updated_weight():
       **hp,
   )
   p0 = np.asarray(params["attn"]["kernel"], np.float64)
-  step = (
-      ref[0] / (1 - hp["lr"] * hp["weight_decay"]) - p0
-  )  # -lr u of the first step
+  # -lr u of the first step
+  step = ref[0] / (1 - hp["lr"] * hp["weight_decay"]) - p0
   decay_first = p0 * (1 - hp["lr"] * hp["weight_decay"]) + step
-  assert (
-      np.abs(decay_first - ref[0]).max() > 1e-2
-  )  # the two orders are told apart
+  # the two orders are told apart
+  assert np.abs(decay_first - ref[0]).max() > 1e-2
   for t, want in enumerate(ref):
     np.testing.assert_allclose(
         trajectory[t]["attn"]["kernel"], want, atol=1e-5, err_msg=f"step {t}"
@@ -367,15 +364,13 @@ def _dots(tx, params):
 
 def test_projections_run_at_the_requested_precision(params):
   full, other = _dots(galore_optax.galore_adamw(1e-2, rank=3), params)
-  assert (
-      full >= 4 and other == 0
-  )  # project and project_back of two leaves, all in full float32
+  # project and project_back of two leaves, all in full float32
+  assert full >= 4 and other == 0
   full_fast, other_fast = _dots(
       galore_optax.galore_adamw(1e-2, rank=3, precision="default"), params
   )
-  assert (
-      other_fast == 4
-  )  # the projections let XLA choose; the refresh math stays full
+  # the projections let XLA choose; the refresh math stays full
+  assert other_fast == 4
   assert full_fast == full - 4
 
 

@@ -187,6 +187,10 @@ def run_directory(cfg: TrainConfig) -> pathlib.Path:
   refused unless resumed or overwritten.
   """
   if cfg.out is None:
+    if cfg.resume:
+      raise ConfigError(
+          "--resume needs --out: the directory of the run to continue"
+      )
     if jax.process_count() > 1:
       raise ConfigError(
           "a multi-process run needs --out: every process must write to the"
