@@ -127,10 +127,8 @@ def _state_bytes_by_leaf(
         transform_non_params=non_param,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
-  except (
-      ValueError,
-      TypeError,
-  ):  # a transform whose init cannot take map_params' placeholder
+  except (ValueError, TypeError):
+    # a transform whose init cannot take map_params' placeholder
     per_leaf.clear()
     other[0] = sum(_nbytes(x) for x in jax.tree.leaves(state))
   return per_leaf, other[0]

@@ -141,7 +141,7 @@ def np_galore_adamw(
 
 
 # ---------------------------------------------------------------------------
-# parallel runs The tiny GPT-2 runs of test_parallel.py and its 4-device worker.
+# parallel runs: the tiny GPT-2 runs of test_parallel.py and its 4-device worker
 # refreshes at steps 0, 2, 4
 TINY = dict(
     task="gpt2",

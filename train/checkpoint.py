@@ -13,7 +13,6 @@ from __future__ import annotations
 import pathlib
 import shutil
 from typing import Any
-from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -68,9 +67,6 @@ class Checkpointer:
         ),
         force=True,
     )
-
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
 
   def _set_aside(self, step: int) -> pathlib.Path:
     target = self.damaged / str(step)

@@ -234,16 +234,10 @@ class MeshPlacement:
 
     def build(x):
       x = np.asarray(x)
+      # a device's global rows, found among this process's rows
+      own = lambda index: np.searchsorted(rows, np.arange(batch_size)[index[0]])
       shape = (batch_size,) + x.shape[1:]
-      shards = [
-          jax.device_put(
-              x[np.searchsorted(rows, np.arange(batch_size)[index[0]])], device
-          )
-          for device, index in sharding.addressable_devices_indices_map(
-              shape
-          ).items()
-      ]
-      return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+      return jax.make_array_from_callback(shape, sharding, lambda i: x[own(i)])
 
     return jax.tree.map(build, local)
 

@@ -3,6 +3,7 @@ table."""
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import tempfile
@@ -16,14 +17,14 @@ import matplotlib.pyplot as plt
 from galore_optax.memory import human_bytes
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and a rename, so that
-  a crash leaves the old file or the new one, never a torn one."""
+def write_atomic(path: pathlib.Path, content: str | bytes) -> None:
+  """Writes ``content`` to ``path`` through a temporary file and a rename, so
+  that a crash leaves the old file or the new one, never a torn one."""
   path = pathlib.Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(content.encode() if isinstance(content, str) else content)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -68,10 +69,10 @@ def plot_losses(
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp, dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
-  os.replace(tmp, path)
+  write_atomic(path, png.getvalue())
 
 
 def entropy_line(summary: dict) -> Optional[tuple[str, float]]:
