@@ -1,6 +1,7 @@
 """galore_optax: GaLore (Gradient Low-Rank Projection) as composable optax
 transforms."""
 
+from galore_optax.alias import adamw_8bit
 from galore_optax.alias import galore_adafactor
 from galore_optax.alias import galore_adam
 from galore_optax.alias import galore_adamw
@@ -15,6 +16,11 @@ from galore_optax.moments import MOMENT_POLICIES
 from galore_optax.projection import DEFAULT_PRECISION
 from galore_optax.projection import PROJ_TYPES
 from galore_optax.projection import MatrixAxes
+from galore_optax.quantization import CODEBOOKS
+from galore_optax.quantization import QuantizedArray
+from galore_optax.quantization import dequantize
+from galore_optax.quantization import quantize
+from galore_optax.quantization import quantize_state
 from galore_optax.rank import adaptive_ranks
 from galore_optax.refresh import ORTHONORMALITY_TOL
 from galore_optax.refresh import RefreshState

@@ -4,7 +4,8 @@ Each takes ``learning_rate`` (a float or an optax schedule), its optimizer's own
 hyperparameters, and the GaLore keywords of
 :func:`galore_optax.scale_by_galore`: ``rank``, ``update_proj_gap``, ``scale``,
 ``proj_type``, ``targets``, ``matrix_axes``, ``svd``, ``moments``,
-``lazy_refresh``, ``precision`` and ``axis_name``. Weight decay is always
+``lazy_refresh``, ``precision``, ``axis_name``, ``moment_bits`` and
+``projector_bits``. Weight decay is always
 applied to the full weights, never in the subspace; ``mask`` (a pytree of bools
 or a callable on params) selects the leaves it applies to.
 
@@ -25,6 +26,7 @@ import optax
 
 from galore_optax import inner as inner_lib
 from galore_optax import projection
+from galore_optax import quantization
 from galore_optax import subspace
 from galore_optax import targets as targets_lib
 from galore_optax.transform import scale_by_galore
@@ -67,6 +69,8 @@ def galore_adamw(
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
     precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
+    moment_bits: Optional[int] = None,
+    projector_bits: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW, step for step galore-torch's ``GaLoreAdamW``.
 
@@ -101,6 +105,8 @@ def galore_adam(
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
     precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
+    moment_bits: Optional[int] = None,
+    projector_bits: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adam: :func:`galore_adamw` without weight decay."""
   return galore_adamw(
@@ -126,6 +132,8 @@ def galore_sgd(
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
     precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
+    moment_bits: Optional[int] = None,
+    projector_bits: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-SGD: the momentum buffer (``optax.trace``) lives in the subspace.
 
@@ -162,6 +170,8 @@ def galore_lion(
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
     precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
+    moment_bits: Optional[int] = None,
+    projector_bits: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Lion: ``optax.scale_by_lion`` (sign of interpolated momentum) in the
   subspace."""
@@ -206,6 +216,8 @@ def galore_adafactor(
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
     precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
+    moment_bits: Optional[int] = None,
+    projector_bits: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adafactor: factored second moments of the low-rank gradient.
 
@@ -266,6 +278,8 @@ def galore_lamb(
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
     precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
+    moment_bits: Optional[int] = None,
+    projector_bits: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-LAMB: Adam in the subspace; decay and trust ratio in the full space.
 
@@ -277,5 +291,35 @@ def galore_lamb(
       _galore(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), locals()),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_trust_ratio(),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def adamw_8bit(
+    learning_rate: inner_lib.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    mask: Mask = None,
+    *,
+    block_size: int = quantization.DEFAULT_BLOCK_SIZE,
+    min_size: int = quantization.DEFAULT_MIN_SIZE,
+) -> optax.GradientTransformation:
+  """``optax.adamw`` with its moments in 8 bits, the baseline of 8-bit GaLore.
+
+  Adam's ``mu`` and ``nu`` of every leaf with at least ``min_size`` elements
+  are kept block-wise quantized (:func:`galore_optax.quantize_state`: the
+  signed dynamic map for ``mu``, the unsigned one for ``nu``, one float32 scale
+  per ``block_size`` elements), as bitsandbytes' ``AdamW8bit`` keeps them;
+  everything else, defaults included, is ``optax.adamw``'s.
+  """
+  return optax.chain(
+      quantization.quantize_state(
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+          block_size=block_size,
+          min_size=min_size,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

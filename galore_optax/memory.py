@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import optax
 
+from galore_optax import quantization
 from galore_optax import targets as targets_lib
 
 
@@ -91,10 +92,19 @@ def human_bytes(n: int) -> str:
 
 
 def _nbytes(x: Any) -> int:
+  if quantization.is_quantized(x):  # its codes and scales
+    return x.nbytes
   return (
       int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
       if hasattr(x, "dtype")
       else 0
+  )
+
+
+def _total_bytes(tree: Any) -> int:
+  return sum(
+      _nbytes(x)
+      for x in jax.tree.leaves(tree, is_leaf=quantization.is_quantized)
   )
 
 
@@ -115,7 +125,7 @@ def _state_bytes_by_leaf(
     return state_leaf
 
   def non_param(subtree):
-    other[0] += sum(_nbytes(x) for x in jax.tree.leaves(subtree))
+    other[0] += _total_bytes(subtree)
     return subtree
 
   try:
@@ -125,12 +135,13 @@ def _state_bytes_by_leaf(
         state,
         paths,
         transform_non_params=non_param,
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+        or quantization.is_quantized(x),
     )
   except (ValueError, TypeError):
     # a transform whose init cannot take map_params' placeholder
     per_leaf.clear()
-    other[0] = sum(_nbytes(x) for x in jax.tree.leaves(state))
+    other[0] = _total_bytes(state)
   return per_leaf, other[0]
 
 

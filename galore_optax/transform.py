@@ -15,6 +15,7 @@ import optax
 
 from galore_optax import moments as moments_lib
 from galore_optax import projection
+from galore_optax import quantization
 from galore_optax import refresh as refresh_lib
 from galore_optax import sharding
 from galore_optax import subspace
@@ -84,6 +85,8 @@ def scale_by_galore(
     lazy_refresh: Optional[subspace.LazyRefresh] = None,
     precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
     axis_name: Any = None,
+    moment_bits: Optional[int] = None,
+    projector_bits: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore: the ``inner`` transform sees low-rank projections of matrix
   gradients.
@@ -140,6 +143,15 @@ def scale_by_galore(
       update runs under with replicated gradients, to spread the refresh SVDs
       over its devices. Not needed under ``jit`` with ``jax.set_mesh``: the mesh
       is then used (see :mod:`galore_optax.sharding`).
+    moment_bits: None (the inner state in its own dtype) or 8: the inner
+      optimizer's moments, the low-rank ones of targeted leaves and the
+      full-size ones of the others, are kept block-wise in 8 bits
+      (:func:`galore_optax.quantize_state`'s rules; leaves under 4096
+      elements stay as they are).
+    projector_bits: None, 8 or 4: the bases are kept block-wise quantized on
+      a linear grid (INT8, or INT4 packed two a byte; blocks of 256, one float32
+      scale each) and dequantized for the projections; a refresh quantizes its
+      new basis.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -169,6 +181,19 @@ def scale_by_galore(
       axis_name=axis_name,
   )
   n_scalars = 0 if config.scalars is None else len(config.scalars.initial)
+  quantization.check_bits("moment_bits", moment_bits, (None, 8))
+  quantization.check_bits("projector_bits", projector_bits, (None, 8, 4))
+  state_plan = None if moment_bits is None else quantization.state_plan(inner)
+
+  def store_inner(inner_state):
+    if state_plan is None:
+      return inner_state
+    return quantization.quantize_tree(inner_state, state_plan)
+
+  def store_basis(basis):
+    if projector_bits is None or basis.ndim < 2:  # scalars mark unused sides
+      return basis
+    return quantization.quantize(basis, f"linear{projector_bits}")
 
   def plan(tree):
     return targets_lib.plan_leaves(
@@ -229,9 +254,10 @@ def scale_by_galore(
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
         projector=GaLoreProjector(
-            treedef.unflatten(lefts), treedef.unflatten(rights)
+            treedef.unflatten([store_basis(b) for b in lefts]),
+            treedef.unflatten([store_basis(b) for b in rights]),
         ),
-        inner_state=inner.init(treedef.unflatten(proxies)),
+        inner_state=store_inner(inner.init(treedef.unflatten(proxies))),
         refresh=RefreshState(
             next_step=per_leaf(np.int32(0)),
             interval=treedef.unflatten(intervals),
@@ -247,11 +273,14 @@ def scale_by_galore(
     leaves, treedef = jax.tree.flatten(updates)
     flat = treedef.flatten_up_to
     plans = {i: p for i, p in enumerate(plan(updates)) if p is not None}
-    lefts, rights = flat(state.projector.left), flat(state.projector.right)
+    stored_lefts = flat(state.projector.left)
+    stored_rights = flat(state.projector.right)
+    lefts = [quantization.dequantize_tree(b) for b in stored_lefts]
+    rights = [quantization.dequantize_tree(b) for b in stored_rights]
     books = [RefreshState(*b) for b in zip(*(flat(t) for t in state.refresh))]
+    inner_state = quantization.dequantize_tree(state.inner_state)
     slot_leaves = [
-        flat(moments_lib.get_at(state.inner_state, s.path))
-        for s in config.slots
+        flat(moments_lib.get_at(inner_state, s.path)) for s in config.slots
     ]
     scalar_leaves = [flat(t) for t in state.leaf_scalars]
 
@@ -274,6 +303,17 @@ def scale_by_galore(
         config,
     )
     for i, r in records.items():
+      if projector_bits is not None:
+        # Only a leaf that was due has a new basis to quantize: the others
+        # keep their codes, so a stored basis never drifts.
+        due = state.count >= books[i].next_step
+        keep = lambda new, old, due=due: jnp.where(due, new, old)
+        stored_lefts[i] = jax.tree.map(
+            keep, store_basis(r.left), stored_lefts[i]
+        )
+        stored_rights[i] = jax.tree.map(
+            keep, store_basis(r.right), stored_rights[i]
+        )
       lefts[i], rights[i], books[i] = r.left, r.right, r.book
       for column, value in zip(slot_leaves, r.moments):
         column[i] = value
@@ -291,7 +331,6 @@ def scale_by_galore(
       )
 
     # 3. The inner transform, on low-rank and untargeted leaves alike.
-    inner_state = state.inner_state
     for s, column in zip(config.slots, slot_leaves):
       inner_state = moments_lib.set_at(
           inner_state, s.path, treedef.unflatten(column)
@@ -333,12 +372,14 @@ def scale_by_galore(
       )
       out[i] = (scale * p.view.from_matrix(back)).astype(leaves[i].dtype)
 
+    if projector_bits is None:
+      stored_lefts, stored_rights = lefts, rights
     new_state = GaLoreState(
         count=optax.safe_int32_increment(state.count),
         projector=GaLoreProjector(
-            treedef.unflatten(lefts), treedef.unflatten(rights)
+            treedef.unflatten(stored_lefts), treedef.unflatten(stored_rights)
         ),
-        inner_state=inner_state,
+        inner_state=store_inner(inner_state),
         refresh=RefreshState(
             *(treedef.unflatten(list(field)) for field in zip(*books))
         ),

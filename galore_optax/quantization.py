@@ -1,0 +1,377 @@
+"""Block-wise quantized arrays: 8-bit optimizer state and INT8 / INT4 bases.
+
+An array ``x`` is cut into blocks of ``block_size`` consecutive elements in
+row-major order; each block keeps one float32 scale ``absmax = max |x_b|`` and
+one code per element, the index of the codebook value nearest to
+``x / absmax``::
+
+  codes = argmin_k |x / absmax - table[k]|      # uint8 (two per byte at 4 bits)
+  x ~= table[codes] * absmax
+
+Codebooks (:data:`CODEBOOKS`):
+
+- ``dynamic``: Dettmers' dynamic tree map, signed (256 values in [-0.993, 1]):
+  for each decade ``10^-6 .. 10^0`` a linear grid of ``2^i`` fractions, so
+  small magnitudes keep their relative precision. Used for first moments.
+- ``dynamic_unsigned``: the same without a sign bit (twice the fractions per
+  decade, values in [0, 1]). Used for second moments.
+- ``linear8`` / ``linear4``: symmetric linear grids ``k / 127`` and ``k / 7``
+  (INT8, INT4). Used for the GaLore bases, whose entries are spread evenly.
+
+The dynamic maps, the scales and the codes equal those of bitsandbytes'
+``quantize_blockwise``, with these documented differences:
+
+- A value exactly between two codebook entries goes to the lower one (as
+  bitsandbytes' search does); bitsandbytes' CPU kernel (0.50) decides near-ties
+  on a grid of ``2^-15`` of the block's scale, so a value within that distance
+  of a midpoint may get the neighbouring code there (tested: adjacent codes,
+  the input within ``2^-15`` of the midpoint). Its CUDA kernel, like this
+  module, compares distances exactly.
+- A block holding a NaN gets a NaN scale, so the NaN survives a round trip and
+  an optimizer that diverges says so; bitsandbytes' scale skips NaN, and the
+  NaN element comes back as ``-0.993 absmax``. Codes agree (code 0).
+- A block of zeros has scale 0 and every code 0 (bitsandbytes' choice too); it
+  dequantizes to zeros.
+
+Blocks are whole runs of the trailing axes: for a leaf of shape ``(*lead,
+*tail)``, where ``tail`` is the shortest run of trailing axes whose size is a
+multiple of ``block_size``, the codes have shape ``(*lead, n_blocks,
+block_size)`` and the scales ``(*lead, n_blocks)``. On a mesh the codes and
+scales keep the split of the leading axes, and the block axis takes the split of
+the first tail axis, so a block never straddles a shard boundary. A leaf with
+no such run is flattened and its last block padded with zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+from typing import Optional
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec
+
+from galore_optax import moments as moments_lib
+from galore_optax import sharding
+
+DEFAULT_BLOCK_SIZE = 256
+# Smaller state leaves stay in float32, as bitsandbytes keeps them.
+DEFAULT_MIN_SIZE = 4096
+
+
+def _linspace_like_torch(n: int) -> np.ndarray:
+  # n points from 0.1 to 1, rounded as torch.linspace rounds them in float32
+  # (a float32 step, points accumulated in double from both ends), so that
+  # the map below equals bitsandbytes' to the bit.
+  start, end = np.float32(0.1), np.float32(1.0)
+  step = np.float64(np.float32((end - start) / np.float32(n - 1)))
+  i = np.arange(n)
+  points = np.where(
+      i < n // 2,
+      np.float64(start) + step * i,
+      np.float64(end) - step * (n - 1 - i),
+  )
+  return points.astype(np.float32)
+
+
+def dynamic_map(signed: bool = True) -> np.ndarray:
+  """The 256 sorted float32 values of the dynamic tree map.
+
+  Decade ``i = 0..6`` holds the midpoints of a linear grid of ``2^i`` (signed)
+  or ``2^(i+1)`` (unsigned) intervals over ``[0.1, 1]``, times ``10^(i-6)``
+  (and their negatives when signed); 0 and 1 complete the map.
+  """
+  values = [np.float32(0.0), np.float32(1.0)]
+  for decade in range(7):
+    fractions = 2**decade if signed else 2 ** (decade + 1)
+    grid = _linspace_like_torch(fractions + 1)
+    mids = (grid[:-1] + grid[1:]) / np.float32(2)
+    level = np.float32(10.0 ** (decade - 6)) * mids
+    values += list(level) + (list(-level) if signed else [])
+  return np.sort(np.asarray(values, np.float32))
+
+
+def _linear_map(levels: int) -> np.ndarray:
+  k = np.arange(-levels, levels + 1, dtype=np.float64)
+  return (k / levels).astype(np.float32)
+
+
+# name -> (sorted codebook values, bits per code)
+CODEBOOKS = {
+    "dynamic": (dynamic_map(signed=True), 8),
+    "dynamic_unsigned": (dynamic_map(signed=False), 8),
+    "linear8": (_linear_map(127), 8),
+    "linear4": (_linear_map(7), 4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+  """A block-wise quantized array (see the module docstring).
+
+  Attributes:
+    codes: uint8, ``(*lead, n_blocks, block_size)``; at 4 bits ``(*lead,
+      n_blocks, block_size // 2)``, two codes a byte (the first in the high
+      nibble).
+    absmax: float32 scales, ``(*lead, n_blocks)``.
+    shape, dtype: of the array it stands for (static).
+    codebook: a key of :data:`CODEBOOKS` (static).
+    block_size: elements per block (static).
+  """
+
+  codes: jax.Array
+  absmax: jax.Array
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  dtype: str = dataclasses.field(metadata=dict(static=True))
+  codebook: str = dataclasses.field(metadata=dict(static=True))
+  block_size: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def nbytes(self) -> int:
+    return sum(
+        math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        for x in (self.codes, self.absmax)
+    )
+
+
+jax.tree_util.register_dataclass(
+    QuantizedArray,
+    data_fields=["codes", "absmax"],
+    meta_fields=["shape", "dtype", "codebook", "block_size"],
+)
+
+
+def is_quantized(x: Any) -> bool:
+  return isinstance(x, QuantizedArray)
+
+
+def _layout(shape: Sequence[int], block_size: int) -> Optional[int]:
+  """The first tail axis: the last ``k`` axes hold whole blocks from there
+  on; None if no run of trailing axes does (the array is then padded)."""
+  for start in range(len(shape) - 1, -1, -1):
+    if math.prod(shape[start:]) % block_size == 0:
+      return start
+  return None
+
+
+def _blocks_shape(shape, block_size, start):
+  if start is None:
+    return (-(-math.prod(shape) // block_size), block_size)
+  return tuple(shape[:start]) + (
+      math.prod(shape[start:]) // block_size,
+      block_size,
+  )
+
+
+def _mesh_axis_size(x: Any, axis: Any) -> int:
+  mesh = jax.typeof(x).sharding.mesh
+  names = axis if isinstance(axis, tuple) else (axis,)
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def _blocked_spec(x, start, blocks_shape) -> sharding.Spec:
+  """The spec of ``x``'s blocks: the leading axes' splits, and the first tail
+  axis's split on the block axis when every shard holds whole blocks."""
+  spec = sharding.spec_of(x)
+  if spec is None:
+    return None
+  if start is None:
+    return (None, None)
+  first = spec[start]
+  if any(spec[start + 1 :]) or (
+      first is not None and blocks_shape[start] % _mesh_axis_size(x, first) != 0
+  ):
+    first = None
+  return tuple(spec[:start]) + (first, None)
+
+
+def _reshape(x, shape, spec: sharding.Spec):
+  if spec is None:
+    return jnp.reshape(x, shape)
+  return jnp.reshape(x, shape, out_sharding=PartitionSpec(*spec))
+
+
+def _pack4(codes: jax.Array) -> jax.Array:
+  return (codes[..., 0::2] << 4) | codes[..., 1::2]
+
+
+def _unpack4(packed: jax.Array) -> jax.Array:
+  pairs = jnp.stack([packed >> 4, packed & 0x0F], axis=-1)
+  return pairs.reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
+
+
+def quantize(
+    x: jax.Array,
+    codebook: str = "dynamic",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> QuantizedArray:
+  """Quantizes ``x`` block-wise with ``codebook`` (see the module docstring)."""
+  table, bits = CODEBOOKS[codebook]
+  if bits == 4 and block_size % 2:
+    raise ValueError(f"4-bit codes need an even block_size, got {block_size}")
+  shape = tuple(x.shape)
+  start = _layout(shape, block_size)
+  blocks_shape = _blocks_shape(shape, block_size, start)
+  spec = _blocked_spec(x, start, blocks_shape)
+  values = x.astype(jnp.float32)
+  if start is None:
+    flat = values.reshape(-1)
+    pad = math.prod(blocks_shape) - flat.size
+    values = jnp.pad(flat, (0, pad))
+  blocks = _reshape(values, blocks_shape, spec)
+  absmax = jnp.max(jnp.abs(blocks), axis=-1)  # NaN if the block holds one
+  scaled = blocks / absmax[..., None]  # NaN for a block of zeros
+  mids = jnp.asarray((table[:-1] + table[1:]) / np.float32(2))
+  # the count of midpoints below a value is its nearest entry (ties go down)
+  codes = jnp.searchsorted(mids, scaled, side="left")
+  codes = jnp.where(jnp.isnan(scaled), 0, codes).astype(jnp.uint8)
+  if bits == 4:
+    codes = _pack4(codes)
+  return QuantizedArray(
+      codes=codes,
+      absmax=absmax,
+      shape=shape,
+      dtype=np.dtype(x.dtype).name,
+      codebook=codebook,
+      block_size=block_size,
+  )
+
+
+def dequantize(q: QuantizedArray) -> jax.Array:
+  """The array ``q`` stands for: ``table[codes] * absmax``, in ``q.dtype``."""
+  table, bits = CODEBOOKS[q.codebook]
+  codes = _unpack4(q.codes) if bits == 4 else q.codes
+  blocks = jnp.asarray(table)[codes.astype(jnp.int32)] * q.absmax[..., None]
+  start = _layout(q.shape, q.block_size)
+  if start is None:
+    values = blocks.reshape(-1)[: math.prod(q.shape)].reshape(q.shape)
+  else:
+    spec = sharding.spec_of(blocks)
+    if spec is not None:
+      spec = spec[:-1] + (None,) * (len(q.shape) - start - 1)
+    values = _reshape(blocks, q.shape, spec)
+  return values.astype(q.dtype)
+
+
+def dequantize_tree(tree: Any) -> Any:
+  """``tree`` with every :class:`QuantizedArray` dequantized."""
+  return jax.tree.map(
+      lambda x: dequantize(x) if is_quantized(x) else x,
+      tree,
+      is_leaf=is_quantized,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class StatePlan:
+  """Which parts of an optimizer state are quantized, and with what codebook.
+
+  Attributes:
+    slots: ``(path, codebook)`` per params-shaped subtree of the state (its
+      moments, found as :mod:`galore_optax.moments` finds them).
+    block_size: elements per block.
+    min_size: smaller leaves stay as they are.
+  """
+
+  slots: tuple[tuple[tuple[Any, ...], str], ...]
+  block_size: int
+  min_size: int
+
+
+def state_plan(
+    inner: Any,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    min_size: int = DEFAULT_MIN_SIZE,
+) -> StatePlan:
+  """The :class:`StatePlan` of ``inner``'s state: second moments take the
+  unsigned map, every other moment the signed one.
+
+  An inner transform whose init cannot take a placeholder has every large
+  floating leaf of its state quantized with the signed map.
+  """
+  for name, value in (("block_size", block_size), ("min_size", min_size)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  try:
+    slots = moments_lib.find_slots(inner, "reset")
+  except ValueError:
+    return StatePlan((((), "dynamic"),), block_size, min_size)
+  return StatePlan(
+      tuple(
+          (s.path, "dynamic_unsigned" if s.kind == "second" else "dynamic")
+          for s in slots
+      ),
+      block_size,
+      min_size,
+  )
+
+
+def quantize_tree(state: Any, plan: StatePlan) -> Any:
+  """``state`` with the large floating leaves of ``plan``'s slots
+  quantized."""
+
+  def maybe(x, codebook):
+    if (
+        isinstance(x, (jax.Array, np.ndarray))
+        and jnp.issubdtype(x.dtype, jnp.floating)
+        and x.size >= plan.min_size
+    ):
+      return quantize(x, codebook, plan.block_size)
+    return x
+
+  for path, codebook in plan.slots:
+    subtree = moments_lib.get_at(state, path)
+    subtree = jax.tree.map(lambda x, c=codebook: maybe(x, c), subtree)
+    state = moments_lib.set_at(state, path, subtree)
+  return state
+
+
+def check_bits(name: str, bits: Any, allowed: tuple[Any, ...]) -> None:
+  if bits not in allowed or isinstance(bits, bool):
+    raise ValueError(f"{name} must be one of {allowed}, got {bits!r}")
+
+
+def quantize_state(
+    inner: optax.GradientTransformation,
+    bits: int = 8,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    min_size: int = DEFAULT_MIN_SIZE,
+) -> optax.GradientTransformationExtraArgs:
+  """Keeps the moments of a params-free transform ``inner`` in 8 bits.
+
+  Every params-shaped entry of ``inner``'s state (its moments) with at least
+  ``min_size`` elements is stored block-wise quantized: second moments
+  (``nu`` of Adam) with the unsigned dynamic map, the others with the signed
+  one, ``block_size`` elements per float32 scale. ``update`` dequantizes them,
+  runs ``inner`` and quantizes the new state; the updates are ``inner``'s,
+  cast to the gradients' dtypes. The state has ``inner``'s structure with
+  :class:`QuantizedArray` s in place of the large moment arrays.
+
+  Args:
+    inner: a transform that does not read params, e.g.
+      ``optax.scale_by_adam()``.
+    bits: 8 (the only width of the dynamic maps).
+    block_size: elements per block (bitsandbytes' optimizers use 256).
+    min_size: leaves with fewer elements stay in their own dtype.
+  """
+  check_bits("bits", bits, (8,))
+  inner = optax.with_extra_args_support(inner)
+  plan = state_plan(inner, block_size, min_size)
+
+  def init_fn(params):
+    return quantize_tree(inner.init(params), plan)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    out, state = inner.update(
+        updates, dequantize_tree(state), None, **extra_args
+    )
+    out = jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates)
+    return out, quantize_tree(state, plan)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
