@@ -44,9 +44,10 @@ no such run is flattened and its last block padded with zeros.
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
+from typing import NamedTuple
 from typing import Optional
 from typing import Sequence
 
@@ -110,40 +111,54 @@ CODEBOOKS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@jax.tree_util.register_pytree_with_keys_class
 class QuantizedArray:
   """A block-wise quantized array (see the module docstring).
+
+  A pytree whose children are ``codes`` and ``absmax``; the rest is static.
 
   Attributes:
     codes: uint8, ``(*lead, n_blocks, block_size)``; at 4 bits ``(*lead,
       n_blocks, block_size // 2)``, two codes a byte (the first in the high
       nibble).
     absmax: float32 scales, ``(*lead, n_blocks)``.
-    shape, dtype: of the array it stands for (static).
-    codebook: a key of :data:`CODEBOOKS` (static).
-    block_size: elements per block (static).
+    shape, dtype: of the array it stands for.
+    codebook: a key of :data:`CODEBOOKS`.
+    block_size: elements per block.
   """
 
-  codes: jax.Array
-  absmax: jax.Array
-  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  dtype: str = dataclasses.field(metadata=dict(static=True))
-  codebook: str = dataclasses.field(metadata=dict(static=True))
-  block_size: int = dataclasses.field(metadata=dict(static=True))
+  # A plain registered class rather than a dataclass: flax.nnx keeps such
+  # nodes as they are inside an optimizer state.
+  def __init__(self, codes, absmax, shape, dtype, codebook, block_size):
+    self.codes, self.absmax = codes, absmax
+    self.shape, self.dtype = tuple(shape), str(dtype)
+    self.codebook, self.block_size = codebook, block_size
+
+  def _static(self):
+    return (self.shape, self.dtype, self.codebook, self.block_size)
+
+  def tree_flatten_with_keys(self):
+    key = jax.tree_util.GetAttrKey
+    children = ((key("codes"), self.codes), (key("absmax"), self.absmax))
+    return children, self._static()
+
+  @classmethod
+  def tree_unflatten(cls, static, children):
+    return cls(*children, *static)
+
+  def __repr__(self):
+    return (
+        f"QuantizedArray(shape={self.shape}, dtype={self.dtype},"
+        f" codebook={self.codebook!r}, block_size={self.block_size})"
+    )
 
   @property
   def nbytes(self) -> int:
+    """Bytes of the codes and the scales."""
     return sum(
         math.prod(x.shape) * np.dtype(x.dtype).itemsize
         for x in (self.codes, self.absmax)
     )
-
-
-jax.tree_util.register_dataclass(
-    QuantizedArray,
-    data_fields=["codes", "absmax"],
-    meta_fields=["shape", "dtype", "codebook", "block_size"],
-)
 
 
 def is_quantized(x: Any) -> bool:
@@ -258,17 +273,36 @@ def dequantize(q: QuantizedArray) -> jax.Array:
   return values.astype(q.dtype)
 
 
+def _lost_its_type(x: Any) -> bool:
+  return isinstance(x, Mapping) and set(x) == {"codes", "absmax"}
+
+
 def dequantize_tree(tree: Any) -> Any:
-  """``tree`` with every :class:`QuantizedArray` dequantized."""
+  """``tree`` with every :class:`QuantizedArray` dequantized.
+
+  Raises:
+    TypeError: where a quantized array comes back as a mapping of its codes
+      and scales, as flax.nnx's ``Optimizer`` rebuilds it inside a params
+      ``State``: its shape and codebook are lost.
+  """
+
+  def restore(x):
+    if _lost_its_type(x):
+      raise TypeError(
+          "a quantized optimizer-state array came back as a mapping of its"
+          " codes and scales, without its shape and codebook: flax.nnx's"
+          " Optimizer rebuilds the pytree nodes inside a params State. Keep"
+          " the state outside nnx (tx.init / tx.update on nnx.state(model))"
+          " or use moment_bits=None and projector_bits=None with nnx.Optimizer"
+      )
+    return dequantize(x) if is_quantized(x) else x
+
   return jax.tree.map(
-      lambda x: dequantize(x) if is_quantized(x) else x,
-      tree,
-      is_leaf=is_quantized,
+      restore, tree, is_leaf=lambda x: is_quantized(x) or _lost_its_type(x)
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class StatePlan:
+class StatePlan(NamedTuple):
   """Which parts of an optimizer state are quantized, and with what codebook.
 
   Attributes:

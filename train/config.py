@@ -28,6 +28,7 @@ OPTIMIZERS = {
     "galore_lamb": (galore_optax.galore_lamb, 1e-2, "galore"),
     "contrib_galore": (optax.contrib.galore, 1e-2, "contrib"),
     "adamw": (optax.adamw, 3e-3, "full"),
+    "adamw8bit": (galore_optax.adamw_8bit, 3e-3, "full"),
     "adam": (optax.adam, 3e-3, "full"),
     "sgd": (lambda lr, **kw: optax.sgd(lr, momentum=0.9, **kw), 0.1, "full"),
     "adafactor": (optax.adafactor, 1e-2, "full"),
@@ -75,6 +76,12 @@ class TrainConfig:
   )
   lazy_patience: int = _field(
       5, "similar refreshes in a row before a layer's interval doubles"
+  )
+  moment_bits: Optional[int] = _field(
+      None, "GaLore: keep the inner optimizer's moments in 8 bits (8)"
+  )
+  projector_bits: Optional[int] = _field(
+      None, "GaLore: keep the bases block-wise in INT8 or INT4 (8 or 4)"
   )
   lr: Optional[float] = _field(
       None, "peak learning rate (default: per optimizer)"
@@ -172,6 +179,20 @@ class TrainConfig:
           f"unknown moments policy {self.moments!r}; choose one of"
           f" {galore_optax.MOMENT_POLICIES}"
       )
+    for name, allowed in (("moment_bits", (8,)), ("projector_bits", (8, 4))):
+      value = getattr(self, name)
+      if value is None:
+        continue
+      if value not in allowed:
+        raise ValueError(
+            f"--{name.replace('_', '-')} must be one of {allowed}, got {value}"
+        )
+      if not self.uses_galore:
+        raise ValueError(
+            f"--{name.replace('_', '-')} is an option of the galore_*"
+            f" optimizers, not of --optimizer {self.optimizer} (for 8-bit"
+            " AdamW use --optimizer adamw8bit)"
+        )
     if self.mesh_axes not in ("explicit", "auto"):
       raise ValueError(
           f"unknown --mesh-axes {self.mesh_axes!r}; choose 'explicit' or 'auto'"
@@ -247,6 +268,8 @@ class TrainConfig:
         "moments",
         "lazy_threshold",
         "lazy_patience",
+        "moment_bits",
+        "projector_bits",
         "batch_size",
         "seq_len",
         "data",

@@ -128,6 +128,8 @@ def build_optimizer(
         moments=cfg.moments,
         lazy_refresh=lazy,
         axis_name=axis_name,
+        moment_bits=cfg.moment_bits,
+        projector_bits=cfg.projector_bits,
     )
   tx = factory(lr, **kwargs)
   if cfg.clip:
