@@ -44,6 +44,7 @@ no such run is flattened and its last block padded with zeros.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -220,13 +221,63 @@ def _unpack4(packed: jax.Array) -> jax.Array:
   return pairs.reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
 
 
+def _lookup(values: jax.Array, index: jax.Array) -> jax.Array:
+  """``values[index]``, placed like ``index`` on an explicit mesh."""
+  spec = sharding.spec_of(index)
+  if spec is None:
+    return values[index]
+  return values.at[index].get(out_sharding=PartitionSpec(*spec))
+
+
+# A float32's sign, exponent and top 8 mantissa bits name its bucket: an
+# interval of relative width 2^-8, narrower than every gap between codebook
+# midpoints of the same magnitude, so a bucket holds at most one midpoint.
+_BUCKET_SHIFT = 15
+
+
+def _midpoints(codebook: str) -> np.ndarray:
+  table = CODEBOOKS[codebook][0]
+  return (table[:-1] + table[1:]) / np.float32(2)
+
+
+@functools.cache
+def _buckets(codebook: str) -> np.ndarray:
+  """For each bucket, the count of midpoints below its lowest value (uint8)."""
+  mids = _midpoints(codebook)
+  keys = np.arange(2 ** (32 - _BUCKET_SHIFT), dtype=np.uint32) << _BUCKET_SHIFT
+  ends = np.stack([keys, keys | ((1 << _BUCKET_SHIFT) - 1)]).view(np.float32)
+  finite = np.all(np.isfinite(ends), axis=0)
+  lowest, highest = ends.min(axis=0), ends.max(axis=0)
+  below = np.searchsorted(mids, lowest, side="left")
+  inside = np.searchsorted(mids, highest, side="right") - below
+  assert np.all(inside[finite] <= 1), codebook
+  return below.astype(np.uint8)
+
+
+def _nearest(codebook: str, scaled: jax.Array) -> jax.Array:
+  """Index of the ``codebook`` entry nearest to each value: the count of
+  midpoints below it (a tie goes to the lower entry, NaN to 0).
+
+  The value's bucket gives the count below the bucket; one comparison with
+  the next midpoint finishes it. Two table look-ups per value, placed like the
+  values on an explicit mesh.
+  """
+  mids = _midpoints(codebook)
+  key = jax.lax.bitcast_convert_type(scaled, jnp.uint32) >> _BUCKET_SHIFT
+  below = _lookup(jnp.asarray(_buckets(codebook)), key).astype(jnp.int32)
+  n = mids.shape[0]
+  next_mid = _lookup(jnp.asarray(mids), jnp.minimum(below, n - 1))
+  index = below + ((below < n) & (next_mid < scaled)).astype(jnp.int32)
+  return jnp.where(jnp.isnan(scaled), 0, index)
+
+
 def quantize(
     x: jax.Array,
     codebook: str = "dynamic",
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> QuantizedArray:
   """Quantizes ``x`` block-wise with ``codebook`` (see the module docstring)."""
-  table, bits = CODEBOOKS[codebook]
+  bits = CODEBOOKS[codebook][1]
   if bits == 4 and block_size % 2:
     raise ValueError(f"4-bit codes need an even block_size, got {block_size}")
   shape = tuple(x.shape)
@@ -241,10 +292,7 @@ def quantize(
   blocks = _reshape(values, blocks_shape, spec)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)  # NaN if the block holds one
   scaled = blocks / absmax[..., None]  # NaN for a block of zeros
-  mids = jnp.asarray((table[:-1] + table[1:]) / np.float32(2))
-  # the count of midpoints below a value is its nearest entry (ties go down)
-  codes = jnp.searchsorted(mids, scaled, side="left")
-  codes = jnp.where(jnp.isnan(scaled), 0, codes).astype(jnp.uint8)
+  codes = _nearest(codebook, scaled).astype(jnp.uint8)
   if bits == 4:
     codes = _pack4(codes)
   return QuantizedArray(
@@ -261,7 +309,8 @@ def dequantize(q: QuantizedArray) -> jax.Array:
   """The array ``q`` stands for: ``table[codes] * absmax``, in ``q.dtype``."""
   table, bits = CODEBOOKS[q.codebook]
   codes = _unpack4(q.codes) if bits == 4 else q.codes
-  blocks = jnp.asarray(table)[codes.astype(jnp.int32)] * q.absmax[..., None]
+  blocks = _lookup(jnp.asarray(table), codes.astype(jnp.int32))
+  blocks = blocks * q.absmax[..., None]
   start = _layout(q.shape, q.block_size)
   if start is None:
     values = blocks.reshape(-1)[: math.prod(q.shape)].reshape(q.shape)

@@ -163,6 +163,25 @@ def test_galore_state_follows_its_parameters_on_an_explicit_mesh(four_devices):
   assert specs["mu"]["tall"] == ["fsdp", "None"]
 
 
+def test_quantized_state_is_split_with_its_parameter(four_devices):
+  specs = json.loads((four_devices / "quantized.json").read_text())
+  # std: the low-rank moments lie along each matrix's larger side, which fsdp
+  # splits; their codes and scales keep that split, block by block.
+  assert specs["params"] == {"wide": ["None", "fsdp"], "tall": ["fsdp", "None"]}
+  assert specs["mu"]["wide"] == {
+      "codes": ["None", "fsdp", "None"],  # (16, 4 blocks, 256)
+      "absmax": ["None", "fsdp"],
+  }
+  assert specs["mu"]["tall"] == {
+      "codes": ["fsdp", "None"],  # (1024 x 16 / 256 blocks, 256)
+      "absmax": ["fsdp"],
+  }
+  # the bases lie on each matrix's unsplit side: whole on every device
+  assert specs["left"] == ["None", "None"]
+  assert specs["right"] == ["None", "None", "None"]
+  assert specs["max_difference"] < 1e-3 * specs["moved"]
+
+
 def test_refreshes_are_spread_one_device_each(four_devices):
   owners = json.loads((four_devices / "spread.json").read_text())
   # Item k on device k mod 4 (reported as 1 + index); item 4 is not due, so it

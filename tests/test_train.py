@@ -193,6 +193,15 @@ def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
             "--seq-len 4096 exceeds the max_len of preset 'tiny', 128",
         ),
         (["--compare", "galore_adamw,nope"], "unknown optimizer 'nope'"),
+        (["--moment-bits", "4"], "--moment-bits must be one of (8,), got 4"),
+        (
+            ["--projector-bits", "2"],
+            "--projector-bits must be one of (8, 4), got 2",
+        ),
+        (
+            ["--optimizer", "adamw", "--moment-bits", "8"],
+            "--moment-bits is an option of the galore_* optimizers",
+        ),
         (
             ["--optimizer", "contrib_galore", "--resume"],
             "contrib_galore's state holds zero-size arrays",
