@@ -245,6 +245,8 @@ def test_every_alias_takes_every_galore_keyword(params, name):
       lazy_refresh=lazy,
       precision="default",
       axis_name=None,
+      moment_bits=8,  # tested on matrices large enough: test_quantization.py
+      projector_bits=8,
   )
   assert set(options) == set(galore) - {"inner"}
   state = galore_optax.transform.galore_states(
@@ -257,6 +259,7 @@ def test_every_alias_takes_every_galore_keyword(params, name):
   # matrix_axes (1, 0) sees attn/kernel as 8 x 16, where reverse_std keeps V_r^T
   # (2 x 16)
   assert state.projector.right["attn"]["kernel"].shape == (2, 16)
+  assert state.projector.right["attn"]["kernel"].codebook == "linear8"
   if (
       name != "galore_sgd"
   ):  # plain galore_sgd runs optax.identity(), which has no state

@@ -218,6 +218,34 @@ def test_galore_quantized_state_layout_and_bytes():
   assert quantized.state_bytes < 0.3 * plain.state_bytes
 
 
+ALIASES = (
+    "galore_adamw",
+    "galore_adam",
+    "galore_sgd",
+    "galore_adafactor",
+    "galore_lion",
+    "galore_lamb",
+)
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_every_alias_quantizes_its_inner_state(name):
+  extra = dict(momentum=0.9) if name == "galore_sgd" else {}
+  alias = getattr(galore_optax, name)
+  state = alias(1e-2, rank=16, moment_bits=8, **extra).init(_big_params())
+  galore = galore_optax.transform.galore_states(state)[0]
+  codebooks = {
+      x.codebook
+      for x in jax.tree.leaves(
+          galore.inner_state, is_leaf=quantization.is_quantized
+      )
+      if quantization.is_quantized(x)
+  }
+  assert "dynamic" in codebooks
+  if name in ("galore_adamw", "galore_adam", "galore_lamb"):
+    assert "dynamic_unsigned" in codebooks  # Adam's nu
+
+
 @pytest.mark.parametrize("moments", galore_optax.MOMENT_POLICIES)
 def test_galore_8bit_follows_float32_galore(moments):
   params = _big_params()
