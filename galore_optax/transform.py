@@ -304,15 +304,24 @@ def scale_by_galore(
     )
     for i, r in records.items():
       if projector_bits is not None:
-        # Only a leaf that was due has a new basis to quantize: the others
-        # keep their codes, so a stored basis never drifts.
+        # A due leaf's new basis is quantized once; the others keep their
+        # codes, so a stored basis never drifts. What is stored is what the
+        # projections use.
         due = state.count >= books[i].next_step
-        keep = lambda new, old, due=due: jnp.where(due, new, old)
-        stored_lefts[i] = jax.tree.map(
-            keep, store_basis(r.left), stored_lefts[i]
+        stored_lefts[i], stored_rights[i] = (
+            jax.tree.map(
+                lambda new, old, due=due: jnp.where(due, new, old),
+                store_basis(new),
+                old,
+            )
+            for new, old in (
+                (r.left, stored_lefts[i]),
+                (r.right, stored_rights[i]),
+            )
         )
-        stored_rights[i] = jax.tree.map(
-            keep, store_basis(r.right), stored_rights[i]
+        r = records[i] = r._replace(
+            left=quantization.dequantize_tree(stored_lefts[i]),
+            right=quantization.dequantize_tree(stored_rights[i]),
         )
       lefts[i], rights[i], books[i] = r.left, r.right, r.book
       for column, value in zip(slot_leaves, r.moments):

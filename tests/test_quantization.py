@@ -247,18 +247,26 @@ def test_every_alias_quantizes_its_inner_state(name):
 
 
 @pytest.mark.parametrize("moments", galore_optax.MOMENT_POLICIES)
-def test_galore_8bit_follows_float32_galore(moments):
+def test_galore_quantized_follows_float32_galore(moments):
   params = _big_params()
   grads = grad_sequence(params, 8)
-  make = lambda **kw: _galore(moments=moments, **kw)
-  quantized, state = run(make(), params, grads)
+  make = lambda **kw: _galore(moments=moments, **{**QUANTIZED, **kw})
   plain, _ = run(make(moment_bits=None, projector_bits=None), params, grads)
-  for name in ("attn", "mlp"):
-    start = params[name]["kernel"]
-    moved = plain[-1][name]["kernel"] - start
-    gap = quantized[-1][name]["kernel"] - plain[-1][name]["kernel"]
-    assert np.linalg.norm(gap) < 0.1 * np.linalg.norm(moved), name
-  assert int(galore_optax.bases_computed(state)) == 3 * 2  # steps 0, 3, 6
+  # After 8 steps (3 refreshes), the distance to float32 GaLore's weights as a
+  # share of the distance they moved; measured about 1%, 2% and 17%: an INT4
+  # basis turns each update by its 5% projection error.
+  for bits, bound in (
+      (dict(projector_bits=None), 0.03),
+      (dict(moment_bits=None, projector_bits=8), 0.05),
+      (dict(), 0.3),
+  ):
+    quantized, state = run(make(**bits), params, grads)
+    for name in ("attn", "mlp"):
+      start = params[name]["kernel"]
+      moved = plain[-1][name]["kernel"] - start
+      gap = quantized[-1][name]["kernel"] - plain[-1][name]["kernel"]
+      assert np.linalg.norm(gap) < bound * np.linalg.norm(moved), (bits, name)
+    assert int(galore_optax.bases_computed(state)) == 3 * 2  # steps 0, 3, 6
 
 
 def test_galore_one_compilation_and_bases_kept_between_refreshes():
