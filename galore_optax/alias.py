@@ -10,9 +10,10 @@ applied to the full weights, never in the subspace; ``mask`` (a pytree of bools
 or a callable on params) selects the leaves it applies to.
 
 With ``optax.inject_hyperparams`` list ``rank``, ``update_proj_gap`` and
-``proj_type`` (and ``targets`` or ``matrix_axes`` if they are callables) in
-``static_args``; the learning rate, ``scale`` and the float hyperparameters can
-then be changed between steps.
+``proj_type`` (and ``targets`` or ``matrix_axes`` if they are callables, and
+``moment_bits`` and ``projector_bits`` if set) in ``static_args``; the learning
+rate, ``scale`` and the float hyperparameters can then be changed between
+steps.
 """
 
 from __future__ import annotations

@@ -381,6 +381,7 @@ def state_plan(
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}")
   try:
+    # every params-shaped subtree, whatever its kind ('reset' refuses none)
     slots = moments_lib.find_slots(inner, "reset")
   except ValueError:
     return StatePlan((((), "dynamic"),), block_size, min_size)
@@ -415,7 +416,15 @@ def quantize_tree(state: Any, plan: StatePlan) -> Any:
 
 
 def check_bits(name: str, bits: Any, allowed: tuple[Any, ...]) -> None:
-  if bits not in allowed or isinstance(bits, bool):
+  """Refuses a bit width outside ``allowed`` or one that is not a Python int
+  (under ``optax.inject_hyperparams`` it must be a static arg)."""
+  if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)):
+    raise TypeError(
+        f"{name} must be a Python int or None, got {bits!r}: it fixes the"
+        f" state's layout, so with optax.inject_hyperparams list {name!r} in"
+        " static_args"
+    )
+  if bits not in allowed:
     raise ValueError(f"{name} must be one of {allowed}, got {bits!r}")
 
 

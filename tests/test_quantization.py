@@ -343,6 +343,11 @@ def test_bad_bits_are_refused():
     galore_optax.galore_adamw(1e-2, moment_bits=4)
   with pytest.raises(ValueError, match="projector_bits must be one of"):
     galore_optax.scale_by_galore(projector_bits=2)
+  injected = optax.inject_hyperparams(
+      galore_optax.galore_adamw, static_args=("rank", "update_proj_gap")
+  )
+  with pytest.raises(TypeError, match="list 'moment_bits' in static_args"):
+    injected(learning_rate=1e-2, moment_bits=8).init(_big_params())
 
 
 def test_training_resumes_exactly_with_quantized_state(tmp_path):
