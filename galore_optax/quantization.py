@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
 from typing import Optional
@@ -322,33 +321,47 @@ def dequantize(q: QuantizedArray) -> jax.Array:
   return values.astype(q.dtype)
 
 
-def _lost_its_type(x: Any) -> bool:
-  return isinstance(x, Mapping) and set(x) == {"codes", "absmax"}
-
-
 def dequantize_tree(tree: Any) -> Any:
-  """``tree`` with every :class:`QuantizedArray` dequantized.
-
-  Raises:
-    TypeError: where a quantized array comes back as a mapping of its codes
-      and scales, as flax.nnx's ``Optimizer`` rebuilds it inside a params
-      ``State``: its shape and codebook are lost.
-  """
-
-  def restore(x):
-    if _lost_its_type(x):
-      raise TypeError(
-          "a quantized optimizer-state array came back as a mapping of its"
-          " codes and scales, without its shape and codebook: flax.nnx's"
-          " Optimizer rebuilds the pytree nodes inside a params State. Keep"
-          " the state outside nnx (tx.init / tx.update on nnx.state(model))"
-          " or use moment_bits=None and projector_bits=None with nnx.Optimizer"
-      )
-    return dequantize(x) if is_quantized(x) else x
-
+  """``tree`` with every :class:`QuantizedArray` dequantized."""
   return jax.tree.map(
-      restore, tree, is_leaf=lambda x: is_quantized(x) or _lost_its_type(x)
+      lambda x: dequantize(x) if is_quantized(x) else x,
+      tree,
+      is_leaf=is_quantized,
   )
+
+
+def _child(node: Any, key: Any) -> Any:
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return getattr(node, key.name)
+  if isinstance(key, jax.tree_util.DictKey):
+    return node[key.key]
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return node[key.idx]
+  raise TypeError(f"cannot follow the pytree key {key!r} in {type(node)}")
+
+
+def restore_quantized(tree: Any, like: Any) -> Any:
+  """``tree`` in the structure of ``like``, its abstract twin (e.g.
+  ``jax.eval_shape(tx.init, updates)``), with each :class:`QuantizedArray` of
+  ``like`` rebuilt where ``tree`` holds only a mapping of its codes and
+  scales.
+
+  flax.nnx's ``Optimizer`` hands the state back so: it rebuilds the nodes
+  inside a params ``State`` from their paths, which keeps the arrays but drops
+  a node's type and static fields.
+  """
+  nodes, treedef = jax.tree_util.tree_flatten_with_path(
+      like, is_leaf=is_quantized
+  )
+  restored = []
+  for path, twin in nodes:
+    value = tree
+    for key in path:
+      value = _child(value, key)
+    if is_quantized(twin) and not is_quantized(value):
+      value = QuantizedArray(value["codes"], value["absmax"], *twin._static())
+    restored.append(value)
+  return jax.tree_util.tree_unflatten(treedef, restored)
 
 
 class StatePlan(NamedTuple):
@@ -460,6 +473,7 @@ def quantize_state(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
+    state = restore_quantized(state, jax.eval_shape(init_fn, updates))
     out, state = inner.update(
         updates, dequantize_tree(state), None, **extra_args
     )

@@ -270,6 +270,11 @@ def scale_by_galore(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params  # the inner transform works on projected shapes
+    if state_plan is not None or projector_bits is not None:
+      # flax.nnx.Optimizer may hand quantized nodes back as bare mappings
+      state = quantization.restore_quantized(
+          state, jax.eval_shape(init_fn, updates)
+      )
     leaves, treedef = jax.tree.flatten(updates)
     flat = treedef.flatten_up_to
     plans = {i: p for i, p in enumerate(plan(updates)) if p is not None}
