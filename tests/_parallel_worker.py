@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from helpers import ENGINE
 from helpers import LAYOUTS
+from helpers import QUANTIZED
 from helpers import RESUMED
 from helpers import VIT
 from helpers import flat_params
@@ -206,6 +207,13 @@ def main(out: pathlib.Path) -> None:
   )
   save(
       out, "vit", train(tiny_config(out / "runs" / "vit", **VIT), verbose=False)
+  )
+  save(
+      out,
+      "quantized",
+      train(
+          tiny_config(out / "runs" / "quantized", **QUANTIZED), verbose=False
+      ),
   )
   # Checkpoint under fsdp=4, resume under data=2,fsdp=2.
   first, second = RESUMED

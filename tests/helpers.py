@@ -173,6 +173,8 @@ ENGINE = dict(
 )
 # ViT on digits: images split over the mesh
 VIT = dict(task="vit", mesh="data=2,fsdp=2")
+# 8-bit moments and INT4 bases, split over fsdp
+QUANTIZED = dict(mesh="fsdp=4", moment_bits=8, projector_bits=4)
 # 3 steps on the first, the rest on the second
 RESUMED = (
     dict(mesh="fsdp=4"),
