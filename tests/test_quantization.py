@@ -91,7 +91,7 @@ def test_codes_and_scales_equal_bitsandbytes(codebook):
 def test_round_trip_takes_the_nearest_entry(codebook):
   table, bits = quantization.CODEBOOKS[codebook]
   rng = np.random.default_rng(1)
-  x = rng.standard_normal((48, 320)).astype(np.float32)  # padded layout
+  x = rng.standard_normal((37, 300)).astype(np.float32)  # 11100: padded
   if codebook == "dynamic_unsigned":
     x = x**2
   q = galore_optax.quantize(jnp.asarray(x), codebook)
