@@ -4,9 +4,10 @@ simulated CPU devices.
 ``python tests/_parallel_worker.py OUT``: for each layout, writes
 ``OUT/<name>.npz`` (the final parameters, keyed by path) and ``OUT/<name>.json``
 (the run's summary), plus ``OUT/shardings.json`` (the specs that galore_adamw's
-state takes under an explicit mesh) and ``OUT/spread.json`` (which device
-computed which refresh) and ``OUT/blas.json`` (the BLAS thread counts before the
-runs).
+state takes under an explicit mesh), ``OUT/quantized.json`` (the same for
+quantized state, and its distance to one device), ``OUT/spread.json`` (which
+device computed which refresh) and ``OUT/blas.json`` (the BLAS thread counts
+before the runs).
 """
 
 import json
@@ -210,7 +211,7 @@ def main(out: pathlib.Path) -> None:
   )
   save(
       out,
-      "quantized",
+      "quantized_run",
       train(
           tiny_config(out / "runs" / "quantized", **QUANTIZED), verbose=False
       ),

@@ -188,7 +188,7 @@ def test_quantized_state_trains_on_a_mesh_like_one_device(
 ):
   one = dict(QUANTIZED, mesh=None)
   reference = train(tiny_config(tmp_path / "one", **one), verbose=False)
-  meshed, summary = _load(four_devices, "quantized")
+  meshed, summary = _load(four_devices, "quantized_run")
   # a code can flip where float32 sums differ in order: a looser bound
   assert _close(meshed, flat_params(reference.params)) < 1e-4
   per_device = summary["per_device"]["optimizer_state_bytes"]

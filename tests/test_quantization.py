@@ -285,7 +285,7 @@ def test_galore_one_compilation_and_bases_kept_between_refreshes():
   assert changed == [3, 6]  # the refreshes; the codes never drift between
 
 
-def test_galore_quantized_in_optax_wrappers_and_nnx():
+def test_galore_quantized_in_optax_wrappers():
   params = _big_params()
   grads = grad_sequence(params, 4)
   direct, _ = run(_galore(), params, grads[:2])
@@ -314,6 +314,29 @@ def test_galore_quantized_in_optax_wrappers_and_nnx():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+_NNX_INPUT = np.random.default_rng(6).standard_normal((8, 64))
+
+
+def _nnx_loss(model):
+  return jnp.mean((model(jnp.asarray(_NNX_INPUT)) - 1.0) ** 2)
+
+
+def _train_with_nnx_optimizer(tx, steps=8):
+  """A Linear(64, 256) trained under nnx.Optimizer; (model, optimizer,
+  losses)."""
+  model = nnx.Linear(64, 256, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(_nnx_loss)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(train_step(model, optimizer)) for _ in range(steps)]
+  return model, optimizer, losses
+
+
 def test_flax_nnx_optimizer_with_quantized_state():
   # nnx.Optimizer rebuilds the nodes inside a params State from their paths;
   # the transforms put each QuantizedArray back together from its twin.
@@ -324,18 +347,7 @@ def test_flax_nnx_optimizer_with_quantized_state():
       targets=lambda p: jax.tree.map(lambda x: x.ndim == 2, p),
       **QUANTIZED,
   )
-  x = jnp.asarray(np.random.default_rng(6).standard_normal((8, 64)))
-  loss_fn = lambda m: jnp.mean((m(x) - 1.0) ** 2)
-  model = nnx.Linear(64, 256, rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
-
-  @nnx.jit
-  def train_step(model, optimizer):
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
-  losses = [float(train_step(model, optimizer)) for _ in range(8)]
+  model, optimizer, losses = _train_with_nnx_optimizer(make_tx())
   assert losses[-1] < 0.9 * losses[0]
   # codes are held in the nnx state
   held = jax.tree.leaves(nnx.state(optimizer, nnx.optimizer.OptState))
@@ -347,7 +359,7 @@ def test_flax_nnx_optimizer_with_quantized_state():
 
   @jax.jit
   def functional_step(params, state):
-    grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p)))(params)
+    grads = jax.grad(lambda p: _nnx_loss(nnx.merge(graphdef, p)))(params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
@@ -363,19 +375,7 @@ def test_flax_nnx_optimizer_with_quantized_state():
 
 
 def test_adamw_8bit_in_nnx_optimizer():
-  model = nnx.Linear(64, 256, rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, galore_optax.adamw_8bit(1e-2), wrt=nnx.Param)
-  x = jnp.ones((8, 64))
-
-  @nnx.jit
-  def train_step(model, optimizer):
-    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - 1.0) ** 2))(
-        model
-    )
-    optimizer.update(model, grads)
-    return loss
-
-  losses = [float(train_step(model, optimizer)) for _ in range(8)]
+  _, _, losses = _train_with_nnx_optimizer(galore_optax.adamw_8bit(1e-2))
   assert losses[-1] < 0.5 * losses[0]
 
 
