@@ -101,13 +101,6 @@ def _nbytes(x: Any) -> int:
   )
 
 
-def _total_bytes(tree: Any) -> int:
-  return sum(
-      _nbytes(x)
-      for x in jax.tree.leaves(tree, is_leaf=quantization.is_quantized)
-  )
-
-
 def _state_bytes_by_leaf(
     optimizer: optax.GradientTransformation, params: Any
 ) -> tuple[dict[str, int], int]:
@@ -125,7 +118,7 @@ def _state_bytes_by_leaf(
     return state_leaf
 
   def non_param(subtree):
-    other[0] += _total_bytes(subtree)
+    other[0] += sum(_nbytes(x) for x in jax.tree.leaves(subtree))
     return subtree
 
   try:
@@ -141,7 +134,7 @@ def _state_bytes_by_leaf(
   except (ValueError, TypeError):
     # a transform whose init cannot take map_params' placeholder
     per_leaf.clear()
-    other[0] = _total_bytes(state)
+    other[0] = sum(_nbytes(x) for x in jax.tree.leaves(state))
   return per_leaf, other[0]
 
 

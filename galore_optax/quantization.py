@@ -22,11 +22,11 @@ The dynamic maps, the scales and the codes equal those of bitsandbytes'
 ``quantize_blockwise``, with these documented differences:
 
 - A value exactly between two codebook entries goes to the lower one (as
-  bitsandbytes' search does); bitsandbytes' CPU kernel (0.50) decides near-ties
-  on a grid of ``2^-15`` of the block's scale, so a value within that distance
-  of a midpoint may get the neighbouring code there (tested: adjacent codes,
-  the input within ``2^-15`` of the midpoint). Its CUDA kernel, like this
-  module, compares distances exactly.
+  bitsandbytes' search does). bitsandbytes' CPU kernel (0.50) picks the entry
+  nearest to the value rounded to a grid of ``2^-15`` of the block's scale, so
+  near a midpoint it may pick another entry, never more than ``2^-15``
+  farther from the value than the nearest (tested). Its CUDA kernel, like
+  this module, compares distances exactly.
 - A block holding a NaN gets a NaN scale, so the NaN survives a round trip and
   an optimizer that diverges says so; bitsandbytes' scale skips NaN, and the
   NaN element comes back as ``-0.993 absmax``. Codes agree (code 0).
@@ -249,7 +249,8 @@ def _buckets(codebook: str) -> np.ndarray:
   lowest, highest = ends.min(axis=0), ends.max(axis=0)
   below = np.searchsorted(mids, lowest, side="left")
   inside = np.searchsorted(mids, highest, side="right") - below
-  assert np.all(inside[finite] <= 1), codebook
+  if np.any(inside[finite] > 1):  # a codebook finer than the buckets
+    raise ValueError(f"codebook {codebook!r} has two midpoints in a bucket")
   return below.astype(np.uint8)
 
 
@@ -276,6 +277,10 @@ def quantize(
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> QuantizedArray:
   """Quantizes ``x`` block-wise with ``codebook`` (see the module docstring)."""
+  if codebook not in CODEBOOKS:
+    raise ValueError(
+        f"unknown codebook {codebook!r}; expected one of {tuple(CODEBOOKS)}"
+    )
   bits = CODEBOOKS[codebook][1]
   if bits == 4 and block_size % 2:
     raise ValueError(f"4-bit codes need an even block_size, got {block_size}")
