@@ -209,13 +209,15 @@ def main(out: pathlib.Path) -> None:
   save(
       out, "vit", train(tiny_config(out / "runs" / "vit", **VIT), verbose=False)
   )
-  save(
-      out,
-      "quantized_run",
-      train(
-          tiny_config(out / "runs" / "quantized", **QUANTIZED), verbose=False
-      ),
-  )
+  for name, layout in (
+      ("quantized_run", QUANTIZED),
+      ("quantized_pmap", dict(QUANTIZED, mesh=None, parallel="pmap")),
+  ):
+    save(
+        out,
+        name,
+        train(tiny_config(out / "runs" / name, **layout), verbose=False),
+    )
   # Checkpoint under fsdp=4, resume under data=2,fsdp=2.
   first, second = RESUMED
   cfg = tiny_config(out / "runs" / "resumed", **first)

@@ -183,14 +183,16 @@ def test_quantized_state_is_split_with_its_parameter(four_devices):
   assert specs["max_difference"] < 1e-3 * specs["moved"]
 
 
-def test_quantized_state_trains_on_a_mesh_like_one_device(
+def test_quantized_state_trains_on_a_mesh_and_pmap_like_one_device(
     tmp_path, four_devices
 ):
   one = dict(QUANTIZED, mesh=None)
   reference = train(tiny_config(tmp_path / "one", **one), verbose=False)
   meshed, summary = _load(four_devices, "quantized_run")
+  pmapped, _ = _load(four_devices, "quantized_pmap")
   # a code can flip where float32 sums differ in order: a looser bound
   assert _close(meshed, flat_params(reference.params)) < 1e-4
+  assert _close(pmapped, flat_params(reference.params)) < 1e-4
   per_device = summary["per_device"]["optimizer_state_bytes"]
   whole = reference.summary["per_device"]["optimizer_state_bytes"]
   assert per_device < 0.4 * whole  # codes and scales split with the params
