@@ -25,8 +25,7 @@ The dynamic maps, the scales and the codes equal those of bitsandbytes'
   bitsandbytes' search does). bitsandbytes' CPU kernel (0.50) picks the entry
   nearest to the value rounded to a grid of ``2^-15`` of the block's scale, so
   near a midpoint it may pick another entry, never more than ``2^-15``
-  farther from the value than the nearest (tested). Its CUDA kernel, like
-  this module, compares distances exactly.
+  farther from the value than the nearest (measured and tested).
 - A block holding a NaN gets a NaN scale, so the NaN survives a round trip and
   an optimizer that diverges says so; bitsandbytes' scale skips NaN, and the
   NaN element comes back as ``-0.993 absmax``. Codes agree (code 0).
