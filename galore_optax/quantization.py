@@ -60,6 +60,9 @@ from galore_optax import moments as moments_lib
 from galore_optax import sharding
 
 DEFAULT_BLOCK_SIZE = 256
+# The widths offered: 8-bit moments (the dynamic maps), INT8 or INT4 bases.
+MOMENT_BITS = (8,)
+PROJECTOR_BITS = (8, 4)
 # Smaller state leaves stay in float32, as bitsandbytes keeps them.
 DEFAULT_MIN_SIZE = 4096
 
@@ -468,7 +471,7 @@ def quantize_state(
     block_size: elements per block (bitsandbytes' optimizers use 256).
     min_size: leaves with fewer elements stay in their own dtype.
   """
-  check_bits("bits", bits, (8,))
+  check_bits("bits", bits, MOMENT_BITS)
   inner = optax.with_extra_args_support(inner)
   plan = state_plan(inner, block_size, min_size)
 

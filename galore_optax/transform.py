@@ -181,8 +181,12 @@ def scale_by_galore(
       axis_name=axis_name,
   )
   n_scalars = 0 if config.scalars is None else len(config.scalars.initial)
-  quantization.check_bits("moment_bits", moment_bits, (None, 8))
-  quantization.check_bits("projector_bits", projector_bits, (None, 8, 4))
+  quantization.check_bits(
+      "moment_bits", moment_bits, (None, *quantization.MOMENT_BITS)
+  )
+  quantization.check_bits(
+      "projector_bits", projector_bits, (None, *quantization.PROJECTOR_BITS)
+  )
   state_plan = None if moment_bits is None else quantization.state_plan(inner)
 
   def store_inner(inner_state):

@@ -6,20 +6,25 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def random_params(shapes, seed=0, scale=1.0, dtype=jnp.float32):
+  """Standard normal arrays times ``scale``, one per tuple in ``shapes``."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: jnp.asarray(scale * rng.standard_normal(s), dtype),
+      shapes,
+      is_leaf=lambda x: isinstance(x, tuple),
+  )
+
+
 def small_params(dtype=jnp.float32):
   """A transformer-like tree: two matrices GaLore targets by default, and two it
   does not."""
-  rng = np.random.default_rng(0)
   shapes = {
       "attn": {"kernel": (16, 8)},
       "mlp": {"kernel": (8, 24), "bias": (24,)},
       "embed": (30, 8),
   }
-  return jax.tree.map(
-      lambda s: jnp.asarray(rng.standard_normal(s), dtype),
-      shapes,
-      is_leaf=lambda x: isinstance(x, tuple),
-  )
+  return random_params(shapes, dtype=dtype)
 
 
 def grad_sequence(params, steps, seed=1):

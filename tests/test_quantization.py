@@ -11,6 +11,7 @@ import pytest
 import torch
 from flax import nnx
 from helpers import grad_sequence
+from helpers import random_params
 from helpers import run
 from helpers import tiny_config
 
@@ -181,17 +182,12 @@ def test_quantize_state_stores_moments_by_kind():
 
 def _big_params():
   """Matrices large enough for their low-rank moments to be quantized."""
-  rng = np.random.default_rng(5)
   shapes = {
       "attn": {"kernel": (256, 512)},
       "mlp": {"kernel": (512, 256), "bias": (256,)},
       "embed": (300, 64),
   }
-  return jax.tree.map(
-      lambda s: jnp.asarray(0.1 * rng.standard_normal(s), jnp.float32),
-      shapes,
-      is_leaf=lambda x: isinstance(x, tuple),
-  )
+  return random_params(shapes, seed=5, scale=0.1)
 
 
 QUANTIZED = dict(moment_bits=8, projector_bits=4)

@@ -179,7 +179,10 @@ class TrainConfig:
           f"unknown moments policy {self.moments!r}; choose one of"
           f" {galore_optax.MOMENT_POLICIES}"
       )
-    for name, allowed in (("moment_bits", (8,)), ("projector_bits", (8, 4))):
+    for name, allowed in (
+        ("moment_bits", galore_optax.quantization.MOMENT_BITS),
+        ("projector_bits", galore_optax.quantization.PROJECTOR_BITS),
+    ):
       value = getattr(self, name)
       if value is None:
         continue
