@@ -417,11 +417,15 @@ def galore_states(opt_state: Any) -> list[GaLoreState]:
 
 def bases_computed(opt_state: Any) -> jax.Array:
   """Bases computed so far over every GaLore state, an int32 scalar: a train
-  step can return it to tell which steps refreshed."""
+  step can return it to tell which steps refreshed.
+
+  States stacked on leading axes (one per layer, as the layer-wise step keeps
+  them) count every entry.
+  """
   total = jnp.zeros([], jnp.int32)
   for state in galore_states(opt_state):
     for computed in jax.tree.leaves(state.refresh.computed):
-      total = total + computed
+      total = total + jnp.sum(computed)
   return total
 
 
@@ -439,15 +443,16 @@ def refresh_stats(opt_state: Any, update_proj_gap: int) -> dict:
       steps=0, bases_computed=0, refreshes_skipped=0, fixed_schedule=0
   )
   for state in galore_states(opt_state):
-    steps = int(state.count)
+    # np.sum / np.max: a stacked state (one per layer) counts every entry
+    steps = int(np.max(state.count))
     totals["steps"] = max(totals["steps"], steps)
     # an interval of 0 marks a leaf left alone
     intervals = jax.tree.leaves(state.refresh.interval)
-    targeted = sum(int(i) > 0 for i in intervals)
+    targeted = sum(int(np.sum(np.asarray(i) > 0)) for i in intervals)
     computed = jax.tree.leaves(state.refresh.computed)
     skipped = jax.tree.leaves(state.refresh.skipped)
-    totals["bases_computed"] += sum(int(c) for c in computed)
-    totals["refreshes_skipped"] += sum(int(s) for s in skipped)
+    totals["bases_computed"] += sum(int(np.sum(c)) for c in computed)
+    totals["refreshes_skipped"] += sum(int(np.sum(s)) for s in skipped)
     totals["fixed_schedule"] += targeted * math.ceil(steps / update_proj_gap)
   totals["svds_saved"] = totals["fixed_schedule"] - totals["bases_computed"]
   return totals

@@ -20,6 +20,10 @@ class GPT2Config:
   n_layers: int = 12
   n_heads: int = 12
   mlp_ratio: int = 4
+  dtype: str = "float32"  # of the computation (transformer.DTYPES)
+  param_dtype: str = "float32"
+  remat: bool = False  # recompute each block's activations in the backward
+  stacked: bool = False  # blocks as one stacked Block (the layer-wise step's)
 
 
 PRESETS = {
@@ -33,6 +37,10 @@ PRESETS = {
     ),
     "124m": GPT2Config(),  # GPT-2 small
     "350m": GPT2Config(d_model=1024, n_layers=24, n_heads=16),  # GPT-2 medium
+    "774m": GPT2Config(d_model=1280, n_layers=36, n_heads=20),  # GPT-2 large
+    "1.5b": GPT2Config(d_model=1600, n_layers=48, n_heads=25),  # GPT-2 XL
+    # LLaMA-7B's width and depth with GPT-2's blocks, for memory planning
+    "7b": GPT2Config(d_model=4096, n_layers=32, n_heads=32),
 }
 
 
@@ -42,17 +50,20 @@ class GPT2(nnx.Module):
 
   def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
     self.config = config
+    dtypes = transformer.dtypes(config.dtype, config.param_dtype)
     self.wte = nnx.Embed(
         config.vocab_size,
         config.d_model,
         embedding_init=nnx.initializers.normal(0.02),
         rngs=rngs,
+        **dtypes,
     )
     self.wpe = nnx.Embed(
         config.max_len,
         config.d_model,
         embedding_init=nnx.initializers.normal(0.01),
         rngs=rngs,
+        **dtypes,
     )
     self.blocks = transformer.blocks(
         config.d_model,
@@ -60,11 +71,15 @@ class GPT2(nnx.Module):
         config.mlp_ratio,
         config.n_layers,
         causal=True,
+        dtypes=dtypes,
+        stacked=config.stacked,
         rngs=rngs,
     )
-    self.ln_f = nnx.LayerNorm(config.d_model, rngs=rngs)
+    self.ln_f = nnx.LayerNorm(config.d_model, rngs=rngs, **dtypes)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """(batch, length) int -> the first block's input (batch, length,
+    d_model)."""
     length = tokens.shape[-1]
     if length > self.config.max_len:
       raise ValueError(
@@ -74,6 +89,17 @@ class GPT2(nnx.Module):
     x = transformer.embed(self.wte.embedding[...], tokens) + self.wpe(
         jnp.arange(length)
     )
-    for block in self.blocks:
-      x = block(x)
+    return x.astype(transformer.DTYPES[self.config.dtype])
+
+  def output(self, x: jax.Array) -> jax.Array:
+    """The last block's output -> logits (batch, length, vocab)."""
     return self.wte.attend(self.ln_f(x))  # tied output embedding
+
+  def features(self, tokens: jax.Array) -> jax.Array:
+    """The last block's output."""
+    return transformer.run_blocks(
+        self.blocks, self.embed(tokens), remat=self.config.remat
+    )
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return self.output(self.features(tokens))

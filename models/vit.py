@@ -22,6 +22,10 @@ class ViTConfig:
   n_layers: int = 12
   n_heads: int = 12
   mlp_ratio: int = 4
+  dtype: str = "float32"  # of the computation (transformer.DTYPES)
+  param_dtype: str = "float32"
+  remat: bool = False  # recompute each block's activations in the backward
+  stacked: bool = False  # blocks as one stacked Block (the layer-wise step's)
 
   @property
   def num_patches(self) -> int:
@@ -65,13 +69,15 @@ class ViT(nnx.Module):
       )
     self.config = config
     d = config.d_model
+    dtypes = transformer.dtypes(config.dtype, config.param_dtype)
+    param_dtype = dtypes["param_dtype"]
     self.patch_embed = nnx.Linear(
-        config.patch_size**2 * config.channels, d, rngs=rngs
+        config.patch_size**2 * config.channels, d, rngs=rngs, **dtypes
     )
-    self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
+    self.cls_token = nnx.Param(jnp.zeros((1, 1, d), param_dtype))
     self.pos_embed = nnx.Param(
         nnx.initializers.normal(0.02)(
-            rngs.params(), (1, config.num_patches + 1, d)
+            rngs.params(), (1, config.num_patches + 1, d), param_dtype
         )
     )
     self.blocks = transformer.blocks(
@@ -80,14 +86,17 @@ class ViT(nnx.Module):
         config.mlp_ratio,
         config.n_layers,
         causal=False,
+        dtypes=dtypes,
+        stacked=config.stacked,
         rngs=rngs,
     )
-    self.ln = nnx.LayerNorm(d, rngs=rngs)
+    self.ln = nnx.LayerNorm(d, rngs=rngs, **dtypes)
     self.head = nnx.Linear(
         d,
         config.num_classes,
         kernel_init=nnx.initializers.zeros_init(),
         rngs=rngs,
+        **dtypes,
     )
 
   def patchify(self, images: jax.Array) -> jax.Array:
@@ -111,14 +120,27 @@ class ViT(nnx.Module):
         out_sharding=transformer.batch_spec(images, 3),
     )
 
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def embed(self, images: jax.Array) -> jax.Array:
+    """(batch, H, W, C) -> the first block's input (batch, 1 + num_patches,
+    d_model): the class token, then the patches."""
     x = self.patch_embed(self.patchify(images))
     cls = jnp.broadcast_to(
-        self.cls_token[...],
+        self.cls_token[...].astype(x.dtype),
         (x.shape[0], 1, x.shape[-1]),
         out_sharding=transformer.batch_spec(x, 3),
     )
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
-    for block in self.blocks:
-      x = block(x)
+    return x.astype(transformer.DTYPES[self.config.dtype])
+
+  def output(self, x: jax.Array) -> jax.Array:
+    """The last block's output -> class logits (batch, num_classes)."""
     return self.head(self.ln(x[:, 0]))
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """The last block's output."""
+    return transformer.run_blocks(
+        self.blocks, self.embed(images), remat=self.config.remat
+    )
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return self.output(self.features(images))

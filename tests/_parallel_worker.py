@@ -3,11 +3,11 @@ simulated CPU devices.
 
 ``python tests/_parallel_worker.py OUT``: for each layout, writes
 ``OUT/<name>.npz`` (the final parameters, keyed by path) and ``OUT/<name>.json``
-(the run's summary), plus ``OUT/shardings.json`` (the specs that galore_adamw's
-state takes under an explicit mesh), ``OUT/quantized.json`` (the same for
-quantized state, and its distance to one device), ``OUT/spread.json`` (which
-device computed which refresh) and ``OUT/blas.json`` (the BLAS thread counts
-before the runs).
+(the run's summary; ``layerwise`` is the layer-wise step's), plus
+``OUT/shardings.json`` (the specs that galore_adamw's state takes under an
+explicit mesh), ``OUT/quantized.json`` (the same for quantized state, and its
+distance to one device), ``OUT/spread.json`` (which device computed which
+refresh) and ``OUT/blas.json`` (the BLAS thread counts before the runs).
 """
 
 import json
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from helpers import ENGINE
+from helpers import LAYERWISE
 from helpers import LAYOUTS
 from helpers import QUANTIZED
 from helpers import RESUMED
@@ -210,6 +211,7 @@ def main(out: pathlib.Path) -> None:
       out, "vit", train(tiny_config(out / "runs" / "vit", **VIT), verbose=False)
   )
   for name, layout in (
+      ("layerwise", LAYERWISE),
       ("quantized_run", QUANTIZED),
       ("quantized_pmap", dict(QUANTIZED, mesh=None, parallel="pmap")),
   ):

@@ -1,6 +1,8 @@
 """Helpers shared by the tests: a small params tree, gradient sequences, a
 float64 NumPy GaLore, and the tiny training runs of the parallel tests."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,6 +182,8 @@ ENGINE = dict(
 VIT = dict(task="vit", mesh="data=2,fsdp=2")
 # 8-bit moments and INT4 bases, split over fsdp
 QUANTIZED = dict(mesh="fsdp=4", moment_bits=8, projector_bits=4)
+# the layer-wise step (blocks stacked) on a mesh that splits them
+LAYERWISE = dict(mesh="data=2,fsdp=2", layerwise=True)
 # 3 steps on the first, the rest on the second
 RESUMED = (
     dict(mesh="fsdp=4"),
@@ -199,3 +203,19 @@ def flat_params(params) -> dict:
   return dict(
       zip(leaf_paths(params), (np.asarray(x) for x in jax.tree.leaves(params)))
   )
+
+
+def stacked_blocks(flat: dict) -> dict:
+  """``blocks/<i>/rest`` entries of :func:`flat_params` as one ``blocks/rest``
+  array stacked over ``i`` (the layer-wise layout); other entries as they
+  are."""
+  out, layers = {}, {}
+  for path, x in flat.items():
+    match = re.fullmatch(r"blocks/(\d+)/(.*)", path)
+    if match:
+      layers.setdefault(match[2], {})[int(match[1])] = x
+    else:
+      out[path] = x
+  for rest, by_layer in layers.items():
+    out[f"blocks/{rest}"] = np.stack([by_layer[i] for i in sorted(by_layer)])
+  return out

@@ -21,6 +21,7 @@ from helpers import QUANTIZED
 from helpers import TINY
 from helpers import VIT
 from helpers import flat_params
+from helpers import stacked_blocks
 from helpers import tiny_config
 
 from train.__main__ import main
@@ -109,6 +110,20 @@ def test_vit_on_a_mesh_trains_like_one_device(tmp_path, four_devices):
   # layouts' rounding differences (observed up to 2.9e-6 on this machine).
   assert _close(params, flat_params(reference.params)) < 2 * ATOL
   assert abs(summary["val_accuracy"] - reference.summary["val_accuracy"]) < 1e-6
+
+
+def test_layerwise_step_on_a_mesh_trains_like_one_device(
+    four_devices, one_device
+):
+  # each block gathered whole for its own forward and backward pass, its
+  # gradient reduce-scattered back, clipping by the global norm in two passes
+  params, summary = _load(four_devices, "layerwise")
+  reference, reference_summary = one_device
+  assert _close(params, stacked_blocks(reference)) < ATOL
+  assert (
+      summary["refresh"]["bases_computed"]
+      == reference_summary["refresh"]["bases_computed"]
+  )
 
 
 def test_fsdp_splits_the_optimizer_state(four_devices, one_device):

@@ -10,6 +10,7 @@ from typing import Optional
 import optax
 
 import galore_optax
+from models.transformer import DTYPES
 from train.tasks import TASKS
 
 # name -> (factory, default peak learning rate, kind): kind "galore" takes
@@ -94,6 +95,34 @@ class TrainConfig:
   )
   weight_decay: float = _field(0.0, "decoupled weight decay on matrices")
   clip: float = _field(1.0, "global gradient-norm clipping; 0 turns it off")
+  grad_accum: int = _field(
+      1,
+      "micro-batches per optimizer update (optax.MultiSteps); --steps and"
+      " --warmup-steps count micro-batches",
+  )
+  layerwise: bool = _field(
+      False,
+      "update each block as soon as its gradient exists, so the whole gradient"
+      " is never alive (see train/layerwise.py)",
+  )
+  remat: Optional[str] = _field(
+      None,
+      "none or block: recompute each block's activations in the backward pass"
+      " (default: block with --layerwise, else none)",
+  )
+  param_dtype: str = _field(
+      "float32", "dtype of the parameters: float32 or bfloat16"
+  )
+  compute_dtype: str = _field(
+      "float32",
+      "dtype of the computation: float32 or bfloat16 (mixed precision with"
+      " float32 parameters)",
+  )
+  dry_run: bool = _field(
+      False,
+      "compile the train step on abstract shapes, print its per-device bytes"
+      " (also into summary.json) and exit without training",
+  )
   steps: Optional[int] = _field(
       None, "training steps (default: 800 for gpt2, 400 for vit)"
   )
@@ -101,6 +130,11 @@ class TrainConfig:
       None, "sequences or images per step (default: 16 for gpt2, 64 for vit)"
   )
   seq_len: int = _field(128, "tokens per sequence (gpt2)")
+  vocab_size: Optional[int] = _field(
+      None,
+      "gpt2: the model's vocabulary (default: the data's; at least that), e.g."
+      " 50257 to plan GPT-2's memory on byte data",
+  )
   data: Optional[str] = _field(
       None, "stdlib or digits (the defaults), a local path, or hf:NAME[:CONFIG]"
   )
@@ -204,6 +238,40 @@ class TrainConfig:
       raise ValueError(
           f"unknown --parallel {self.parallel!r}; choose 'mesh' or 'pmap'"
       )
+    for name in ("param_dtype", "compute_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(
+            f"unknown --{name.replace('_', '-')} {getattr(self, name)!r};"
+            f" choose one of {tuple(DTYPES)}"
+        )
+    if self.remat is None:
+      self.remat = "block" if self.layerwise else "none"
+    if self.remat not in ("none", "block"):
+      raise ValueError(
+          f"unknown --remat {self.remat!r}; choose 'none' or 'block'"
+      )
+    if self.grad_accum <= 0:
+      raise ValueError(f"--grad-accum must be positive, got {self.grad_accum}")
+    if self.layerwise:
+      if self.remat != "block":
+        raise ValueError(
+            "--layerwise recomputes each block in its backward pass: it needs"
+            " --remat block (keeping every block's residuals would hold a"
+            " second copy of the weights)"
+        )
+      if self.parallel == "pmap":
+        raise ValueError(
+            "--layerwise runs on the mesh (data and fsdp axes); drop"
+            " --parallel pmap"
+        )
+      if self.grad_accum > 1 and self.clip:  # see train/layerwise.py
+        raise ValueError(
+            "--layerwise with --grad-accum needs --clip 0: clipping the"
+            " accumulated gradient by its global norm needs every block's"
+            " accumulated gradient at once"
+        )
+    if self.dry_run and self.parallel == "pmap":
+      raise ValueError("--dry-run compiles the mesh step; drop --parallel pmap")
     if self.schedule not in ("cosine", "constant"):
       raise ValueError(
           f"unknown schedule {self.schedule!r}; choose 'cosine' or 'constant'"
@@ -241,6 +309,8 @@ class TrainConfig:
             f"--{name.replace('_', '-')} must be positive, got"
             f" {getattr(self, name)}"
         )
+    if self.vocab_size is not None and self.vocab_size <= 0:
+      raise ValueError(f"--vocab-size must be positive, got {self.vocab_size}")
     if self.rank is not None and self.rank <= 0:
       raise ValueError(f"--rank must be positive, got {self.rank}")
     self.rank = self.rank or self.model_config.d_model // 4
@@ -251,6 +321,13 @@ class TrainConfig:
   @property
   def model_config(self):
     return TASKS[self.task].presets[self.preset]
+
+  @property
+  def stacked(self) -> bool:
+    """Whether the model's blocks are stacked and scanned: for the layer-wise
+    step, and for remat (XLA's CPU compiler undoes rematerialisation in
+    unrolled code, not in a loop)."""
+    return self.layerwise or self.remat == "block"
 
   @property
   def uses_galore(self) -> bool:
@@ -275,6 +352,7 @@ class TrainConfig:
         "projector_bits",
         "batch_size",
         "seq_len",
+        "vocab_size",
         "data",
         "seed",
         "steps",
@@ -284,5 +362,10 @@ class TrainConfig:
         "weight_decay",
         "scale",
         "clip",
+        "grad_accum",
+        "layerwise",
+        "remat",  # it decides the layout of the params (stacked or not)
+        "param_dtype",
+        "compute_dtype",
     )
     return {k: getattr(self, k) for k in keep}

@@ -8,6 +8,7 @@ runs it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -25,6 +26,7 @@ from flax import nnx
 
 import galore_optax
 from models import GALORE_TARGETS
+from train import layerwise
 from train import parallel
 from train import report
 from train.checkpoint import Checkpointer
@@ -63,25 +65,59 @@ def contrib_dimension_numbers(params: Any) -> Any:
   )
 
 
+# optimizers whose update of a leaf is element by element: stacking leaves
+# changes nothing they compute
+ELEMENTWISE = {"adamw", "adam", "sgd", "lion"}
+
+
+def matrices(params: Any, stacked: bool = False) -> Any:
+  """True for the leaves weight decay applies to: matrices (not biases or
+  norms); ``stacked`` blocks' leading layer axis does not count."""
+
+  def is_matrix(path, x):
+    layer_axis = stacked and galore_optax.targets.path_str(path).startswith(
+        layerwise.BLOCKS + "/"
+    )
+    return x.ndim - layer_axis >= 2
+
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
 def build_optimizer(
     cfg: TrainConfig, params: Any, axis_name: Any = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer named by ``cfg`` behind global-norm clipping, and its
-  learning-rate schedule.
+  """The optimizer named by ``cfg`` behind global-norm clipping (which the
+  layer-wise step applies itself), accumulating ``cfg.grad_accum``
+  micro-batches, and its learning-rate schedule.
 
+  On stacked blocks (``cfg.stacked``) an element-wise optimizer runs on them
+  as it is and any other block by block (:func:`train.layerwise.per_block`;
+  the layer-wise step does so itself).
+  ``params``: in the unstacked layout (see :func:`train.layerwise.unstacked`),
+  to check ranks against.
   ``axis_name``: the pmap axis, over which GaLore spreads its refreshes.
   """
   if cfg.schedule == "cosine":
+    # counted in optimizer updates: one per --grad-accum micro-batches
+    updates, warmup = (
+        cfg.steps // cfg.grad_accum,
+        cfg.warmup_steps // cfg.grad_accum,
+    )
     lr = optax.warmup_cosine_decay_schedule(
         0.0,
         cfg.lr,
-        cfg.warmup_steps,
-        max(cfg.steps, cfg.warmup_steps + 1),
+        warmup,
+        max(updates, warmup + 1),
         end_value=0.1 * cfg.lr,
     )
   else:
     lr = optax.constant_schedule(cfg.lr)
   factory, _, kind = OPTIMIZERS[cfg.optimizer]
+  # An element-wise optimizer runs on stacked blocks as it is; any other runs
+  # block by block (layerwise.per_block), as the layer-wise step runs it.
+  whole_stack = (
+      cfg.stacked and not cfg.layerwise and cfg.optimizer in ELEMENTWISE
+  )
   kwargs: dict[str, Any] = {}
   if cfg.weight_decay:
     if cfg.optimizer in WEIGHT_DECAY_KW:
@@ -91,7 +127,7 @@ def build_optimizer(
       )
     kwargs.update(
         weight_decay=cfg.weight_decay,
-        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+        mask=functools.partial(matrices, stacked=whole_stack),
     )
   if (
       kind == "contrib"
@@ -132,8 +168,12 @@ def build_optimizer(
         projector_bits=cfg.projector_bits,
     )
   tx = factory(lr, **kwargs)
-  if cfg.clip:
+  if cfg.stacked and not cfg.layerwise and not whole_stack:
+    tx = layerwise.per_block(tx)
+  if cfg.clip and not cfg.layerwise:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip), tx)
+  if cfg.grad_accum > 1:
+    tx = optax.MultiSteps(tx, cfg.grad_accum).gradient_transformation()
   return tx, lr
 
 
@@ -311,17 +351,52 @@ def train(
   verbose = verbose and lead
   rows = placement.local_rows(cfg.batch_size)
   data = task.load_data(cfg)
-  graphdef, state = nnx.split(task.build_model(cfg, data))
+  build = lambda: task.build_model(cfg, data)
+  # a dry run builds the model on abstract shapes: nothing is allocated
+  model = nnx.eval_shape(build) if cfg.dry_run else build()
+  graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   n_params = sum(x.size for x in jax.tree.leaves(params))
+  unstacked = layerwise.unstacked(params) if cfg.stacked else params
   tx, schedule = build_optimizer(
       cfg,
-      params,
+      unstacked,
       axis_name=parallel.PMAP_AXIS if cfg.parallel == "pmap" else None,
   )
-  memory = galore_optax.memory_report(params, tx)
+  # the state's bytes leaf by leaf, as the unstacked layout would hold them
+  memory = galore_optax.memory_report(
+      unstacked,
+      build_optimizer(
+          dataclasses.replace(cfg, layerwise=False, remat="none"), unstacked
+      )[0],
+  )
+  init = functools.partial(layerwise.init, tx) if cfg.layerwise else tx.init
+  step_fn, eval_fn = make_steps(
+      graphdef, tx, task.loss, gather=placement.gather_for_compute
+  )
+  if cfg.layerwise:
+    step_fn = layerwise.make_train_step(
+        graphdef,
+        nnx.graphdef(model.blocks),
+        tx,
+        task.head_loss,
+        clip=cfg.clip,
+        gather=placement.gather_for_compute,
+    )
+    # it keeps the blocks' 16-bit leaves packed (see layerwise.Bits)
+    pack, unpack = layerwise.pack_params, layerwise.unpack_params
+    eval_fn = lambda params, batch, eval_fn=eval_fn: eval_fn(
+        unpack(params), batch
+    )
+  else:
+    pack = unpack = lambda params: params
+  if cfg.dry_run:
+    return _dry_run(
+        cfg, task, data, placement, params, init, pack, step_fn, memory, verbose
+    )
   params = placement.put_params(params)
-  opt_state = placement.init_state(tx.init, params)
+  opt_state = placement.init_state(init, params)
+  params = pack(params)
 
   # orbax refuses zero-size arrays, which optax.contrib.galore's state holds:
   # such runs keep no checkpoints.
@@ -367,9 +442,6 @@ def train(
     )
 
   unit, per_step = task.unit, task.items_per_step(cfg)
-  step_fn, eval_fn = make_steps(
-      graphdef, tx, task.loss, gather=placement.gather_for_compute
-  )
   train_step, step_memory = placement.compile_step(
       step_fn,
       params,
@@ -439,7 +511,7 @@ def train(
         row = {
             "step": done,
             "loss": float(np.mean(window)),
-            "lr": float(schedule(step)),
+            "lr": float(schedule(step // cfg.grad_accum)),
             f"{unit}_per_s": rate,
         }
         window = []
@@ -492,18 +564,12 @@ def train(
       time.perf_counter() - t_begin,
       finished=end == cfg.steps,
   )
+  params = unpack(params)
   params, opt_state = placement.to_checkpoint(params), placement.to_checkpoint(
       opt_state
   )
   summary["out"] = str(out)
-  summary["per_device"] = {
-      "devices": placement.size,
-      "processes": jax.process_count(),
-      "layout": placement.describe(),
-      "param_bytes": parallel.bytes_per_device(params),
-      "optimizer_state_bytes": parallel.bytes_per_device(opt_state),
-      "xla_train_step": step_memory,
-  }
+  summary["per_device"] = _per_device(placement, params, opt_state, step_memory)
   if cfg.uses_galore:
     summary["refresh"].update(
         galore_optax.refresh_stats(opt_state, cfg.update_proj_gap)
@@ -518,6 +584,54 @@ def train(
     )
   if verbose:
     print(report.describe_summary(summary))
+  return RunResult(summary, params, opt_state)
+
+
+def _per_device(placement, params, opt_state, step_memory) -> dict:
+  return {
+      "devices": placement.size,
+      "processes": jax.process_count(),
+      "layout": placement.describe(),
+      "param_bytes": parallel.bytes_per_device(params),
+      "optimizer_state_bytes": parallel.bytes_per_device(opt_state),
+      "xla_train_step": step_memory,
+  }
+
+
+def _dry_run(
+    cfg, task, data, placement, params, init, pack, step_fn, memory, verbose
+):
+  """Compiles the train step on abstract shapes, reports its per-device bytes
+  (printed and in ``DIR/summary.json``) and returns without training."""
+  t0 = time.perf_counter()
+  params, opt_state = placement.abstract(params, init)
+  params = pack(params)
+  rows = placement.local_rows(cfg.batch_size)
+  batch = placement.put_batch(task.batch(cfg, data, 0, rows), cfg.batch_size)
+  _, step_memory = placement.compile_step(step_fn, params, opt_state, batch)
+  summary = {
+      "task": cfg.task,
+      "preset": cfg.preset,
+      "optimizer": cfg.optimizer,
+      "dry_run": True,
+      "batch_size": cfg.batch_size,
+      **({"seq_len": cfg.seq_len} if task.unit == "tok" else {}),
+      "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+      "param_bytes": memory.param_bytes,
+      "optimizer_state_bytes": memory.state_bytes,
+      "adamw_state_bytes": memory.adamw_bytes,
+      "compile_s": time.perf_counter() - t0,
+      "per_device": _per_device(placement, params, opt_state, step_memory),
+  }
+  out = pathlib.Path(cfg.out)
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_atomic(
+        out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2)
+    )
+    report.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+  if verbose:
+    print(report.describe_dry_run(summary))
   return RunResult(summary, params, opt_state)
 
 

@@ -144,11 +144,29 @@ def compiled_memory(compiled) -> dict:
       "generated_code_size_in_bytes",
       "peak_memory_in_bytes",
   )
-  return {
+  out = {
       n.replace("_in_bytes", "_bytes"): int(getattr(stats, n))
       for n in names
       if hasattr(stats, n)
   }
+  if all(k in out for k in FOOTPRINT):
+    out["footprint_bytes"] = footprint(out)
+  return out
+
+
+FOOTPRINT = (
+    "argument_size_bytes",
+    "output_size_bytes",
+    "alias_size_bytes",
+    "temp_size_bytes",
+)
+
+
+def footprint(stats: dict) -> int:
+  """What a compiled step holds at once: arguments + temporaries + outputs, less
+  the outputs that reuse a donated argument's buffer."""
+  argument, output, alias, temp = (stats[k] for k in FOOTPRINT)
+  return argument + temp + output - alias
 
 
 def rows_of_this_process(
@@ -275,6 +293,15 @@ class MeshPlacement:
         ),
         shapes,
     )
+
+  def abstract(self, params: Any, init: Callable) -> tuple[Any, Any]:
+    """``params`` and ``init(params)`` as sharded ``jax.ShapeDtypeStruct`` s:
+    what a step compiles for, with nothing allocated."""
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    params = jax.tree.map(sds, params, self.param_shardings(params))
+    with jax.set_mesh(self.mesh):
+      shapes = jax.eval_shape(init, params)
+    return params, jax.tree.map(sds, shapes, self.state_shardings(init, params))
 
   def init_state(self, init: Callable, params: Any) -> Any:
     with jax.set_mesh(self.mesh):

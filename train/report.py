@@ -144,3 +144,33 @@ def compare_table(summaries: dict[str, dict]) -> str:
       for name, s in summaries.items()
   ]
   return "\n".join([head, *rows])
+
+
+def describe_dry_run(s: dict) -> str:
+  """The per-device bytes of a dry run's compiled train step, one per line."""
+  device = s["per_device"]
+  xla = device["xla_train_step"]
+  rows = [
+      ("parameters", device["param_bytes"]),
+      ("optimizer state", device["optimizer_state_bytes"]),
+      *(
+          (f"XLA {name.replace('_bytes', '').replace('_', ' ')}", xla[name])
+          for name in (
+              "argument_size_bytes",
+              "output_size_bytes",
+              "alias_size_bytes",
+              "temp_size_bytes",
+              "footprint_bytes",
+          )
+          if name in xla
+      ),
+  ]
+  width = max(len(name) for name, _ in rows)
+  return "\n".join(
+      [
+          f"dry run: {s['task']} {s['preset']} ({s['n_params'] / 1e6:.1f}M"
+          f" params), {s['optimizer']}, batch {s['batch_size']}, on"
+          f" {device['layout']}; compiled in {s['compile_s']:.1f}s. Per device:"
+      ]
+      + [f"  {name:<{width}}  {human_bytes(value)}" for name, value in rows]
+  )

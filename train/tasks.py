@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any
+from typing import Callable
 from typing import ClassVar
 from typing import Iterator
 
@@ -21,6 +22,7 @@ import optax
 from flax import nnx
 
 from models import gpt2
+from models import transformer
 from models import vit
 from train import data as data_lib
 
@@ -42,11 +44,26 @@ class Task:
     raise NotImplementedError
 
   def build_model(self, cfg, data) -> nnx.Module:
+    """The model: ``embed``, ``blocks``, ``features`` (through the blocks) and
+    ``output`` (to predictions), the parts the layer-wise step uses."""
     raise NotImplementedError
 
-  def loss(self, model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict]:
-    """``(mean loss, aux metrics)`` of one batch."""
+  def logits_loss(
+      self, logits: jax.Array, batch: Batch
+  ) -> tuple[jax.Array, dict]:
+    """``(mean loss, aux metrics)`` of the model's predictions on ``batch``."""
     raise NotImplementedError
+
+  def head_loss(
+      self, output: Callable, features: jax.Array, batch: Batch
+  ) -> tuple[jax.Array, dict]:
+    """The loss of ``output(features)``, the model's last part applied to its
+    blocks' output."""
+    return self.logits_loss(output(features), batch)
+
+  def loss(self, model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict]:
+    """``(mean loss, aux metrics)`` of one batch, whose inputs are batch[0]."""
+    return self.head_loss(model.output, model.features(batch[0]), batch)
 
   def batch(self, cfg, data, step: int, rows: np.ndarray) -> Batch:
     """Rows ``rows`` of the training batch of ``step`` (a pure function of seed
@@ -66,6 +83,43 @@ class Task:
     return {}
 
 
+def model_config(cfg, **fields):
+  """The preset's model config with the run's precision, remat and layout."""
+  return dataclasses.replace(
+      cfg.model_config,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.param_dtype,
+      remat=cfg.remat == "block",
+      stacked=cfg.stacked,
+      **fields,
+  )
+
+
+# logits (of the whole batch) the language model's loss holds at once: 32 MiB
+LOGITS_CHUNK = 2**23
+
+
+def loss_chunks(batch: int, length: int, vocab: int, width: int) -> int:
+  """How many pieces of the sequence the loss is computed in: the fewest,
+  dividing ``length``, whose logits fit :data:`LOGITS_CHUNK` (or one per
+  position); one when the logits are at most twice the (vocab, width) output
+  table, since the pieces' backward pass holds one more gradient of it."""
+  if batch * length * vocab <= 2 * vocab * width:
+    return 1
+  return next(
+      n
+      for n in range(1, length + 1)
+      if length % n == 0
+      and (batch * length * vocab <= n * LOGITS_CHUNK or n == length)
+  )
+
+
+def _token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets
+  )
+
+
 class LanguageModeling(Task):
   """GPT-2 on byte-level text: next-token cross-entropy, perplexity."""
 
@@ -77,7 +131,13 @@ class LanguageModeling(Task):
     return data_lib.load_text(cfg.data, cfg.max_data_bytes)
 
   def build_model(self, cfg, data):
-    mc = dataclasses.replace(cfg.model_config, vocab_size=data.vocab_size)
+    vocab = cfg.vocab_size or data.vocab_size
+    if vocab < data.vocab_size:
+      raise TaskError(
+          f"--vocab-size {vocab} is smaller than the data's vocabulary,"
+          f" {data.vocab_size}"
+      )
+    mc = model_config(cfg, vocab_size=vocab)
     if cfg.seq_len > mc.max_len:
       raise TaskError(
           f"--seq-len {cfg.seq_len} exceeds the max_len of preset"
@@ -85,11 +145,36 @@ class LanguageModeling(Task):
       )
     return gpt2.GPT2(mc, rngs=nnx.Rngs(cfg.seed))
 
-  def loss(self, model, batch):
-    inputs, targets = batch
-    logits = model(inputs).astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return loss.mean(), {}
+  def logits_loss(self, logits, batch):
+    return _token_losses(logits, batch[1]).mean(), {}
+
+  def head_loss(self, output, features, batch):
+    """The mean next-token loss, computed over pieces of the sequence
+    (:func:`loss_chunks`) under remat, so that GPT-2's 50257-way logits never
+    exist for the whole batch at once."""
+    targets = batch[1]
+    b, t = targets.shape
+    vocab = jax.eval_shape(output, features[:, :1]).shape[-1]
+    chunks = loss_chunks(b, t, vocab, features.shape[-1])
+    if chunks == 1:
+      return self.logits_loss(output(features), batch)
+    split = lambda x: jnp.reshape(
+        x,
+        (b, chunks, t // chunks) + x.shape[2:],
+        out_sharding=transformer.batch_spec(x, x.ndim + 1),
+    ).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def add_chunk(total, chunk):
+      features, targets = chunk
+      return total + _token_losses(output(features), targets).sum(), None
+
+    total, _ = jax.lax.scan(
+        add_chunk,
+        jnp.zeros([], jnp.float32),
+        (split(features), split(targets)),
+    )
+    return total / (b * t), {}
 
   def batch(self, cfg, data, step, rows):
     return data_lib.text_batch(
@@ -125,12 +210,14 @@ class ImageClassification(Task):
     return data_lib.load_images(cfg.data, mc.image_size, mc.channels)
 
   def build_model(self, cfg, data):
-    mc = dataclasses.replace(cfg.model_config, num_classes=data.num_classes)
+    if cfg.vocab_size is not None:
+      raise TaskError("--vocab-size is an option of gpt2, not of vit")
+    mc = model_config(cfg, num_classes=data.num_classes)
     return vit.ViT(mc, rngs=nnx.Rngs(cfg.seed))
 
-  def loss(self, model, batch):
-    images, labels = batch
-    logits = model(images).astype(jnp.float32)
+  def logits_loss(self, logits, batch):
+    labels = batch[1]
+    logits = logits.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return loss.mean(), {"accuracy": (logits.argmax(-1) == labels).mean()}
 
