@@ -201,7 +201,11 @@ def run_blocks(layers: Blocks, x: jax.Array, *, remat: bool) -> jax.Array:
     step = jax.checkpoint(step, static_argnums=(2,))
   if isinstance(layers, nnx.List):
     for layer in layers:
-      x = step(x, *reversed(nnx.split(layer))) if remat else layer(x)
+      if remat:
+        graphdef, state = nnx.split(layer)
+        x = step(x, state, graphdef)
+      else:
+        x = layer(x)
     return x
   graphdef, state = nnx.split(layers)
   x, _ = jax.lax.scan(lambda x, s: (step(x, s, graphdef), None), x, state)
