@@ -75,6 +75,10 @@ def _as_tree(block: Any) -> dict:
   return {BLOCKS: block}
 
 
+def _n_layers(blocks: Any) -> int:
+  return jax.tree.leaves(blocks)[0].shape[0]
+
+
 @jax.tree_util.register_pytree_node_class
 class Bits:
   """A 16-bit float array kept as its ``uint16`` bit pattern.
@@ -89,10 +93,6 @@ class Bits:
 
   def __init__(self, data: jax.Array, dtype):
     self.data, self.dtype = data, jnp.dtype(dtype)
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return self.data.shape
 
   def tree_flatten(self):
     return (self.data,), self.dtype
@@ -234,9 +234,8 @@ def per_block(
           _set_layer(states, i, state_i),
       )
 
-    n_layers = jax.tree.leaves(block_grads)[0].shape[0]
     block_updates, block_states = jax.lax.fori_loop(
-        0, n_layers, body, (block_grads, state.blocks)
+        0, _n_layers(block_grads), body, (block_grads, state.blocks)
     )
     return {**rest_updates, BLOCKS: block_updates}, LayerwiseState(
         rest_state, block_states
@@ -249,11 +248,10 @@ def unstacked(params: dict) -> dict:
   """Abstract params in the unstacked layout (``blocks/<i>/...``): what ranks
   are checked and optimizer state is accounted on."""
   rest, blocks = split(params)
-  n_layers = jax.tree.leaves(blocks)[0].shape[0]
   layer = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), blocks
   )
-  return {**rest, BLOCKS: {i: layer for i in range(n_layers)}}
+  return {**rest, BLOCKS: {i: layer for i in range(_n_layers(blocks))}}
 
 
 def clip_factor(norm: jax.Array, max_norm: float) -> Callable:
@@ -295,7 +293,7 @@ def make_train_step(
   def train_step(params, opt_state, batch):
     rest, blocks = split(params)
     inputs = batch[0]
-    n_layers = jax.tree.leaves(blocks)[0].shape[0]
+    n_layers = _n_layers(blocks)
 
     def whole(rest):  # the blocks go unused (and XLA drops them)
       return nnx.merge(graphdef, {**gather(rest), BLOCKS: unpack(blocks)})

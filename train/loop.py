@@ -364,12 +364,14 @@ def train(
       axis_name=parallel.PMAP_AXIS if cfg.parallel == "pmap" else None,
   )
   # the state's bytes leaf by leaf, as the unstacked layout would hold them
-  memory = galore_optax.memory_report(
-      unstacked,
+  unstacked_tx = (
       build_optimizer(
           dataclasses.replace(cfg, layerwise=False, remat="none"), unstacked
-      )[0],
+      )[0]
+      if cfg.stacked
+      else tx
   )
+  memory = galore_optax.memory_report(unstacked, unstacked_tx)
   init = functools.partial(layerwise.init, tx) if cfg.layerwise else tx.init
   step_fn, eval_fn = make_steps(
       graphdef, tx, task.loss, gather=placement.gather_for_compute
