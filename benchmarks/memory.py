@@ -5,13 +5,15 @@ LLaMA-style 1B (the paper's: 24 layers, hidden 2048, MLP 5461, vocabulary 32000;
 shapes only):
 
 - optimizer-state bytes of optax.adamw, galore_adamw (ranks 128/256/512, every
-  proj_type), optax.contrib.galore (rank 128/256/512) and galore-torch's
+  proj_type), fira_adamw and apollo_adamw (the same ranks, std), apollo_mini
+  (rank 1), optax.contrib.galore (rank 128/256/512) and galore-torch's
   GaLoreAdamW after its first step (real tensors, so GPT-2 and ViT only), both
   on the whole tree (GaLore on the attention and MLP matrices, the paper's rule;
   Adam on the rest) and on those matrices alone;
 - XLA's memory analysis of the compiled train step (argument, temporary, peak
-  bytes) for the models we can compile here, for adamw, galore_adamw and
-  optax.contrib.galore at rank 128.
+  bytes) for the models we can compile here, for adamw, galore_adamw,
+  fira_adamw, apollo_adamw and optax.contrib.galore at rank 128 and
+  apollo_mini.
 
 Sizes come from ``jax.eval_shape``: nothing is allocated except for
 galore-torch.
@@ -130,6 +132,14 @@ def optimizers() -> dict:
           1e-3, rank=rank, proj_type=proj_type, targets=targeted
       )
   for rank in RANKS:
+    out[f"fira_adamw r={rank} std"] = galore_optax.fira_adamw(
+        1e-3, rank=rank, targets=targeted
+    )
+    out[f"apollo_adamw r={rank} std"] = galore_optax.apollo_adamw(
+        1e-3, rank=rank, targets=targeted
+    )
+  out["apollo_mini r=1"] = galore_optax.apollo_mini(1e-3, targets=targeted)
+  for rank in RANKS:
     out[f"optax.contrib.galore r={rank}"] = contrib_galore(rank)
   return out
 
@@ -241,6 +251,18 @@ def measure(skip_torch: bool, skip_compile: bool) -> dict:
               (
                   "galore_adamw r=128 std",
                   galore_optax.galore_adamw(1e-3, rank=128, targets=targeted),
+              ),
+              (
+                  "fira_adamw r=128 std",
+                  galore_optax.fira_adamw(1e-3, rank=128, targets=targeted),
+              ),
+              (
+                  "apollo_adamw r=128 std",
+                  galore_optax.apollo_adamw(1e-3, rank=128, targets=targeted),
+              ),
+              (
+                  "apollo_mini r=1",
+                  galore_optax.apollo_mini(1e-3, targets=targeted),
               ),
               ("optax.contrib.galore r=128", contrib_galore(128)),
           )

@@ -1,20 +1,21 @@
-"""What GaLore costs in loss: GPT-2 on the embedded corpus, against AdamW and
-optax.contrib.galore.
+"""What each low-rank optimizer costs (or gains) in loss, each at its own tuned
+learning rate: GPT-2 on the embedded corpus.
 
 The main job's model and budget (GPT-2 ``cpu`` preset, d_model 128; 800 steps of
-16 x 128 tokens of the standard-library corpus; warmup 10% then cosine to 10%)
-for every optimizer, with the same seeds (initialisation and batch order):
+16 x 128 tokens of the standard-library corpus; warmup 10% then cosine to 10%;
+gradient clipping 1.0) for every row. Each row's learning rate is tuned the
+same way:
 
-- optax.adamw at its default learning rate 3e-3;
-- galore_adamw at rank d/4 = 32 and d/2 = 64 (the paper's recipe: lr 1e-2, scale
-  0.25, T 50 here for the short run; attention and MLP matrices);
-- optax.contrib.galore at rank 32 with the same recipe and targets.
+1. a sweep of at least 4 values spanning 10x on the 1-2-5 ladder, at seed 0;
+   while the best value is at an end of the sweep, the next value beyond it is
+   run too, so the best is never at an edge (up to two extensions);
+2. the best value by final validation loss is then run at seeds 1 and 2.
 
-Final validation loss over ``--seeds`` (mean and spread), then a rank sweep of
-galore_adamw at the first seed. Plots go to benchmarks/results/.
+Every finished run is kept under ``--runs`` and reused, so the benchmark can be
+completed over several sittings (``--max-minutes`` stops it between runs); the
+tables say which rows are still pending. ``--report`` only writes the tables.
 
-    python -m benchmarks.quality [--steps 800] [--seeds 0 1 2] [--ranks 8 16 32
-    64 128]
+    python -m benchmarks.quality [--rows NAME ...] [--max-minutes M] [--report]
 """
 
 from __future__ import annotations
@@ -22,62 +23,163 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import statistics
+import time
 
 from benchmarks.common import machine
 from train import report
 from train.config import TrainConfig
 from train.loop import train
 
-CONFIGS = {  # name -> TrainConfig overrides
-    "optax.adamw": dict(optimizer="adamw"),
-    "galore_adamw r=32 (d/4)": dict(optimizer="galore_adamw", rank=32),
-    "galore_adamw r=64 (d/2)": dict(optimizer="galore_adamw", rank=64),
-    "optax.contrib.galore r=32": dict(optimizer="contrib_galore", rank=32),
+LADDER = tuple(float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 2, 5))
+SEEDS = (0, 1, 2)
+EXTENSIONS = 2  # ladder values a sweep may add beyond its ends
+
+# name -> (TrainConfig overrides, the sweep's first learning rate). Rows run in
+# this order, each to completion: the baselines first, then the d/4 rows, then
+# d/8. Low-rank rows use the paper's recipe (scale 0.25 for GaLore and Fira;
+# APOLLO's own scales), T = 50 for the short run, attention and MLP matrices.
+ROWS = {
+    "optax.adamw": (dict(optimizer="adamw"), 1e-3),
+    "galore_adamw r=32 keep": (dict(optimizer="galore_adamw", rank=32), 2e-3),
+    "fira_adamw r=32": (dict(optimizer="fira_adamw", rank=32), 2e-3),
+    "apollo_adamw r=32": (dict(optimizer="apollo_adamw", rank=32), 2e-3),
+    "apollo_mini (r=1)": (dict(optimizer="apollo_mini", rank=1), 2e-3),
+    "galore_adamw r=32 reset": (
+        dict(optimizer="galore_adamw", rank=32, moments="reset"),
+        2e-3,
+    ),
+    "optax.contrib.galore r=32": (
+        dict(optimizer="contrib_galore", rank=32),
+        2e-3,
+    ),
+    "adamw8bit": (dict(optimizer="adamw8bit"), 1e-3),
+    "galore_adamw r=16 keep": (dict(optimizer="galore_adamw", rank=16), 2e-3),
+    "fira_adamw r=16": (dict(optimizer="fira_adamw", rank=16), 2e-3),
+    "apollo_adamw r=16": (dict(optimizer="apollo_adamw", rank=16), 2e-3),
+    "galore_adamw r=16 reset": (
+        dict(optimizer="galore_adamw", rank=16, moments="reset"),
+        2e-3,
+    ),
+    "optax.contrib.galore r=16": (
+        dict(optimizer="contrib_galore", rank=16),
+        2e-3,
+    ),
 }
+BASELINE = "optax.adamw"
 
 
-def run(
-    name: str, seed: int, steps: int, out: pathlib.Path, **overrides
-) -> tuple[dict, list]:
-  """Trains one configuration, or reuses the finished run already in its
-  directory."""
-  cfg = TrainConfig(
-      task="gpt2",
-      steps=steps,
-      seed=seed,
-      out=str(out / f"{name}-seed{seed}".replace(" ", "_")),
-      overwrite=True,
-      checkpoint_every=10**9,
-      **overrides,
+class OutOfTime(Exception):
+  pass
+
+
+@dataclasses.dataclass
+class Runner:
+  """Runs (or reuses) one configuration at a time under a time budget."""
+
+  runs: pathlib.Path
+  steps: int
+  deadline: float = math.inf
+  dry: bool = False  # only read finished runs
+
+  def config(self, name: str, lr: float, seed: int) -> TrainConfig:
+    overrides = ROWS[name][0]
+    tag = f"{name}-lr{lr:g}-seed{seed}".replace(" ", "_")
+    return TrainConfig(
+        task="gpt2",
+        steps=self.steps,
+        seed=seed,
+        lr=lr,
+        out=str(self.runs / tag),
+        overwrite=True,
+        checkpoint_every=10**9,
+        **overrides,
+    )
+
+  def __call__(self, name: str, lr: float, seed: int) -> dict | None:
+    """The run's summary and history, or None when it is not finished and
+    this sitting may not start it."""
+    cfg = self.config(name, lr, seed)
+    run_dir = pathlib.Path(cfg.out)
+    if not _finished(run_dir, cfg):
+      if self.dry:
+        return None
+      if time.time() > self.deadline:
+        raise OutOfTime
+      summary = train(cfg, verbose=False).summary
+      print(f"{name} lr {lr:g} seed {seed}: val {summary['val_loss']:.4f}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    return dict(val=summary["val_loss"], history=history)
+
+
+def _finished(run_dir: pathlib.Path, cfg: TrainConfig) -> bool:
+  """Whether ``run_dir`` holds a finished run of ``cfg``. Fields added to
+  TrainConfig after the run was made count as equal at their defaults."""
+  if not (run_dir / "summary.json").exists():
+    return False
+  saved = json.loads((run_dir / "config.json").read_text())
+  wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
+  return set(saved) <= set(wanted) and all(
+      saved[k] == v if k in saved else v == defaults[k]
+      for k, v in wanted.items()
   )
-  run_dir = pathlib.Path(cfg.out)
-  done = (run_dir / "summary.json").exists() and json.loads(
-      (run_dir / "config.json").read_text()
-  ) == json.loads(json.dumps(dataclasses.asdict(cfg)))
-  summary = (
-      json.loads((run_dir / "summary.json").read_text())
-      if done
-      else train(cfg, verbose=False).summary
-  )
-  history = [
-      json.loads(line)
-      for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-  ]
-  print(
-      f"{name} seed {seed}: val {summary['val_loss']:.4f}"
-      + (" (reused)" if done else ""),
-      flush=True,
-  )
-  return summary, history
+
+
+def tune(name: str, runner: Runner) -> dict:
+  """Row ``name``'s sweep at seed 0 and its best learning rate's seeds; fields
+  are missing where runs are pending."""
+  start = LADDER.index(ROWS[name][1])
+  lrs = list(LADDER[start : start + 4])
+  sweep = {}
+  for lr in lrs:
+    done = runner(name, lr, SEEDS[0])
+    if done is None:
+      return dict(sweep=sweep)
+    sweep[lr] = done
+  for _ in range(EXTENSIONS):
+    best = min(sweep, key=lambda lr: sweep[lr]["val"])
+    i = LADDER.index(best)
+    beyond = {lrs[0]: i - 1, lrs[-1]: i + 1}.get(best)
+    if beyond is None or not 0 <= beyond < len(LADDER):
+      break
+    lr = LADDER[beyond]
+    done = runner(name, lr, SEEDS[0])
+    if done is None:
+      return dict(sweep=sweep)
+    sweep[lr] = done
+    lrs = sorted(sweep)
+  best = min(sweep, key=lambda lr: sweep[lr]["val"])
+  seeds = [sweep[best]]
+  for seed in SEEDS[1:]:
+    done = runner(name, best, seed)
+    if done is None:
+      break
+    seeds.append(done)
+  return dict(sweep=sweep, best=best, seeds=seeds)
 
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--steps", type=int, default=800)
-  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+  p.add_argument(
+      "--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW"
+  )
+  p.add_argument(
+      "--max-minutes",
+      type=float,
+      default=math.inf,
+      help="start no new run after this many minutes",
+  )
+  p.add_argument(
+      "--report", action="store_true", help="only read finished runs"
+  )
   p.add_argument(
       "--runs",
       default="runs/benchmarks/quality",
@@ -85,79 +187,71 @@ def main(argv=None) -> None:
   )
   p.add_argument("--out", default="benchmarks/results/quality")
   args = p.parse_args(argv)
-  runs, out = pathlib.Path(args.runs), pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-
-  finals, curves = {}, {}
-  for name, overrides in CONFIGS.items():
-    for seed in args.seeds:
-      summary, history = run(name, seed, args.steps, runs, **overrides)
-      finals.setdefault(name, []).append(summary["val_loss"])
-      if seed == args.seeds[0]:
-        curves[name] = history
-  sweep = {}
-  for rank in args.ranks:
-    known = {32: "galore_adamw r=32 (d/4)", 64: "galore_adamw r=64 (d/2)"}.get(
-        rank
-    )
-    sweep[rank] = (
-        finals[known][0]
-        if known
-        else run(
-            f"galore_adamw r={rank}",
-            args.seeds[0],
-            args.steps,
-            runs,
-            optimizer="galore_adamw",
-            rank=rank,
-        )[0]["val_loss"]
-    )
-
-  adamw = statistics.mean(finals["optax.adamw"])
-  stats = {
-      k: (
-          statistics.mean(v),
-          statistics.stdev(v) if len(v) > 1 else 0.0,
-          min(v),
-          max(v),
-      )
-      for k, v in finals.items()
-  }
-  command = (
-      f"python -m benchmarks.quality --steps {args.steps} --seeds"
-      f" {' '.join(map(str, args.seeds))} --ranks"
-      f" {' '.join(map(str, args.ranks))}"
+  runner = Runner(
+      pathlib.Path(args.runs),
+      args.steps,
+      deadline=time.time() + 60 * args.max_minutes,
+      dry=args.report,
   )
+  results = {}
+  for name in args.rows:
+    try:
+      results[name] = tune(name, runner)
+    except OutOfTime:
+      runner.dry = True
+      results[name] = tune(name, runner)
+  # the report covers every row whose runs exist, also those of other sittings
+  runner.dry = True
+  for name in ROWS:
+    results.setdefault(name, tune(name, runner))
+  write(results, args)
+
+
+def _cell(values: list[float]) -> str:
+  if len(values) < len(SEEDS):
+    return f"pending ({len(values)} of {len(SEEDS)} seeds)"
+  return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def write(results: dict, args) -> None:
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  base = results[BASELINE]
+  base_mean = (
+      statistics.mean(s["val"] for s in base["seeds"])
+      if len(base.get("seeds", ())) == len(SEEDS)
+      else None
+  )
+  command = f"python -m benchmarks.quality --steps {args.steps}"
   lines = [
       f"`{command}` — {machine()}",
       "",
       (
           f"GPT-2 `cpu` preset (d_model 128), {args.steps} steps of 16 x 128"
-          f" tokens, final validation loss over seeds {args.seeds}:"
+          " tokens; each row at its best learning rate of a seed-0 sweep, then"
+          f" seeds {list(SEEDS)}; final validation loss:"
       ),
-      "",
-      "| optimizer | mean | std | min | max | vs AdamW |",
-      "|---|---|---|---|---|---|",
-  ]
-  lines += [
-      f"| {k} | {m:.4f} | {s:.4f} | {lo:.4f} | {hi:.4f} |"
-      f" {m / adamw - 1:+.2%} |"
-      for k, (m, s, lo, hi) in stats.items()
-  ]
-  lines += [
       "",
       (
-          f"Rank sweep, galore_adamw, seed {args.seeds[0]} (AdamW at that seed:"
-          f" {finals['optax.adamw'][0]:.4f}):"
+          "| optimizer | best lr | val loss, mean ± std of 3 seeds | vs tuned"
+          " AdamW | sweep at seed 0 (lr: val loss) |"
       ),
-      "",
-      "| rank | final val loss | vs AdamW |",
-      "|---|---|---|",
+      "|---|---|---|---|---|",
   ]
-  lines += [
-      f"| {r} | {v:.4f} | {v / finals['optax.adamw'][0] - 1:+.2%} |"
-      for r, v in sweep.items()
-  ]
+  for name, r in results.items():
+    vals = [s["val"] for s in r.get("seeds", ())]
+    versus = (
+        f"{statistics.mean(vals) / base_mean - 1:+.2%}"
+        if base_mean and len(vals) == len(SEEDS)
+        else "-"
+    )
+    sweep = ", ".join(
+        f"{lr:g}: {d['val']:.4f}" for lr, d in sorted(r["sweep"].items())
+    )
+    if "best" not in r:
+      sweep += (" — " if sweep else "") + "sweep pending"
+    best = f"{r['best']:g}" if "best" in r else "-"
+    lines.append(f"| {name} | {best} | {_cell(vals)} | {versus} | {sweep} |")
   text = "\n".join(lines)
   print(text)
   out.with_suffix(".md").write_text(text + "\n")
@@ -166,31 +260,47 @@ def main(argv=None) -> None:
           {
               "machine": machine(),
               "command": command,
-              "finals": finals,
-              "sweep": sweep,
+              "rows": {
+                  name: {
+                      "sweep": {
+                          f"{lr:g}": d["val"] for lr, d in r["sweep"].items()
+                      },
+                      "best_lr": r.get("best"),
+                      "seeds": [s["val"] for s in r.get("seeds", ())],
+                  }
+                  for name, r in results.items()
+              },
           },
           indent=2,
       )
   )
-  report.plot_losses(
-      curves,
-      out.parent / "quality-curves.png",
-      f"GPT-2 cpu preset, seed {args.seeds[0]}",
-  )
-  _plot_sweep(sweep, finals["optax.adamw"][0], out.parent / "quality-ranks.png")
+  curves = {
+      name: r["seeds"][0]["history"]
+      for name, r in results.items()
+      if "best" in r
+  }
+  if curves:
+    report.plot_losses(
+        curves,
+        out.parent / "quality-curves.png",
+        f"GPT-2 cpu preset, each at its tuned lr, seed {SEEDS[0]}",
+    )
+    _plot_sweeps(results, out.parent / "quality-lr.png")
 
 
-def _plot_sweep(sweep: dict, adamw: float, path: pathlib.Path) -> None:
+def _plot_sweeps(results: dict, path: pathlib.Path) -> None:
   # train.report has chosen the file-only backend
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot(list(sweep), list(sweep.values()), "o-", label="galore_adamw")
-  ax.axhline(adamw, color="gray", linestyle="--", label="optax.adamw")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("rank (d_model = 128)")
-  ax.set_ylabel("final validation loss (nats)")
-  ax.legend()
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for name, r in results.items():
+    if r["sweep"]:
+      lrs = sorted(r["sweep"])
+      ax.plot(lrs, [r["sweep"][lr]["val"] for lr in lrs], "o-", label=name)
+  ax.set_xscale("log")
+  ax.set_xlabel("peak learning rate")
+  ax.set_ylabel("final validation loss, seed 0 (nats)")
+  ax.legend(fontsize="small")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

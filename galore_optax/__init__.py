@@ -2,13 +2,19 @@
 transforms."""
 
 from galore_optax.alias import adamw_8bit
+from galore_optax.alias import apollo_adamw
+from galore_optax.alias import apollo_mini
+from galore_optax.alias import fira_adamw
 from galore_optax.alias import galore_adafactor
 from galore_optax.alias import galore_adam
 from galore_optax.alias import galore_adamw
 from galore_optax.alias import galore_lamb
 from galore_optax.alias import galore_lion
 from galore_optax.alias import galore_sgd
+from galore_optax.apollo import ApolloState
+from galore_optax.apollo import scale_by_apollo
 from galore_optax.inner import add_decoupled_weight_decay
+from galore_optax.inner import scale_by_bias_correction
 from galore_optax.inner import scale_by_reference_adam
 from galore_optax.memory import MemoryReport
 from galore_optax.memory import memory_report

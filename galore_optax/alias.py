@@ -4,8 +4,8 @@ Each takes ``learning_rate`` (a float or an optax schedule), its optimizer's own
 hyperparameters, and the GaLore keywords of
 :func:`galore_optax.scale_by_galore`: ``rank``, ``update_proj_gap``, ``scale``,
 ``proj_type``, ``targets``, ``matrix_axes``, ``svd``, ``moments``,
-``lazy_refresh``, ``precision``, ``axis_name``, ``moment_bits`` and
-``projector_bits``. Weight decay is always
+``lazy_refresh``, ``precision``, ``axis_name``, ``moment_bits``,
+``projector_bits`` and ``residual``. Weight decay is always
 applied to the full weights, never in the subspace; ``mask`` (a pytree of bools
 or a callable on params) selects the leaves it applies to.
 
@@ -25,6 +25,7 @@ from typing import Optional
 import jax
 import optax
 
+from galore_optax import apollo as apollo_lib
 from galore_optax import inner as inner_lib
 from galore_optax import projection
 from galore_optax import quantization
@@ -40,15 +41,17 @@ GALORE_KEYWORDS = tuple(inspect.signature(scale_by_galore).parameters)[1:]
 
 
 def _galore_options(namespace: dict[str, Any]) -> dict[str, Any]:
-  return {name: namespace[name] for name in GALORE_KEYWORDS}
+  return {
+      name: namespace[name] for name in GALORE_KEYWORDS if name in namespace
+  }
 
 
 def _galore(
-    inner: optax.GradientTransformation, namespace: dict[str, Any]
+    inner: optax.GradientTransformation, namespace: dict[str, Any], **fixed
 ) -> optax.GradientTransformationExtraArgs:
   """``scale_by_galore(inner, ...)`` with the GaLore keywords of an alias's
-  ``locals()``."""
-  return scale_by_galore(inner, **_galore_options(namespace))
+  ``locals()`` (and ``fixed`` ones it does not take)."""
+  return scale_by_galore(inner, **_galore_options(namespace), **fixed)
 
 
 def galore_adamw(
@@ -72,6 +75,7 @@ def galore_adamw(
     axis_name: Any = None,
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
+    residual: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW, step for step galore-torch's ``GaLoreAdamW``.
 
@@ -87,6 +91,129 @@ def galore_adamw(
       optax.scale_by_learning_rate(learning_rate),
       inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
   )
+
+
+def fira_adamw(
+    learning_rate: inner_lib.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+    *,
+    rank: targets_lib.RankSpec = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    targets: targets_lib.TargetsSpec = None,
+    matrix_axes: targets_lib.AxesSpec = None,
+    svd: subspace.SvdSpec = "exact",
+    moments: str = "keep",
+    lazy_refresh: Optional[subspace.LazyRefresh] = None,
+    precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
+    axis_name: Any = None,
+    moment_bits: Optional[int] = None,
+    projector_bits: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Fira-AdamW, step for step Fira's ``FiraAdamW``: :func:`galore_adamw` plus
+  the scaled, norm-limited gradient residual (``residual='fira'`` of
+  :func:`galore_optax.scale_by_galore`).
+
+  As in the reference, the residual is scaled by the norms of the uncorrected
+  ``m / (sqrt(v) + eps)`` and Adam's bias correction ``c_t`` multiplies the
+  whole update afterwards; under ``moments='reset'``, where each leaf restarts
+  its own correction at a refresh, the correction stays inside the subspace
+  step. The default scale 0.25 is the one of Fira's pretraining scripts.
+  """
+  per_leaf_count = moments == "reset"
+  correction = (
+      () if per_leaf_count else (inner_lib.scale_by_bias_correction(b1, b2),)
+  )
+  adam = inner_lib.scale_by_reference_adam(
+      b1=b1, b2=b2, eps=eps, bias_correction=per_leaf_count
+  )
+  return optax.chain(
+      _galore(adam, locals(), residual="fira"),
+      *correction,
+      optax.scale_by_learning_rate(learning_rate),
+      inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
+  )
+
+
+def apollo_adamw(
+    learning_rate: inner_lib.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+    *,
+    rank: targets_lib.RankSpec = 256,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    scaling_type: str = "channel",
+    proj_type: str = "std",
+    targets: targets_lib.TargetsSpec = None,
+    matrix_axes: targets_lib.AxesSpec = None,
+    seed: int = 0,
+    precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
+) -> optax.GradientTransformationExtraArgs:
+  r"""APOLLO-AdamW, step for step APOLLO's ``APOLLOAdamW`` (``proj='random'``)
+  given the same projections (:func:`galore_optax.scale_by_apollo`).
+
+  Adam's moments live in a random ``rank``-dimensional projection of each
+  targeted matrix; the update is the raw gradient scaled per channel (or per
+  tensor) by the norms of the uncorrected ``m / (sqrt(v) + eps)``, limited in
+  growth, times ``sqrt(scale)``; then Adam's bias correction, the learning
+  rate and decoupled weight decay act on the whole update, as in the
+  reference. The state holds no projection, only low-rank moments and one
+  scalar per matrix. Other leaves get that AdamW at full size.
+
+  With ``optax.inject_hyperparams`` list ``rank``, ``update_proj_gap``,
+  ``scaling_type``, ``proj_type`` and ``seed`` in ``static_args``.
+  """
+  return optax.chain(
+      apollo_lib.scale_by_apollo(
+          inner_lib.scale_by_reference_adam(
+              b1=b1, b2=b2, eps=eps, bias_correction=False
+          ),
+          rank=rank,
+          update_proj_gap=update_proj_gap,
+          scale=scale,
+          scaling_type=scaling_type,
+          proj_type=proj_type,
+          targets=targets,
+          matrix_axes=matrix_axes,
+          seed=seed,
+          precision=precision,
+      ),
+      inner_lib.scale_by_bias_correction(b1, b2),
+      optax.scale_by_learning_rate(learning_rate),
+      inner_lib.add_decoupled_weight_decay(learning_rate, weight_decay, mask),
+  )
+
+
+def apollo_mini(
+    learning_rate: inner_lib.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    mask: Mask = None,
+    *,
+    rank: targets_lib.RankSpec = 1,
+    update_proj_gap: int = 200,
+    scale: float = 128.0,
+    scaling_type: str = "tensor",
+    proj_type: str = "std",
+    targets: targets_lib.TargetsSpec = None,
+    matrix_axes: targets_lib.AxesSpec = None,
+    seed: int = 0,
+    precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO-Mini: :func:`apollo_adamw` at rank 1 with one scaling factor per
+  matrix and the paper's scale 128, for about SGD's memory."""
+  return apollo_adamw(**locals())
 
 
 def galore_adam(
@@ -108,6 +235,7 @@ def galore_adam(
     axis_name: Any = None,
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
+    residual: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adam: :func:`galore_adamw` without weight decay."""
   return galore_adamw(
@@ -135,6 +263,7 @@ def galore_sgd(
     axis_name: Any = None,
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
+    residual: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-SGD: the momentum buffer (``optax.trace``) lives in the subspace.
 
@@ -173,6 +302,7 @@ def galore_lion(
     axis_name: Any = None,
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
+    residual: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Lion: ``optax.scale_by_lion`` (sign of interpolated momentum) in the
   subspace."""
@@ -219,6 +349,7 @@ def galore_adafactor(
     axis_name: Any = None,
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
+    residual: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adafactor: factored second moments of the low-rank gradient.
 
@@ -281,6 +412,7 @@ def galore_lamb(
     axis_name: Any = None,
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
+    residual: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-LAMB: Adam in the subspace; decay and trust ratio in the full space.
 

@@ -16,10 +16,17 @@ import optax
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
+def _bias_correction(b1, b2, count: jax.Array) -> jax.Array:
+  """``sqrt(1 - b2^t) / (1 - b1^t)`` at step ``t = count``."""
+  t = count.astype(jnp.float32)
+  return jnp.sqrt(1 - b2**t) / (1 - b1**t)
+
+
 def scale_by_reference_adam(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
+    bias_correction: bool = True,
 ) -> optax.GradientTransformation:
   r"""Adam as galore-torch (and HF's old AdamW) computes it.
 
@@ -29,6 +36,11 @@ def scale_by_reference_adam(
   ``sqrt(v_t)``. This differs from ``optax.scale_by_adam`` by an effective
   ``eps`` of ``eps * sqrt(1 - b2^t)``. The state is an
   ``optax.ScaleByAdamState`` (count, mu, nu).
+
+  With ``bias_correction=False`` the factor is left out, for
+  :func:`scale_by_bias_correction` to apply after a transform that must see
+  the uncorrected ``m_t / (sqrt(v_t) + eps)``, as Fira's and APOLLO's
+  references do.
   """
 
   def init_fn(params):
@@ -43,14 +55,34 @@ def scale_by_reference_adam(
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = optax.safe_int32_increment(state.count)
-    t = count.astype(jnp.float32)
-    step_scale = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+    step_scale = _bias_correction(b1, b2, count) if bias_correction else 1.0
     updates = jax.tree.map(
         lambda m, v: (step_scale * m / (jnp.sqrt(v) + eps)).astype(m.dtype),
         mu,
         nu,
     )
     return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_bias_correction(
+    b1: float = 0.9, b2: float = 0.999
+) -> optax.GradientTransformation:
+  """Multiplies the updates of step ``t`` (from 1) by Adam's ``sqrt(1 - b2^t) /
+  (1 - b1^t)``: the factor ``scale_by_reference_adam(bias_correction=False)``
+  leaves out. The state is an ``optax.ScaleByScheduleState`` (count)."""
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_int32_increment(state.count)
+    factor = _bias_correction(b1, b2, count)
+    updates = jax.tree.map(lambda u: (factor * u).astype(u.dtype), updates)
+    return updates, optax.ScaleByScheduleState(count=count)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -17,6 +17,7 @@ from galore_optax import moments as moments_lib
 from galore_optax import projection
 from galore_optax import quantization
 from galore_optax import refresh as refresh_lib
+from galore_optax import scaling
 from galore_optax import sharding
 from galore_optax import subspace
 from galore_optax import targets as targets_lib
@@ -50,6 +51,10 @@ class GaLoreState(NamedTuple):
     leaf_scalars: under ``moments='reset'``, one params-shaped tree per
       non-moment leaf of the inner state (its step counts): each targeted
       leaf's own copy, restarted at its refresh. Empty otherwise.
+    residual_norm: under ``residual='fira'``, a params-shaped tree holding for
+      each targeted leaf the norm of the residual it last applied, one float32
+      per matrix (``batch``-shaped), for the norm-growth limiter; scalar zeros
+      for other leaves. Empty otherwise.
   """
 
   count: jax.Array
@@ -57,6 +62,10 @@ class GaLoreState(NamedTuple):
   inner_state: optax.OptState
   refresh: RefreshState
   leaf_scalars: tuple[Any, ...] = ()
+  residual_norm: Any = ()
+
+
+RESIDUALS = (None, "fira")
 
 
 def _unused(dtype) -> jax.Array:
@@ -87,6 +96,7 @@ def scale_by_galore(
     axis_name: Any = None,
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
+    residual: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore: the ``inner`` transform sees low-rank projections of matrix
   gradients.
@@ -102,6 +112,20 @@ def scale_by_galore(
   Other leaves pass through ``inner`` at full shape and are not scaled. The
   defaults reproduce galore-torch: exact SVD, moments kept across a refresh,
   projections in full float32.
+
+  With ``residual='fira'`` (Fira, arXiv 2410.01623) the gradient left over by
+  the low-rank step is applied too, scaled by what ``inner`` did in the
+  subspace, and kept from growing faster than 1.01 per step::
+
+    S = (G - scale * project_back(R, P)) * ||N|| / (||R|| + 1e-8)
+    S = S / max(1, ||S|| / (1.01 ||S_prev||))     # from the second step on
+    update = scale * project_back(N, P) + S
+
+  The norms are per channel, along the axis the projection shortened (one ratio
+  per column of ``G`` with a left basis, per row with a right one), and over the
+  whole matrix for 'full'. As in Fira's reference, ``scale`` also weighs the
+  subtracted projection: with ``scale=1`` ``S`` is the part of ``G`` outside the
+  subspace, and at full rank it vanishes.
 
   A refresh never poisons training: a gradient that is not finite or all zero,
   or a basis that is not finite or not orthonormal, is refused; the leaf keeps
@@ -152,6 +176,8 @@ def scale_by_galore(
       a linear grid (INT8, or INT4 packed two a byte; blocks of 256, one float32
       scale each) and dequantized for the projections; a refresh quantizes its
       new basis.
+    residual: None, or 'fira' to apply the scaled, limited residual above
+      (one float32 of state per matrix). Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -181,6 +207,10 @@ def scale_by_galore(
       axis_name=axis_name,
   )
   n_scalars = 0 if config.scalars is None else len(config.scalars.initial)
+  if residual not in RESIDUALS:
+    raise ValueError(
+        f"unknown residual {residual!r}; expected one of {RESIDUALS}"
+    )
   quantization.check_bits(
       "moment_bits", moment_bits, (None, *quantization.MOMENT_BITS)
   )
@@ -220,14 +250,16 @@ def scale_by_galore(
           inner_state=inner.init(params),
           refresh=RefreshState(*([params] * n_fields)),
           leaf_scalars=(params,) * n_scalars,
+          residual_norm=() if residual is None else params,
       )
-    lefts, rights, proxies, intervals = [], [], [], []
+    lefts, rights, proxies, intervals, norms = [], [], [], [], []
     for leaf, p in zip(leaves, plan(params)):
       if p is None:
         lefts.append(_unused(leaf.dtype))
         rights.append(_unused(leaf.dtype))
         proxies.append(leaf)
         intervals.append(jnp.zeros([], jnp.int32))
+        norms.append(_unused(jnp.float32))
         continue
       v = p.view
       spec = sharding.spec_of(jax.eval_shape(v.to_matrix, leaf))
@@ -248,6 +280,14 @@ def scale_by_galore(
       low_spec = sharding.projected_spec(spec, p.use_left, p.use_right)
       proxies.append(new(p.low_rank_shape, low_spec))
       intervals.append(jnp.full([], config.update_proj_gap, jnp.int32))
+      norms.append(
+          sharding.zeros(
+              v.batch_shape,
+              jnp.float32,
+              None if spec is None else spec[:-2],
+              leaf,
+          )
+      )
 
     # Distinct arrays, not one shared value: donating the state must not donate
     # a buffer twice.
@@ -270,6 +310,7 @@ def scale_by_galore(
             skipped=per_leaf(np.int32(0)),
         ),
         leaf_scalars=tuple(per_leaf(s) for s in scalars),
+        residual_norm=() if residual is None else treedef.unflatten(norms),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -292,6 +333,7 @@ def scale_by_galore(
         flat(moments_lib.get_at(inner_state, s.path)) for s in config.slots
     ]
     scalar_leaves = [flat(t) for t in state.leaf_scalars]
+    residual_norms = None if residual is None else flat(state.residual_norm)
 
     # 1. Refresh the bases that are due.
     matrices = {i: p.view.to_matrix(leaves[i]) for i, p in plans.items()}
@@ -383,12 +425,26 @@ def scale_by_galore(
             inner_state, s.path, treedef.unflatten(column)
         )
 
-    # 4. Project back.
+    # 4. Project back (and add Fira's residual).
     for i, p in plans.items():
-      back = projection.project_back(
-          out[i], *_sides(p, records[i]), precision=precision
+      sides = _sides(p, records[i])
+      back = scale * projection.project_back(
+          out[i], *sides, precision=precision
       )
-      out[i] = (scale * p.view.from_matrix(back)).astype(leaves[i].dtype)
+      if residual is not None:
+        outside = matrices[i] - scale * projection.project_back(
+            low[i], *sides, precision=precision
+        )
+        ratio = scaling.norm_ratio(
+            out[i], low[i], scaling.projected_axes(p.use_left, p.use_right)
+        )
+        limited, residual_norms[i] = scaling.limit_growth(
+            outside * ratio.astype(outside.dtype),
+            residual_norms[i],
+            state.count == 0,
+        )
+        back = back + limited
+      out[i] = p.view.from_matrix(back).astype(leaves[i].dtype)
 
     if projector_bits is None:
       stored_lefts, stored_rights = lefts, rights
@@ -402,6 +458,9 @@ def scale_by_galore(
             *(treedef.unflatten(list(field)) for field in zip(*books))
         ),
         leaf_scalars=tuple(treedef.unflatten(c) for c in scalar_leaves),
+        residual_norm=(
+            () if residual is None else treedef.unflatten(residual_norms)
+        ),
     )
     return treedef.unflatten(out), new_state
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from helpers import ENGINE
+from helpers import FOLLOWUPS
 from helpers import LAYERWISE
 from helpers import LAYOUTS
 from helpers import QUANTIZED
@@ -222,6 +223,16 @@ def main(out: pathlib.Path) -> None:
     )
   # Checkpoint under fsdp=4, resume under data=2,fsdp=2.
   first, second = RESUMED
+  for name, options in FOLLOWUPS.items():
+    runs = out / "runs" / name
+    train(tiny_config(runs, **first, **options), stop_after=3, verbose=False)
+    save(
+        out,
+        name,
+        train(
+            tiny_config(runs, resume=True, **second, **options), verbose=False
+        ),
+    )
   cfg = tiny_config(out / "runs" / "resumed", **first)
   train(cfg, stop_after=3, verbose=False)
   save(

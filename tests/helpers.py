@@ -184,6 +184,11 @@ VIT = dict(task="vit", mesh="data=2,fsdp=2")
 QUANTIZED = dict(mesh="fsdp=4", moment_bits=8, projector_bits=4)
 # the layer-wise step (blocks stacked) on a mesh that splits them
 LAYERWISE = dict(mesh="data=2,fsdp=2", layerwise=True)
+# Fira and APOLLO: 3 steps on fsdp=4, resumed on data=2,fsdp=2
+FOLLOWUPS = {
+    "fira": dict(optimizer="fira_adamw"),
+    "apollo": dict(optimizer="apollo_adamw"),
+}
 # 3 steps on the first, the rest on the second
 RESUMED = (
     dict(mesh="fsdp=4"),

@@ -195,6 +195,7 @@ ALIASES = {
         dict(weight_decay=0.1, momentum=0.9, clipping_threshold=None),
         dict(multiply_by_parameter_scale=False),
     ],
+    "fira_adamw": [dict(weight_decay=0.0), dict(weight_decay=0.1)],
 }
 
 
@@ -219,7 +220,9 @@ def test_every_alias_takes_every_galore_keyword(params, name):
   import inspect
 
   alias = getattr(galore_optax, name)
-  galore = inspect.signature(galore_optax.scale_by_galore).parameters
+  galore = dict(inspect.signature(galore_optax.scale_by_galore).parameters)
+  if name == "fira_adamw":  # it is the residual
+    del galore["residual"]
   own = inspect.signature(alias).parameters
   for keyword in list(galore)[
       1:
@@ -247,7 +250,10 @@ def test_every_alias_takes_every_galore_keyword(params, name):
       axis_name=None,
       moment_bits=8,  # tested on matrices large enough: test_quantization.py
       projector_bits=8,
+      residual="fira",
   )
+  if name == "fira_adamw":
+    del options["residual"]
   assert set(options) == set(galore) - {"inner"}
   state = galore_optax.transform.galore_states(
       alias(1e-2, **options).init(params)
@@ -264,6 +270,7 @@ def test_every_alias_takes_every_galore_keyword(params, name):
       name != "galore_sgd"
   ):  # plain galore_sgd runs optax.identity(), which has no state
     assert state.leaf_scalars  # moments='reset' keeps per-leaf step counts
+  assert state.residual_norm["attn"]["kernel"].shape == ()  # Fira's limiter
 
 
 def test_inject_hyperparams_without_static_rank_is_a_clear_error(params):

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import ENGINE
+from helpers import FOLLOWUPS
 from helpers import LAYOUTS
 from helpers import QUANTIZED
 from helpers import TINY
@@ -239,6 +240,19 @@ def test_resume_on_another_mesh_shape(four_devices):
   resumed, _ = _load(four_devices, "resumed")
   uninterrupted, _ = _load(four_devices, "fsdp4")
   assert _close(resumed, uninterrupted) < ATOL
+
+
+@pytest.mark.parametrize("name", sorted(FOLLOWUPS))
+def test_fira_and_apollo_resume_across_meshes_like_one_device(
+    tmp_path, four_devices, name
+):
+  # Fira's residual and APOLLO's projections (drawn from the seed and the step
+  # on every device) on fsdp=4, checkpointed after 3 steps and resumed on
+  # data=2,fsdp=2: the parameters of one uninterrupted device
+  params, summary = _load(four_devices, name)
+  reference = train(tiny_config(tmp_path, **FOLLOWUPS[name]), verbose=False)
+  assert _close(params, flat_params(reference.params)) < ATOL
+  assert abs(summary["val_loss"] - reference.summary["val_loss"]) < 1e-5
 
 
 def _free_port() -> int:

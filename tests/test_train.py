@@ -206,6 +206,25 @@ def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
             ["--optimizer", "contrib_galore", "--resume"],
             "contrib_galore's state holds zero-size arrays",
         ),
+        (
+            ["--optimizer", "apollo_mini", "--svd", "gram"],
+            (
+                "--svd is an option of the galore_* optimizers, not of"
+                " --optimizer apollo_mini"
+            ),
+        ),
+        (
+            ["--optimizer", "apollo_adamw", "--proj-type", "full"],
+            "--proj-type full is not one of its projections",
+        ),
+        (
+            ["--scaling-type", "tensor"],
+            "--scaling-type is an option of the apollo optimizers",
+        ),
+        (
+            ["--optimizer", "apollo_adamw", "--scaling-type", "row"],
+            "unknown --scaling-type 'row'",
+        ),
     ],
 )
 def test_bad_input_stops_before_training(tmp_path, capsys, args, message):

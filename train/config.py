@@ -14,10 +14,14 @@ from models.transformer import DTYPES
 from train.tasks import TASKS
 
 # name -> (factory, default peak learning rate, kind): kind "galore" takes
-# galore_optax's keywords, "contrib" the baseline optax.contrib.galore's (rank,
-# update_proj_gap, scale, targets), "full" none.
+# galore_optax's GaLore keywords, "apollo" APOLLO's (rank, update_proj_gap,
+# scale, scaling_type, proj_type, targets, seed), "contrib" the baseline
+# optax.contrib.galore's (rank, update_proj_gap, scale, targets), "full" none.
 OPTIMIZERS = {
     "galore_adamw": (galore_optax.galore_adamw, 1e-2, "galore"),
+    "fira_adamw": (galore_optax.fira_adamw, 1e-2, "galore"),
+    "apollo_adamw": (galore_optax.apollo_adamw, 1e-2, "apollo"),
+    "apollo_mini": (galore_optax.apollo_mini, 1e-2, "apollo"),
     "galore_adam": (galore_optax.galore_adam, 1e-2, "galore"),
     "galore_sgd": (
         lambda lr, **kw: galore_optax.galore_sgd(lr, momentum=0.9, **kw),
@@ -35,6 +39,12 @@ OPTIMIZERS = {
     "adafactor": (optax.adafactor, 1e-2, "full"),
     "lion": (optax.lion, 3e-4, "full"),
     "lamb": (optax.lamb, 3e-3, "full"),
+}
+# Defaults that differ from the CLI's (rank d_model // 4, scale 0.25): the
+# APOLLO papers' own.
+OWN_DEFAULTS = {
+    "apollo_adamw": dict(scale=1.0, scaling_type="channel"),
+    "apollo_mini": dict(rank=1, scale=128.0, scaling_type="tensor"),
 }
 WEIGHT_DECAY_KW = {
     "adam",
@@ -56,12 +66,21 @@ class TrainConfig:
       "cpu", "model size: see models.GPT2_PRESETS / VIT_PRESETS"
   )
   optimizer: str = _field("galore_adamw", "one of " + ", ".join(OPTIMIZERS))
-  rank: Optional[int] = _field(None, "GaLore rank r (default: d_model // 4)")
+  rank: Optional[int] = _field(
+      None, "GaLore rank r (default: d_model // 4; 1 for apollo_mini)"
+  )
   update_proj_gap: int = _field(
       50, "GaLore T: steps between subspace refreshes"
   )
-  scale: float = _field(
-      0.25, "GaLore alpha: scale of the back-projected update"
+  scale: Optional[float] = _field(
+      None,
+      "GaLore alpha: scale of the back-projected update (default 0.25); APOLLO"
+      " multiplies its update by sqrt(scale) (default 1, 128 for apollo_mini)",
+  )
+  scaling_type: Optional[str] = _field(
+      None,
+      "APOLLO: the norm ratio per channel or per tensor (default: channel;"
+      " tensor for apollo_mini)",
   )
   proj_type: str = _field(
       "std", "GaLore projection: std, reverse_std, left, right or full"
@@ -230,6 +249,43 @@ class TrainConfig:
             f" optimizers, not of --optimizer {self.optimizer} (for 8-bit"
             " AdamW use --optimizer adamw8bit)"
         )
+    kind = OPTIMIZERS[self.optimizer][2]
+    if kind == "apollo":
+      # APOLLO draws random projections: no SVD, no refresh policy, no stored
+      # bases to quantize
+      for name, default in (
+          ("svd", "exact"),
+          ("moments", "keep"),
+          ("lazy_threshold", None),
+          ("moment_bits", None),
+          ("projector_bits", None),
+      ):
+        if getattr(self, name) != default:
+          raise ValueError(
+              f"--{name.replace('_', '-')} is an option of the galore_*"
+              f" optimizers, not of --optimizer {self.optimizer}"
+          )
+      if self.proj_type == "full":
+        raise ValueError(
+            f"--optimizer {self.optimizer} projects one side: --proj-type full"
+            " is not one of its projections"
+        )
+    for name, value in OWN_DEFAULTS.get(self.optimizer, {}).items():
+      if getattr(self, name) is None:
+        setattr(self, name, value)
+    if self.scale is None:
+      self.scale = 0.25
+    if self.scaling_type is not None:
+      if kind != "apollo":
+        raise ValueError(
+            "--scaling-type is an option of the apollo optimizers, not of"
+            f" --optimizer {self.optimizer}"
+        )
+      if self.scaling_type not in galore_optax.scaling.SCALINGS:
+        raise ValueError(
+            f"unknown --scaling-type {self.scaling_type!r}; choose one of"
+            f" {galore_optax.scaling.SCALINGS}"
+        )
     if self.mesh_axes not in ("explicit", "auto"):
       raise ValueError(
           f"unknown --mesh-axes {self.mesh_axes!r}; choose 'explicit' or 'auto'"
@@ -361,6 +417,7 @@ class TrainConfig:
         "warmup_steps",
         "weight_decay",
         "scale",
+        "scaling_type",
         "clip",
         "grad_accum",
         "layerwise",

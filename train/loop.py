@@ -138,7 +138,7 @@ def build_optimizer(
         scale=cfg.scale,
         weight_dimension_numbers=contrib_dimension_numbers,
     )
-  if kind == "galore":
+  if kind in ("galore", "apollo"):
     plans = galore_optax.plan_leaves(
         params, rank=cfg.rank, proj_type=cfg.proj_type, targets=galore_targets()
     )
@@ -149,6 +149,17 @@ def build_optimizer(
             f" ({plan.view.m} x {plan.view.n}); choose at most"
             f" {min(plan.view.m, plan.view.n)}"
         )
+  if kind == "apollo":
+    kwargs.update(
+        rank=cfg.rank,
+        update_proj_gap=cfg.update_proj_gap,
+        scale=cfg.scale,
+        scaling_type=cfg.scaling_type,
+        proj_type=cfg.proj_type,
+        targets=galore_targets(),
+        seed=cfg.seed,
+    )
+  if kind == "galore":
     lazy = (
         None
         if cfg.lazy_threshold is None
@@ -462,7 +473,7 @@ def train(
         + (
             f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {cfg.scale}, "
             f"{cfg.proj_type})"
-            if cfg.uses_galore
+            if OPTIMIZERS[cfg.optimizer][2] in ("galore", "apollo")
             else ""
         )
         + f": state {report.human_bytes(memory.state_bytes)} vs AdamW's "
