@@ -15,7 +15,8 @@ Every finished run is kept under ``--runs`` and reused, so the benchmark can be
 completed over several sittings (``--max-minutes`` stops it between runs); the
 tables say which rows are still pending. ``--report`` only writes the tables.
 
-    python -m benchmarks.quality [--rows NAME ...] [--max-minutes M] [--report]
+    python -m benchmarks.quality [--steps 800] [--rows NAME ...]
+        [--max-minutes M] [--report]
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ class Runner:
       if time.time() > self.deadline:
         raise OutOfTime
       summary = train(cfg, verbose=False).summary
-      print(f"{name} lr {lr:g} seed {seed}: val {summary['val_loss']:.4f}")
+      print(
+          f"{name} lr {lr:g} seed {seed}: val {summary['val_loss']:.4f}",
+          flush=True,
+      )
     summary = json.loads((run_dir / "summary.json").read_text())
     history = [
         json.loads(line)
@@ -119,13 +123,17 @@ class Runner:
 
 
 def _finished(run_dir: pathlib.Path, cfg: TrainConfig) -> bool:
-  """Whether ``run_dir`` holds a finished run of ``cfg``. Fields added to
-  TrainConfig after the run was made count as equal at their defaults."""
+  """Whether ``run_dir`` holds a finished run of ``cfg``, wherever it was
+  made. Fields added to TrainConfig after the run was made count as equal at
+  their defaults."""
   if not (run_dir / "summary.json").exists():
     return False
-  saved = json.loads((run_dir / "config.json").read_text())
-  wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))
-  defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
+  as_json = lambda c: {
+      k: v for k, v in json.loads(json.dumps(c)).items() if k != "out"
+  }
+  saved = as_json(json.loads((run_dir / "config.json").read_text()))
+  wanted = as_json(dataclasses.asdict(cfg))
+  defaults = as_json(dataclasses.asdict(TrainConfig()))
   return set(saved) <= set(wanted) and all(
       saved[k] == v if k in saved else v == defaults[k]
       for k, v in wanted.items()
@@ -182,11 +190,21 @@ def main(argv=None) -> None:
   )
   p.add_argument(
       "--runs",
-      default="runs/benchmarks/quality",
-      help="where the runs' outputs go; finished runs found there are reused",
+      default=None,
+      help=(
+          "where the runs' outputs go; finished runs found there are reused"
+          " (default: runs/benchmarks/quality, with -STEPS for other --steps)"
+      ),
   )
-  p.add_argument("--out", default="benchmarks/results/quality")
+  p.add_argument(
+      "--out",
+      default=None,
+      help="the tables' path (default: benchmarks/results/quality[-STEPS])",
+  )
   args = p.parse_args(argv)
+  suffix = "" if args.steps == 800 else f"-{args.steps}"
+  args.runs = args.runs or f"runs/benchmarks/quality{suffix}"
+  args.out = args.out or f"benchmarks/results/quality{suffix}"
   runner = Runner(
       pathlib.Path(args.runs),
       args.steps,
@@ -222,7 +240,9 @@ def write(results: dict, args) -> None:
       if len(base.get("seeds", ())) == len(SEEDS)
       else None
   )
-  command = f"python -m benchmarks.quality --steps {args.steps}"
+  command = "python -m benchmarks.quality" + (
+      f" --steps {args.steps}" if args.steps != 800 else ""
+  )
   lines = [
       f"`{command}` — {machine()}",
       "",
@@ -282,10 +302,10 @@ def write(results: dict, args) -> None:
   if curves:
     report.plot_losses(
         curves,
-        out.parent / "quality-curves.png",
+        out.parent / f"{out.name}-curves.png",
         f"GPT-2 cpu preset, each at its tuned lr, seed {SEEDS[0]}",
     )
-    _plot_sweeps(results, out.parent / "quality-lr.png")
+    _plot_sweeps(results, out.parent / f"{out.name}-lr.png")
 
 
 def _plot_sweeps(results: dict, path: pathlib.Path) -> None:

@@ -213,10 +213,10 @@ def test_fira_at_full_rank_is_galore():
     [
         dict(proj_type="full"),
         dict(proj_type="left", svd="randomized"),
-        dict(svd="gram", moments="reset"),
+        dict(proj_type="right", svd="gram", moments="reset"),
         dict(moments="transport", moment_bits=8, projector_bits=4),
     ],
-    ids=["full", "left-randomized", "gram-reset", "transport-quantized"],
+    ids=["full", "left-randomized", "right-gram-reset", "transport-quantized"],
 )
 def test_fira_runs_with_every_option(options):
   # with every option the steps are finite and differ from GaLore's: the

@@ -251,14 +251,12 @@ class TrainConfig:
         )
     kind = OPTIMIZERS[self.optimizer][2]
     if kind == "apollo":
-      # APOLLO draws random projections: no SVD, no refresh policy, no stored
-      # bases to quantize
+      # APOLLO draws random projections: no SVD, no refresh policy (the bit
+      # widths are refused above, as for every optimizer but galore_*)
       for name, default in (
           ("svd", "exact"),
           ("moments", "keep"),
           ("lazy_threshold", None),
-          ("moment_bits", None),
-          ("projector_bits", None),
       ):
         if getattr(self, name) != default:
           raise ValueError(
