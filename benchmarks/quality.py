@@ -16,7 +16,7 @@ completed over several sittings (``--max-minutes`` stops it between runs); the
 tables say which rows are still pending. ``--report`` only writes the tables.
 
     python -m benchmarks.quality [--steps 800] [--rows NAME ...]
-        [--max-minutes M] [--report]
+        [--max-minutes M] [--report] [--longer STEPS]
 """
 
 from __future__ import annotations
@@ -189,6 +189,15 @@ def main(argv=None) -> None:
       "--report", action="store_true", help="only read finished runs"
   )
   p.add_argument(
+      "--longer",
+      type=int,
+      metavar="STEPS",
+      help=(
+          "the longer configuration: each tuned row again at its best lr, seed"
+          " 0, for STEPS steps"
+      ),
+  )
+  p.add_argument(
       "--runs",
       default=None,
       help=(
@@ -222,7 +231,19 @@ def main(argv=None) -> None:
   runner.dry = True
   for name in ROWS:
     results.setdefault(name, tune(name, runner))
-  write(results, args)
+  longer = {}
+  if args.longer:
+    long_runner = dataclasses.replace(
+        runner, runs=runner.runs / f"longer-{args.longer}", steps=args.longer
+    )
+    long_runner.dry = args.report
+    for name in args.rows:
+      if "best" in results[name]:
+        try:
+          longer[name] = long_runner(name, results[name]["best"], SEEDS[0])
+        except OutOfTime:
+          long_runner.dry = True
+  write(results, longer, args)
 
 
 def _cell(values: list[float]) -> str:
@@ -231,7 +252,7 @@ def _cell(values: list[float]) -> str:
   return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def write(results: dict, args) -> None:
+def write(results: dict, longer: dict, args) -> None:
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   base = results[BASELINE]
@@ -240,8 +261,10 @@ def write(results: dict, args) -> None:
       if len(base.get("seeds", ())) == len(SEEDS)
       else None
   )
-  command = "python -m benchmarks.quality" + (
-      f" --steps {args.steps}" if args.steps != 800 else ""
+  command = (
+      "python -m benchmarks.quality"
+      + (f" --steps {args.steps}" if args.steps != 800 else "")
+      + (f" --longer {args.longer}" if args.longer else "")
   )
   lines = [
       f"`{command}` — {machine()}",
@@ -272,6 +295,27 @@ def write(results: dict, args) -> None:
       sweep += (" — " if sweep else "") + "sweep pending"
     best = f"{r['best']:g}" if "best" in r else "-"
     lines.append(f"| {name} | {best} | {_cell(vals)} | {versus} | {sweep} |")
+  if longer:
+    lines += [
+        "",
+        (
+            f"The longer configuration: {args.longer} steps, seed {SEEDS[0]},"
+            " each row at its tuned lr; validation loss at 1/4, 1/2, 3/4 and"
+            " all of the steps:"
+        ),
+        "",
+        "| optimizer | " + " | ".join(_quarters(args.longer)) + " | vs AdamW |",
+        "|---|" + "---|" * 5,
+    ]
+    base_long = longer.get(BASELINE)
+    for name, run in longer.items():
+      vals = _val_at(run["history"], _quarters(args.longer))
+      versus = f"{run['val'] / base_long['val'] - 1:+.2%}" if base_long else "-"
+      lines.append(
+          f"| {name} | "
+          + " | ".join(f"{v:.4f}" for v in vals)
+          + f" | {versus} |"
+      )
   text = "\n".join(lines)
   print(text)
   out.with_suffix(".md").write_text(text + "\n")
@@ -306,6 +350,21 @@ def write(results: dict, args) -> None:
         f"GPT-2 cpu preset, each at its tuned lr, seed {SEEDS[0]}",
     )
     _plot_sweeps(results, out.parent / f"{out.name}-lr.png")
+  if longer:
+    report.plot_losses(
+        {name: run["history"] for name, run in longer.items()},
+        out.parent / f"{out.name}-longer-curves.png",
+        f"GPT-2 cpu preset, {args.longer} steps at the tuned lr, seed 0",
+    )
+
+
+def _quarters(steps: int) -> list[int]:
+  return [steps * k // 4 for k in (1, 2, 3, 4)]
+
+
+def _val_at(history: list[dict], steps: list[int]) -> list[float]:
+  val = {row["step"]: row["val_loss"] for row in history if "val_loss" in row}
+  return [val[s] for s in steps]
 
 
 def _plot_sweeps(results: dict, path: pathlib.Path) -> None:

@@ -153,14 +153,7 @@ def scale_by_apollo(
       proxies.append(
           sharding.zeros(p.low_rank_shape, leaf.dtype, low_spec, leaf)
       )
-      norms.append(
-          sharding.zeros(
-              p.view.batch_shape,
-              jnp.float32,
-              None if spec is None else spec[:-2],
-              leaf,
-          )
-      )
+      norms.append(scaling.norm_state(p.view.batch_shape, spec, leaf))
     return ApolloState(
         count=jnp.zeros([], jnp.int32),
         inner_state=inner.init(treedef.unflatten(proxies)),

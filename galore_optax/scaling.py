@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from galore_optax import sharding
+
 RATIO_EPS = 1e-8  # added to the denominators, as both references do
 GROWTH_LIMIT = 1.01  # Fira's gamma
 
@@ -38,6 +40,15 @@ def norm_ratio(
   """``||numerator|| / (||denominator|| + 1e-8)`` over ``axes``, which are kept
   with size 1 so that the ratio broadcasts over ``(*batch, m, n)``. float32."""
   return _norm(numerator, axes) / (_norm(denominator, axes) + RATIO_EPS)
+
+
+def norm_state(batch_shape: tuple[int, ...], spec, like) -> jax.Array:
+  """The limiter's state of one leaf: a float32 zero per matrix
+  (``batch_shape``), placed like the batch axes of its matrix view, whose
+  partition spec is ``spec``."""
+  return sharding.zeros(
+      batch_shape, jnp.float32, None if spec is None else spec[:-2], like
+  )
 
 
 def limit_growth(

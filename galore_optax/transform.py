@@ -280,14 +280,7 @@ def scale_by_galore(
       low_spec = sharding.projected_spec(spec, p.use_left, p.use_right)
       proxies.append(new(p.low_rank_shape, low_spec))
       intervals.append(jnp.full([], config.update_proj_gap, jnp.int32))
-      norms.append(
-          sharding.zeros(
-              v.batch_shape,
-              jnp.float32,
-              None if spec is None else spec[:-2],
-              leaf,
-          )
-      )
+      norms.append(scaling.norm_state(v.batch_shape, spec, leaf))
 
     # Distinct arrays, not one shared value: donating the state must not donate
     # a buffer twice.
