@@ -238,11 +238,12 @@ def main(argv=None) -> None:
     )
     long_runner.dry = args.report
     for name in args.rows:
-      if "best" in results[name]:
+      if "best" in results[name]:  # None where its run is pending
         try:
           longer[name] = long_runner(name, results[name]["best"], SEEDS[0])
         except OutOfTime:
           long_runner.dry = True
+          longer[name] = long_runner(name, results[name]["best"], SEEDS[0])
   write(results, longer, args)
 
 
@@ -304,11 +305,16 @@ def write(results: dict, longer: dict, args) -> None:
             " all of the steps:"
         ),
         "",
-        "| optimizer | " + " | ".join(_quarters(args.longer)) + " | vs AdamW |",
+        "| optimizer | "
+        + " | ".join(f"step {s}" for s in _quarters(args.longer))
+        + " | vs AdamW |",
         "|---|" + "---|" * 5,
     ]
     base_long = longer.get(BASELINE)
     for name, run in longer.items():
+      if run is None:
+        lines.append(f"| {name} | " + "pending | " * 5)
+        continue
       vals = _val_at(run["history"], _quarters(args.longer))
       versus = f"{run['val'] / base_long['val'] - 1:+.2%}" if base_long else "-"
       lines.append(
@@ -334,6 +340,16 @@ def write(results: dict, longer: dict, args) -> None:
                   }
                   for name, r in results.items()
               },
+              "longer": {
+                  name: (
+                      run
+                      and dict(
+                          steps=args.longer,
+                          val=_val_at(run["history"], _quarters(args.longer)),
+                      )
+                  )
+                  for name, run in longer.items()
+              },
           },
           indent=2,
       )
@@ -350,9 +366,9 @@ def write(results: dict, longer: dict, args) -> None:
         f"GPT-2 cpu preset, each at its tuned lr, seed {SEEDS[0]}",
     )
     _plot_sweeps(results, out.parent / f"{out.name}-lr.png")
-  if longer:
+  if any(longer.values()):
     report.plot_losses(
-        {name: run["history"] for name, run in longer.items()},
+        {name: run["history"] for name, run in longer.items() if run},
         out.parent / f"{out.name}-longer-curves.png",
         f"GPT-2 cpu preset, {args.longer} steps at the tuned lr, seed 0",
     )

@@ -3,6 +3,7 @@ random projection of it (APOLLO, arXiv 2412.05270)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from typing import NamedTuple
 from typing import Optional
@@ -129,14 +130,13 @@ def scale_by_apollo(
         " side; expected 'std', 'reverse_std', 'left' or 'right'"
     )
 
-  def plan(tree):
-    return targets_lib.plan_leaves(
-        tree,
-        rank=rank,
-        proj_type=proj_type,
-        targets=targets,
-        matrix_axes=matrix_axes,
-    )
+  plan = functools.partial(
+      targets_lib.plan_leaves,
+      rank=rank,
+      proj_type=proj_type,
+      targets=targets,
+      matrix_axes=matrix_axes,
+  )
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
