@@ -31,6 +31,7 @@ from galore_optax.transform import galore_states
 
 SHAPES = {"tall": (12, 7), "wide": (6, 11)}
 HP = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.1)
+ADAMW = {k: HP[k] for k in ("b1", "b2", "eps", "weight_decay")}  # ours
 
 
 def _grads(shape, steps, seed, growth=1.0):
@@ -116,10 +117,7 @@ def test_fira_matches_fira_adamw(shape_name, proj_type):
     ref = _run_torch(FiraAdamW, p0, grads, group, no_deprecation_warning=True)
   tx = galore_optax.fira_adamw(
       HP["lr"],
-      b1=HP["b1"],
-      b2=HP["b2"],
-      eps=HP["eps"],
-      weight_decay=HP["weight_decay"],
+      **ADAMW,
       rank=3,
       update_proj_gap=3,
       scale=0.25,
@@ -241,7 +239,7 @@ def test_fira_runs_with_every_option(options):
 # APOLLO
 
 
-def _apollo_projection(p0, rank, gap, seed):
+def _apollo_projection(p0, rank, gap, our_seed):
   """Our projections of leaf "w", as the torch projector's generator: the
   projector calls it at steps 0, gap, 2 gap, ..."""
   (plan,) = [
@@ -255,11 +253,11 @@ def _apollo_projection(p0, rank, gap, seed):
   calls = iter(range(0, 10**6, gap))
 
   def generate(self, weights, rank, type, seed):
-    key = apollo_lib.projection_key(seed_, 1, next(calls), gap)
+    del seed  # the reference's own; ours is our_seed
+    key = apollo_lib.projection_key(our_seed, 1, next(calls), gap)
     left, right = apollo_lib.random_bases(key, plan)
     return torch.tensor(np.asarray(left if left is not None else right))
 
-  seed_ = seed
   return generate
 
 
@@ -280,15 +278,12 @@ def test_apollo_matches_apollo_adamw(shape_name, scaling_type):
   with mock.patch.object(
       random_projector.GradientProjector,
       "get_orthogonal_matrix",
-      _apollo_projection(p0, rank, gap, seed=7),
+      _apollo_projection(p0, rank, gap, our_seed=7),
   ):
     ref = _run_torch(APOLLOAdamW, p0, grads, group)
   tx = galore_optax.apollo_adamw(
       HP["lr"],
-      b1=HP["b1"],
-      b2=HP["b2"],
-      eps=HP["eps"],
-      weight_decay=HP["weight_decay"],
+      **ADAMW,
       rank=rank,
       update_proj_gap=gap,
       scale=scale,
