@@ -44,15 +44,23 @@ def median_seconds(
   return statistics.median(times)
 
 
+def cpu_model() -> str:
+  """The CPU's model name (Linux), else its architecture."""
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine() -> str:
   device = jax.devices()[0]
   kind = (
       device.device_kind
       if device.platform != "cpu"
-      else (
-          f"{os.cpu_count()}-core CPU"
-          f" ({platform.processor() or platform.machine()})"
-      )
+      else f"{os.cpu_count()}-core CPU ({cpu_model()})"
   )
   return f"{kind}, jax {jax.__version__}, {datetime.date.today().isoformat()}"
 

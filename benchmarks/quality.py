@@ -11,9 +11,13 @@ same way:
    run too, so the best is never at an edge (up to two extensions);
 2. the best value by final validation loss is then run at seeds 1 and 2.
 
-Every finished run is kept under ``--runs`` and reused, so the benchmark can be
-completed over several sittings (``--max-minutes`` stops it between runs); the
-tables say which rows are still pending. ``--report`` only writes the tables.
+Every finished run's configuration, final validation loss and loss history is
+appended to a ledger committed beside the tables
+(``benchmarks/results/quality-runs.jsonl``) and reused from there, so the
+benchmark can be completed over several sittings, on fresh checkouts too
+(``--max-minutes`` stops it between runs); the tables say which rows are still
+pending. ``--report`` only writes the tables. The runs' own directories under
+``--runs`` are scratch.
 
     python -m benchmarks.quality [--steps 800] [--rows NAME ...]
         [--max-minutes M] [--report] [--longer STEPS]
@@ -76,12 +80,17 @@ class OutOfTime(Exception):
   pass
 
 
+LEDGER = pathlib.Path("benchmarks/results/quality-runs.jsonl")
+
+
 @dataclasses.dataclass
 class Runner:
-  """Runs (or reuses) one configuration at a time under a time budget."""
+  """Runs (or reuses from the ledger) one configuration at a time under a
+  time budget."""
 
   runs: pathlib.Path
   steps: int
+  ledger: pathlib.Path = LEDGER
   deadline: float = math.inf
   dry: bool = False  # only read finished runs
 
@@ -100,40 +109,56 @@ class Runner:
     )
 
   def __call__(self, name: str, lr: float, seed: int) -> dict | None:
-    """The run's summary and history, or None when it is not finished and
-    this sitting may not start it."""
+    """The run's final validation loss and history, or None when it is not
+    finished and this sitting may not start it."""
     cfg = self.config(name, lr, seed)
+    for entry in read_ledger(self.ledger):
+      if same_run(entry["config"], cfg):
+        return entry
+    if self.dry:
+      return None
+    if time.time() > self.deadline:
+      raise OutOfTime
+    train(cfg, verbose=False)
     run_dir = pathlib.Path(cfg.out)
-    if not _finished(run_dir, cfg):
-      if self.dry:
-        return None
-      if time.time() > self.deadline:
-        raise OutOfTime
-      summary = train(cfg, verbose=False).summary
-      print(
-          f"{name} lr {lr:g} seed {seed}: val {summary['val_loss']:.4f}",
-          flush=True,
-      )
     summary = json.loads((run_dir / "summary.json").read_text())
     history = [
         json.loads(line)
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
     ]
-    return dict(val=summary["val_loss"], history=history)
+    entry = dict(
+        config=_as_json(dataclasses.asdict(cfg)),
+        val=summary["val_loss"],
+        history=[
+            {k: row[k] for k in ("step", "loss", "val_loss") if k in row}
+            for row in history
+        ],
+        machine=machine(),
+    )
+    with self.ledger.open("a") as f:
+      f.write(json.dumps(entry) + "\n")
+    print(f"{name} lr {lr:g} seed {seed}: val {entry['val']:.4f}", flush=True)
+    return entry
 
 
-def _finished(run_dir: pathlib.Path, cfg: TrainConfig) -> bool:
-  """Whether ``run_dir`` holds a finished run of ``cfg``, wherever it was
-  made. Fields added to TrainConfig after the run was made count as equal at
-  their defaults."""
-  if not (run_dir / "summary.json").exists():
-    return False
-  as_json = lambda c: {
-      k: v for k, v in json.loads(json.dumps(c)).items() if k != "out"
-  }
-  saved = as_json(json.loads((run_dir / "config.json").read_text()))
-  wanted = as_json(dataclasses.asdict(cfg))
-  defaults = as_json(dataclasses.asdict(TrainConfig()))
+def read_ledger(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _as_json(config: dict) -> dict:
+  # where a run's scratch directory was does not make it another run
+  return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "out"}
+
+
+def same_run(saved: dict, cfg: TrainConfig) -> bool:
+  """Whether the ledger's ``saved`` configuration is a run of ``cfg``. Fields
+  added to TrainConfig after the run was made count as equal at their
+  defaults."""
+  saved = _as_json(saved)
+  wanted = _as_json(dataclasses.asdict(cfg))
+  defaults = _as_json(dataclasses.asdict(TrainConfig()))
   return set(saved) <= set(wanted) and all(
       saved[k] == v if k in saved else v == defaults[k]
       for k, v in wanted.items()
@@ -206,6 +231,12 @@ def main(argv=None) -> None:
       ),
   )
   p.add_argument(
+      "--ledger",
+      type=pathlib.Path,
+      default=LEDGER,
+      help="the finished runs' record, read and appended to",
+  )
+  p.add_argument(
       "--out",
       default=None,
       help="the tables' path (default: benchmarks/results/quality[-STEPS])",
@@ -217,6 +248,7 @@ def main(argv=None) -> None:
   runner = Runner(
       pathlib.Path(args.runs),
       args.steps,
+      ledger=args.ledger,
       deadline=time.time() + 60 * args.max_minutes,
       dry=args.report,
   )

@@ -48,9 +48,10 @@ def plot_losses(
     ax.axhline(baseline[1], color="gray", linestyle=":", label=baseline[0])
   for i, (name, rows) in enumerate(histories.items()):
     color = f"C{i}"
+    trains = [r for r in rows if "loss" in r]
     ax.plot(
-        [r["step"] for r in rows],
-        [r["loss"] for r in rows],
+        [r["step"] for r in trains],
+        [r["loss"] for r in trains],
         color=color,
         alpha=0.8,
         label=f"{name} train",
