@@ -5,7 +5,7 @@ hyperparameters, and the GaLore keywords of
 :func:`galore_optax.scale_by_galore`: ``rank``, ``update_proj_gap``, ``scale``,
 ``proj_type``, ``targets``, ``matrix_axes``, ``svd``, ``moments``,
 ``lazy_refresh``, ``precision``, ``axis_name``, ``moment_bits``,
-``projector_bits`` and ``residual``. Weight decay is always
+``projector_bits``, ``residual`` and ``group_leaves``. Weight decay is always
 applied to the full weights, never in the subspace; ``mask`` (a pytree of bools
 or a callable on params) selects the leaves it applies to.
 
@@ -76,6 +76,7 @@ def galore_adamw(
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
     residual: Optional[str] = None,
+    group_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW, step for step galore-torch's ``GaLoreAdamW``.
 
@@ -114,6 +115,7 @@ def fira_adamw(
     axis_name: Any = None,
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
+    group_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Fira-AdamW, step for step Fira's ``FiraAdamW``: :func:`galore_adamw` plus
   the scaled, norm-limited gradient residual (``residual='fira'`` of
@@ -236,6 +238,7 @@ def galore_adam(
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
     residual: Optional[str] = None,
+    group_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adam: :func:`galore_adamw` without weight decay."""
   return galore_adamw(
@@ -264,6 +267,7 @@ def galore_sgd(
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
     residual: Optional[str] = None,
+    group_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-SGD: the momentum buffer (``optax.trace``) lives in the subspace.
 
@@ -303,6 +307,7 @@ def galore_lion(
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
     residual: Optional[str] = None,
+    group_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Lion: ``optax.scale_by_lion`` (sign of interpolated momentum) in the
   subspace."""
@@ -350,6 +355,7 @@ def galore_adafactor(
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
     residual: Optional[str] = None,
+    group_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Adafactor: factored second moments of the low-rank gradient.
 
@@ -413,6 +419,7 @@ def galore_lamb(
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
     residual: Optional[str] = None,
+    group_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-LAMB: Adam in the subspace; decay and trust ratio in the full space.
 

@@ -15,8 +15,10 @@ its ``next_step``: at steps 0, T, 2T, ... with the defaults. At such a step:
    first refresh, the first ``r`` coordinate axes are taken), counts as
    skipped, and is retried at the next step.
 
-:func:`refresh` runs both for the due leaves inside one ``lax.cond``, with the
-SVDs spread over devices (:func:`galore_optax.sharding.spread`).
+:func:`refresh` runs both for the due leaves inside one ``lax.cond``: on one
+device the candidates of leaves that share a shape come from one loop (one
+decomposition in the program per :func:`group_key`), on a mesh the SVDs are
+spread over devices (:func:`galore_optax.sharding.spread`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class RefreshConfig(NamedTuple):
   scalars: Optional[moments_lib.ScalarLayout]  # under moments='reset' only
   lazy: Optional[subspace.LazyRefresh]
   axis_name: Any
+  group_leaves: bool = True
 
 
 class LeafRecord(NamedTuple):
@@ -140,6 +143,7 @@ def make_config(
     moments: str,
     lazy_refresh: Optional[subspace.LazyRefresh],
     axis_name: Any,
+    group_leaves: bool = True,
 ) -> RefreshConfig:
   """Checks the refresh options of ``scale_by_galore`` around ``inner``.
 
@@ -161,6 +165,7 @@ def make_config(
       scalars=scalars,
       lazy=_resolve_lazy(lazy_refresh, update_proj_gap),
       axis_name=axis_name,
+      group_leaves=bool(group_leaves),
   )
 
 
@@ -289,6 +294,68 @@ def adopt_basis(
   return LeafRecord(left, right, book, moment_leaves, scalars)
 
 
+def group_key(plan: targets_lib.LeafPlan, record: LeafRecord) -> Any:
+  """Leaves with equal keys refresh as one group: the same matrix shape, rank
+  and sides, and the same shapes and dtypes of basis (the gradient's dtype),
+  moments and bookkeeping."""
+  full = plan.view.batch_shape + (plan.view.m, plan.view.n)
+  layout = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(record))
+  return (full, plan.rank, plan.use_left, plan.use_right, layout)
+
+
+def groups(
+    plans: dict[int, targets_lib.LeafPlan], records: dict[int, LeafRecord]
+) -> list[list[int]]:
+  """The targeted leaves' indices by :func:`group_key`, in order of their first
+  member."""
+  by_key: dict[Any, list[int]] = {}
+  for i in plans:
+    by_key.setdefault(group_key(plans[i], records[i]), []).append(i)
+  return list(by_key.values())
+
+
+def _group_candidates(
+    plan: targets_lib.LeafPlan,
+    config: RefreshConfig,
+    matrices: list[jax.Array],
+    leaf_indices: jax.Array,
+    seed: jax.Array,
+    due: jax.Array,
+) -> list[subspace.Basis]:
+  """The members' candidate bases (:func:`candidate_basis`), computed by one
+  loop over the ``k`` members of a group: the program holds one member's
+  decomposition, whatever ``k``.
+
+  Each due member's gradient is picked by a ``lax.switch`` (the gradients are
+  never stacked into a ``k`` times larger copy) and its key folded from its leaf
+  index as a leaf refreshed alone folds it; members not due give NaNs, which
+  no one adopts.
+  """
+  compute = functools.partial(candidate_basis, plan, config)
+  shapes = jax.eval_shape(compute, matrices[0], seed)
+  pick = [lambda gs, t=t: gs[t] for t in range(len(matrices))]
+
+  def one(j, stacked):
+    g = jax.lax.switch(j, pick, matrices)
+    key = jax.random.fold_in(seed, leaf_indices[j])
+    candidate = jax.lax.cond(
+        due[j], compute, lambda *_: _nan_like(shapes), g, key
+    )
+    return jax.tree.map(
+        lambda all_, x: jax.lax.dynamic_update_index_in_dim(all_, x, j, 0),
+        stacked,
+        candidate,
+    )
+
+  empty = jax.tree.map(
+      lambda x: jnp.zeros((len(matrices), *x.shape), x.dtype), shapes
+  )
+  stacked = jax.lax.fori_loop(0, len(matrices), one, empty)
+  return [
+      jax.tree.map(lambda x, t=t: x[t], stacked) for t in range(len(matrices))
+  ]
+
+
 def refresh(
     count: jax.Array,
     plans: dict[int, targets_lib.LeafPlan],
@@ -298,31 +365,62 @@ def refresh(
 ) -> dict[int, LeafRecord]:
   """Refreshes the leaves that are due at step ``count``; the others pass.
 
-  One ``lax.cond`` around all leaves, so that their SVDs can run on different
-  devices; inside it, each due leaf adopts its candidate in its own cond.
+  One ``lax.cond`` around all leaves, and inside it each due leaf adopts its
+  candidate basis in its own cond. On one device (and with
+  ``config.group_leaves``) the candidates of leaves of one :func:`group_key`
+  come from one loop (:func:`_group_candidates`), so the program's
+  decompositions grow with the number of distinct shapes, not of leaves. On a
+  mesh, or under ``config.axis_name``, each leaf's SVD is spread to its own
+  device (:func:`galore_optax.sharding.spread`).
   """
   if not plans:
     return records
   due = {i: count >= records[i].book.next_step for i in plans}
   seed = jax.random.fold_in(jax.random.key(config.randomized.seed), count)
+  grouped = (
+      config.group_leaves
+      and config.axis_name is None
+      and not sharding.spreads_over_mesh()
+  )
 
-  def run(records):
+  def candidates() -> dict[int, subspace.Basis]:
+    if grouped:
+      out = {}
+      for members in groups(plans, records):
+        out.update(
+            zip(
+                members,
+                _group_candidates(
+                    plans[members[0]],
+                    config,
+                    [matrices[i] for i in members],
+                    jnp.asarray(members, jnp.uint32),
+                    seed,
+                    jnp.stack([due[i] for i in members]),
+                ),
+            )
+        )
+      return out
     fns = [functools.partial(candidate_basis, plans[i], config) for i in plans]
-    candidates = sharding.spread(
+    spread = sharding.spread(
         fns,
         [matrices[i] for i in plans],
         [jax.random.fold_in(seed, i) for i in plans],
         [due[i] for i in plans],
         config.axis_name,
     )
+    return dict(zip(plans, spread))
+
+  def run(records):
+    # Adoption is elementwise work and small products: a select, not a cond
+    # per leaf, keeps the program small.
     return {
-        i: jax.lax.cond(
-            due[i],
-            functools.partial(adopt_basis, plans[i], config, count, candidate),
-            lambda r: r,
+        i: jax.tree.map(
+            functools.partial(jnp.where, due[i]),
+            adopt_basis(plans[i], config, count, candidate, records[i]),
             records[i],
         )
-        for i, candidate in zip(plans, candidates)
+        for i, candidate in candidates().items()
     }
 
   any_due = jnp.any(jnp.stack(list(due.values())))

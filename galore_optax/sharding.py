@@ -125,6 +125,12 @@ def _context_axes() -> Optional[tuple[str, ...]]:
   return tuple(mesh.axis_names)
 
 
+def spreads_over_mesh() -> bool:
+  """Whether :func:`spread` would share its items among the devices of the
+  mesh set with ``jax.set_mesh``."""
+  return _context_axes() is not None
+
+
 # Whether a due gradient split over one mesh axis is brought whole only to the
 # device that computes its basis (True), or gathered onto every device (False:
 # the earlier behaviour, kept so benchmarks can compare the two).

@@ -97,6 +97,7 @@ def scale_by_galore(
     moment_bits: Optional[int] = None,
     projector_bits: Optional[int] = None,
     residual: Optional[str] = None,
+    group_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore: the ``inner`` transform sees low-rank projections of matrix
   gradients.
@@ -178,6 +179,11 @@ def scale_by_galore(
       new basis.
     residual: None, or 'fira' to apply the scaled, limited residual above
       (one float32 of state per matrix). Static.
+    group_leaves: refresh leaves of one shape, rank and dtype together, as one
+      loop of the group's size, so that compilation grows with the number of
+      distinct shapes rather than of leaves (on one device; on a mesh each
+      leaf's SVD goes to its own device). False refreshes leaf by leaf, with
+      the same result. Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -205,6 +211,7 @@ def scale_by_galore(
       moments=moments,
       lazy_refresh=lazy_refresh,
       axis_name=axis_name,
+      group_leaves=group_leaves,
   )
   n_scalars = 0 if config.scalars is None else len(config.scalars.initial)
   if residual not in RESIDUALS:

@@ -251,13 +251,17 @@ def test_every_alias_takes_every_galore_keyword(params, name):
       moment_bits=8,  # tested on matrices large enough: test_quantization.py
       projector_bits=8,
       residual="fira",
+      group_leaves=False,
   )
   if name == "fira_adamw":
     del options["residual"]
   assert set(options) == set(galore) - {"inner"}
-  state = galore_optax.transform.galore_states(
-      alias(1e-2, **options).init(params)
-  )[0]
+  tx = alias(1e-2, **options)
+  full_state = tx.init(params)
+  state = galore_optax.transform.galore_states(full_state)[0]
+  # group_leaves=False: no group loop around the refresh
+  update = jax.make_jaxpr(lambda s: tx.update(params, s, params))(full_state)
+  assert "while" not in str(update)
   assert (
       int(state.refresh.interval["attn"]["kernel"]) == 3
       and int(state.refresh.interval["mlp"]["kernel"]) == 0
