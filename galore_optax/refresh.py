@@ -365,8 +365,8 @@ def refresh(
 ) -> dict[int, LeafRecord]:
   """Refreshes the leaves that are due at step ``count``; the others pass.
 
-  One ``lax.cond`` around all leaves, and inside it each due leaf adopts its
-  candidate basis in its own cond. On one device (and with
+  One ``lax.cond`` around all leaves; inside it each due leaf adopts its
+  candidate basis (a select, not a cond per leaf). On one device (and with
   ``config.group_leaves``) the candidates of leaves of one :func:`group_key`
   come from one loop (:func:`_group_candidates`), so the program's
   decompositions grow with the number of distinct shapes, not of leaves. On a
@@ -383,7 +383,7 @@ def refresh(
       and not sharding.spreads_over_mesh()
   )
 
-  def candidates() -> dict[int, subspace.Basis]:
+  def candidates(records) -> dict[int, subspace.Basis]:
     if grouped:
       out = {}
       for members in groups(plans, records):
@@ -412,15 +412,15 @@ def refresh(
     return dict(zip(plans, spread))
 
   def run(records):
-    # Adoption is elementwise work and small products: a select, not a cond
-    # per leaf, keeps the program small.
+    # adoption is elementwise work and small products: selecting its result
+    # costs less program than a cond per leaf
     return {
         i: jax.tree.map(
             functools.partial(jnp.where, due[i]),
             adopt_basis(plans[i], config, count, candidate, records[i]),
             records[i],
         )
-        for i, candidate in candidates().items()
+        for i, candidate in candidates(records).items()
     }
 
   any_due = jnp.any(jnp.stack(list(due.values())))
