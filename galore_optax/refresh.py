@@ -217,23 +217,17 @@ def candidate_basis(
   return jax.lax.cond(usable, compute, lambda: _nan_like(shapes))
 
 
-def usable(candidate: subspace.Basis) -> jax.Array:
-  """Whether a :func:`candidate_basis` may be adopted: it is finite."""
-  return jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(x)) for x in candidate if x is not None])
-  )
-
-
 def adopt_basis(
     plan: targets_lib.LeafPlan,
     config: RefreshConfig,
     count: jax.Array,
     candidate: subspace.Basis,
     record: LeafRecord,
-    ok: jax.Array,
 ) -> LeafRecord:
-  """One due leaf's refresh, given its :func:`candidate_basis` and whether that
-  is :func:`usable`."""
+  """One due leaf's refresh, given its :func:`candidate_basis`."""
+  ok = jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(x)) for x in candidate if x is not None])
+  )
   book = record.book
   first = book.computed == 0
   shape = plan.view.batch_shape + (plan.view.m, plan.view.n)
@@ -327,11 +321,10 @@ def _group_candidates(
     leaf_indices: jax.Array,
     seed: jax.Array,
     due: jax.Array,
-) -> tuple[list[subspace.Basis], jax.Array]:
-  """The members' candidate bases (:func:`candidate_basis`) and whether each is
-  :func:`usable` (``(k,)`` bools), computed by one loop over the ``k`` members
-  of a group: the program holds one member's decomposition and check, whatever
-  ``k``.
+) -> list[subspace.Basis]:
+  """The members' candidate bases (:func:`candidate_basis`), computed by one
+  loop over the ``k`` members of a group: the program holds one member's
+  decomposition, whatever ``k``.
 
   Each due member's gradient is picked by a ``lax.switch`` (the gradients are
   never stacked into a ``k`` times larger copy) and its key folded from its leaf
@@ -351,16 +344,16 @@ def _group_candidates(
     return jax.tree.map(
         lambda all_, x: jax.lax.dynamic_update_index_in_dim(all_, x, j, 0),
         stacked,
-        (candidate, usable(candidate)),
+        candidate,
     )
 
-  k = len(matrices)
   empty = jax.tree.map(
-      lambda x: jnp.zeros((k, *x.shape), x.dtype),
-      (shapes, jax.ShapeDtypeStruct((), jnp.bool_)),
+      lambda x: jnp.zeros((len(matrices), *x.shape), x.dtype), shapes
   )
-  stacked, ok = jax.lax.fori_loop(0, k, one, empty)
-  return [jax.tree.map(lambda x, t=t: x[t], stacked) for t in range(k)], ok
+  stacked = jax.lax.fori_loop(0, len(matrices), one, empty)
+  return [
+      jax.tree.map(lambda x, t=t: x[t], stacked) for t in range(len(matrices))
+  ]
 
 
 def refresh(
@@ -382,10 +375,7 @@ def refresh(
   """
   if not plans:
     return records
-  # One comparison for all leaves, indexed inside the cond's branch: a
-  # leaf's own flag outside it would cost the program a kernel per leaf.
-  position = {i: j for j, i in enumerate(plans)}
-  due_all = count >= jnp.stack([records[i].book.next_step for i in plans])
+  due = {i: count >= records[i].book.next_step for i in plans}
   seed = jax.random.fold_in(jax.random.key(config.randomized.seed), count)
   grouped = (
       config.group_leaves
@@ -393,20 +383,23 @@ def refresh(
       and not sharding.spreads_over_mesh()
   )
 
-  def candidates(records, due) -> dict[int, tuple[subspace.Basis, jax.Array]]:
-    """Each leaf's candidate and whether it is usable."""
+  def candidates(records) -> dict[int, subspace.Basis]:
     if grouped:
       out = {}
       for members in groups(plans, records):
-        bases, ok = _group_candidates(
-            plans[members[0]],
-            config,
-            [matrices[i] for i in members],
-            jnp.asarray(members, jnp.uint32),
-            seed,
-            jnp.stack([due[i] for i in members]),
+        out.update(
+            zip(
+                members,
+                _group_candidates(
+                    plans[members[0]],
+                    config,
+                    [matrices[i] for i in members],
+                    jnp.asarray(members, jnp.uint32),
+                    seed,
+                    jnp.stack([due[i] for i in members]),
+                ),
+            )
         )
-        out.update(zip(members, zip(bases, ok)))
       return out
     fns = [functools.partial(candidate_basis, plans[i], config) for i in plans]
     spread = sharding.spread(
@@ -416,19 +409,19 @@ def refresh(
         [due[i] for i in plans],
         config.axis_name,
     )
-    return {i: (basis, usable(basis)) for i, basis in zip(plans, spread)}
+    return dict(zip(plans, spread))
 
-  def run(records, due_all):
-    due = {i: due_all[j] for i, j in position.items()}
+  def run(records):
     # adoption is elementwise work and small products: selecting its result
     # costs less program than a cond per leaf
     return {
         i: jax.tree.map(
             functools.partial(jnp.where, due[i]),
-            adopt_basis(plans[i], config, count, candidate, records[i], ok),
+            adopt_basis(plans[i], config, count, candidate, records[i]),
             records[i],
         )
-        for i, (candidate, ok) in candidates(records, due).items()
+        for i, candidate in candidates(records).items()
     }
 
-  return jax.lax.cond(jnp.any(due_all), run, lambda r, _: r, records, due_all)
+  any_due = jnp.any(jnp.stack(list(due.values())))
+  return jax.lax.cond(any_due, run, lambda r: r, records)

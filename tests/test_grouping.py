@@ -135,15 +135,16 @@ def test_leaves_of_one_shape_with_other_ranks_or_dtypes_form_other_groups():
   assert _groups(params, rank=4, **defaults) == [["a", "c"], ["b"]]
 
 
-def _program_counts(tx, params) -> tuple[int, int]:
-  """LAPACK decompositions (SVD, QR, Cholesky, eigh) and finiteness checks in
-  the update's compiled program."""
+def _decompositions(tx, params) -> int:
+  """LAPACK decompositions (SVD, QR, Cholesky, eigh) in the update's compiled
+  program."""
   state = jax.eval_shape(tx.init, params)
   text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
-  decompositions = re.findall(
-      r'custom_call_target="lapack_\w*(?:gesdd|geqrf|potrf|syevd)', text
+  return len(
+      re.findall(
+          r'custom_call_target="lapack_\w*(?:gesdd|geqrf|potrf|syevd)', text
+      )
   )
-  return len(decompositions), text.count(" is-finite(")
 
 
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
@@ -156,13 +157,11 @@ def test_the_program_grows_with_distinct_shapes_not_with_leaves(svd):
         is_leaf=lambda x: isinstance(x, tuple),
     )
 
-  count = lambda layers, grouped: _program_counts(
+  count = lambda layers, grouped: _decompositions(
       galore_optax.galore_adamw(1e-3, rank=4, svd=svd, group_leaves=grouped),
       tree(layers),
   )
-  (one_layer, checks), (eight, eight_checks) = count(1, True), count(8, True)
-  assert one_layer > 0 and checks > 0
-  assert eight == one_layer  # two shapes, whatever the leaf count
-  # the gradients' and candidates' checks run inside the group loops too
-  assert eight_checks == checks
-  assert count(8, False)[0] == 8 * one_layer  # leaf by leaf: one per layer
+  one_layer = count(1, True)
+  assert one_layer > 0
+  assert count(8, True) == one_layer  # two shapes, whatever the leaf count
+  assert count(8, False) == 8 * one_layer  # leaf by leaf: one set per layer
