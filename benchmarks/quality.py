@@ -61,7 +61,8 @@ ROWS = {
     ),
     "adamw8bit": (dict(optimizer="adamw8bit"), 1e-3),
     "galore_adamw r=16 keep": (dict(optimizer="galore_adamw", rank=16), 2e-3),
-    # every d/4 low-rank sweep was worst at 2e-3, so these start one step up
+    # The d/8 rows below start one step up: every d/4 low-rank sweep was worst
+    # at 2e-3 (galore r=16 keep's sweep had already run from it).
     "fira_adamw r=16": (dict(optimizer="fira_adamw", rank=16), 5e-3),
     "apollo_adamw r=16": (dict(optimizer="apollo_adamw", rank=16), 5e-3),
     "galore_adamw r=16 reset": (
@@ -442,9 +443,10 @@ def _plot_validation(curves: dict, path: pathlib.Path, title: str) -> None:
     ax.plot(
         [row["step"] for row in evals],
         [row["val_loss"] for row in evals],
-        "o-",
+        marker="o",
         markersize=3,
         label=name,
+        **_style(name.split(", seed")[0]),
     )
   ax.set_ylim(top=3.0)
   ax.set_xlabel("step")
@@ -457,13 +459,28 @@ def _plot_validation(curves: dict, path: pathlib.Path, title: str) -> None:
   plt.close(fig)
 
 
+def _style(name: str) -> dict:
+  """One colour per optimizer, the same at both ranks; d/8 rows dashed."""
+  family = lambda row: row.replace(" r=16", "").replace(" r=32", "")
+  families = list(dict.fromkeys(map(family, ROWS)))
+  color = _pyplot().colormaps["tab10"](families.index(family(name)) % 10)
+  return dict(color=color, linestyle="--" if "r=16" in name else "-")
+
+
 def _plot_sweeps(results: dict, path: pathlib.Path) -> None:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(9, 4.5))
-  for name, r in results.items():
-    if r["sweep"]:
+  for name in ROWS:
+    r = results.get(name)
+    if r and r["sweep"]:
       lrs = sorted(r["sweep"])
-      ax.plot(lrs, [r["sweep"][lr]["val"] for lr in lrs], "o-", label=name)
+      ax.plot(
+          lrs,
+          [r["sweep"][lr]["val"] for lr in lrs],
+          marker="o",
+          label=name,
+          **_style(name),
+      )
   ax.set_xscale("log")
   ax.set_ylim(top=2.6)
   ax.set_xlabel("peak learning rate")
