@@ -435,9 +435,20 @@ def _pyplot():
   return plt
 
 
+def _figure():
+  return _pyplot().subplots(figsize=(9, 4.5))
+
+
+def _save(fig, ax, path: pathlib.Path) -> None:
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  _pyplot().close(fig)
+
+
 def _plot_validation(curves: dict, path: pathlib.Path, title: str) -> None:
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(9, 4.5))
+  fig, ax = _figure()
   for name, history in curves.items():
     evals = [row for row in history if "val_loss" in row]
     ax.plot(
@@ -452,11 +463,7 @@ def _plot_validation(curves: dict, path: pathlib.Path, title: str) -> None:
   ax.set_xlabel("step")
   ax.set_ylabel("validation loss (nats)")
   ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, ax, path)
 
 
 def _style(name: str) -> dict:
@@ -468,8 +475,7 @@ def _style(name: str) -> dict:
 
 
 def _plot_sweeps(results: dict, path: pathlib.Path) -> None:
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(9, 4.5))
+  fig, ax = _figure()
   for name in ROWS:
     r = results.get(name)
     if r and r["sweep"]:
@@ -485,11 +491,7 @@ def _plot_sweeps(results: dict, path: pathlib.Path) -> None:
   ax.set_ylim(top=2.6)
   ax.set_xlabel("peak learning rate")
   ax.set_ylabel("final validation loss, seed 0 (nats)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, ax, path)
 
 
 if __name__ == "__main__":
