@@ -48,7 +48,7 @@ def optimizers(rank: int) -> dict:
       "galore_adamw, svd exact": galore(svd="exact"),
       "galore_adamw, svd randomized": galore(svd="randomized"),
       "galore_adamw, svd gram": galore(svd="gram"),
-      # before grouping: each leaf its own decomposition in the program
+      # each leaf traced apart (the randomized refresh: no group loop)
       "galore_adamw, svd exact, leaf by leaf": galore(
           svd="exact", group_leaves=False
       ),

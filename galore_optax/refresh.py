@@ -15,10 +15,9 @@ its ``next_step``: at steps 0, T, 2T, ... with the defaults. At such a step:
    first refresh, the first ``r`` coordinate axes are taken), counts as
    skipped, and is retried at the next step.
 
-:func:`refresh` runs both for the due leaves inside one ``lax.cond``: on one
-device the candidates of leaves that share a shape come from one loop (one
-decomposition in the program per :func:`group_key`), on a mesh the SVDs are
-spread over devices (:func:`galore_optax.sharding.spread`).
+:func:`refresh` runs both for each due leaf: on one device inside the leaf's own
+``lax.cond`` (:func:`refresh_leaf`, traced once per :func:`group_key`), on a
+mesh with the SVDs spread over devices (:func:`galore_optax.sharding.spread`).
 """
 
 from __future__ import annotations
@@ -169,20 +168,24 @@ def make_config(
   )
 
 
-def _nan_like(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), tree)
-
-
-def refuse_unless_orthonormal(basis: subspace.Basis) -> subspace.Basis:
-  """``basis`` if each of its sides is orthonormal to :data:`ORTHONORMALITY_TOL`
-  (and finite), else NaNs of its shapes."""
+def is_orthonormal(basis: subspace.Basis) -> jax.Array:
+  """Whether each side of ``basis`` is finite and orthonormal to
+  :data:`ORTHONORMALITY_TOL`, a bool scalar."""
   errors = [
       subspace.orthonormality_error(b, axis)
       for b, axis in zip(basis, (-2, -1))
       if b is not None
   ]
-  good = jnp.max(jnp.stack(errors)) < ORTHONORMALITY_TOL  # False for NaN
-  return jax.tree.map(lambda b: jnp.where(good, b, jnp.nan), basis)
+  return jnp.max(jnp.stack(errors)) < ORTHONORMALITY_TOL  # False for NaN
+
+
+def sketch_key(
+    config: RefreshConfig, count: jax.Array, leaf_index: jax.Array
+) -> jax.Array:
+  """The randomized refresh's key of leaf ``leaf_index`` at step ``count``:
+  the same on every device (:class:`galore_optax.RandomizedSVD`)."""
+  seed = jax.random.key(config.randomized.seed)
+  return jax.random.fold_in(jax.random.fold_in(seed, count), leaf_index)
 
 
 def candidate_basis(
@@ -190,31 +193,29 @@ def candidate_basis(
     config: RefreshConfig,
     g: jax.Array,
     key: jax.Array,
-) -> subspace.Basis:
-  """The float32 basis of one matrix gradient ``g`` (``(*batch, m, n)``).
+) -> tuple[subspace.Basis, jax.Array]:
+  """The float32 basis of one matrix gradient ``g`` (``(*batch, m, n)``) and
+  whether it may be used: False when ``g`` is not finite or all zero, or the
+  basis is not finite or not orthonormal to :data:`ORTHONORMALITY_TOL`.
 
-  NaN where it must not be used: ``g`` not finite or all zero, or the basis not
-  finite or not orthonormal to :data:`ORTHONORMALITY_TOL`.
-  """
-
-  def compute():
-    basis = subspace.compute_basis(
-        g,
-        plan.rank,
-        plan.use_left,
-        plan.use_right,
-        method=config.method,
-        key=key,
-        oversample=config.randomized.oversample,
-        power_iters=config.randomized.power_iters,
-    )
-    return refuse_unless_orthonormal(basis)
-
-  shapes = jax.eval_shape(compute)
-  usable = jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
-  # An unusable gradient never reaches the SVD: LAPACK's can loop forever on
-  # inf or NaN.
-  return jax.lax.cond(usable, compute, lambda: _nan_like(shapes))
+  ``key`` (:func:`sketch_key`) draws the randomized sketch."""
+  # One reduction answers both questions about g: NaN and inf propagate.
+  peak = jnp.max(jnp.abs(g))
+  usable = jnp.isfinite(peak) & (peak > 0)
+  # An unusable gradient never reaches the decomposition (LAPACK's SVD can loop
+  # forever on inf or NaN): zeros go in its place, and the result is refused.
+  g = jnp.where(usable, g, jnp.zeros((), g.dtype))
+  basis = subspace.compute_basis(
+      g,
+      plan.rank,
+      plan.use_left,
+      plan.use_right,
+      method=config.method,
+      key=key,
+      oversample=config.randomized.oversample,
+      power_iters=config.randomized.power_iters,
+  )
+  return basis, usable & is_orthonormal(basis)
 
 
 def adopt_basis(
@@ -222,12 +223,11 @@ def adopt_basis(
     config: RefreshConfig,
     count: jax.Array,
     candidate: subspace.Basis,
+    ok: jax.Array,
     record: LeafRecord,
 ) -> LeafRecord:
-  """One due leaf's refresh, given its :func:`candidate_basis`."""
-  ok = jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(x)) for x in candidate if x is not None])
-  )
+  """One due leaf's refresh, given its :func:`candidate_basis` and whether it
+  may be used."""
   book = record.book
   first = book.computed == 0
   shape = plan.view.batch_shape + (plan.view.m, plan.view.n)
@@ -314,46 +314,83 @@ def groups(
   return list(by_key.values())
 
 
-def _group_candidates(
+def refresh_leaf(
     plan: targets_lib.LeafPlan,
     config: RefreshConfig,
-    matrices: list[jax.Array],
-    leaf_indices: jax.Array,
-    seed: jax.Array,
-    due: jax.Array,
-) -> list[subspace.Basis]:
-  """The members' candidate bases (:func:`candidate_basis`), computed by one
-  loop over the ``k`` members of a group: the program holds one member's
-  decomposition, whatever ``k``.
+    count: jax.Array,
+    g: jax.Array,
+    leaf_index: jax.Array,
+    record: LeafRecord,
+) -> LeafRecord:
+  """One due leaf's whole refresh: :func:`candidate_basis`, then
+  :func:`adopt_basis`."""
+  key = sketch_key(config, count, leaf_index)
+  candidate, ok = candidate_basis(plan, config, g, key)
+  return adopt_basis(plan, config, count, candidate, ok, record)
 
-  Each due member's gradient is picked by a ``lax.switch`` (the gradients are
-  never stacked into a ``k`` times larger copy) and its key folded from its leaf
-  index as a leaf refreshed alone folds it; members not due give NaNs, which
-  no one adopts.
-  """
+
+def _unchanged(count, g, leaf_index, record):
+  del count, g, leaf_index
+  return record
+
+
+def _looped_refresh(
+    plan: targets_lib.LeafPlan,
+    config: RefreshConfig,
+    count: jax.Array,
+    matrices: list[jax.Array],
+    leaf_indices: list[int],
+    due: list[jax.Array],
+    records: list[LeafRecord],
+) -> list[LeafRecord]:
+  """The refresh of one group's members, their candidates computed by one loop
+  over the ``k`` members, so that the program holds one member's
+  decomposition whatever ``k``; each member's gradient is picked by a
+  ``lax.switch`` (never stacked into a ``k`` times larger copy)."""
   compute = functools.partial(candidate_basis, plan, config)
-  shapes = jax.eval_shape(compute, matrices[0], seed)
+  indices = jnp.asarray(leaf_indices, jnp.uint32)
+  shapes = jax.eval_shape(compute, matrices[0], sketch_key(config, count, 0))
   pick = [lambda gs, t=t: gs[t] for t in range(len(matrices))]
+  due_flags = jnp.stack(due)
 
   def one(j, stacked):
     g = jax.lax.switch(j, pick, matrices)
-    key = jax.random.fold_in(seed, leaf_indices[j])
-    candidate = jax.lax.cond(
-        due[j], compute, lambda *_: _nan_like(shapes), g, key
+    zeros = lambda *_: jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), shapes
     )
+    key = sketch_key(config, count, indices[j])
+    candidate = jax.lax.cond(due_flags[j], compute, zeros, g, key)
     return jax.tree.map(
         lambda all_, x: jax.lax.dynamic_update_index_in_dim(all_, x, j, 0),
         stacked,
         candidate,
     )
 
-  empty = jax.tree.map(
-      lambda x: jnp.zeros((len(matrices), *x.shape), x.dtype), shapes
-  )
-  stacked = jax.lax.fori_loop(0, len(matrices), one, empty)
-  return [
-      jax.tree.map(lambda x, t=t: x[t], stacked) for t in range(len(matrices))
-  ]
+  def run(records):
+    empty = jax.tree.map(
+        lambda x: jnp.zeros((len(matrices), *x.shape), x.dtype), shapes
+    )
+    stacked = jax.lax.fori_loop(0, len(matrices), one, empty)
+    return [
+        _select(
+            due[t],
+            adopt_basis(
+                plan,
+                config,
+                count,
+                *jax.tree.map(lambda x, t=t: x[t], stacked),
+                records[t],
+            ),
+            records[t],
+        )
+        for t in range(len(matrices))
+    ]
+
+  return jax.lax.cond(jnp.any(due_flags), run, lambda r: r, records)
+
+
+def _select(due: jax.Array, refreshed: LeafRecord, record: LeafRecord):
+  return jax.tree.map(functools.partial(jnp.where, due), refreshed, record)
 
 
 def refresh(
@@ -365,63 +402,72 @@ def refresh(
 ) -> dict[int, LeafRecord]:
   """Refreshes the leaves that are due at step ``count``; the others pass.
 
-  One ``lax.cond`` around all leaves; inside it each due leaf adopts its
-  candidate basis (a select, not a cond per leaf). On one device (and with
-  ``config.group_leaves``) the candidates of leaves of one :func:`group_key`
-  come from one loop (:func:`_group_candidates`), so the program's
-  decompositions grow with the number of distinct shapes, not of leaves. On a
-  mesh, or under ``config.axis_name``, each leaf's SVD is spread to its own
-  device (:func:`galore_optax.sharding.spread`).
+  On one device each leaf refreshes inside its own ``lax.cond`` on its due flag
+  (:func:`refresh_leaf`), so a step computes only the due leaves'
+  decompositions. With ``config.group_leaves`` the leaves of one
+  :func:`group_key` share one traced refresh, and as their programs are then
+  identical XLA compiles their kernels once: tracing and code generation grow
+  with the number of distinct shapes, not of leaves. The randomized refresh,
+  whose program is large (a random sketch, two orthonormalisations, an
+  eigenproblem), instead runs one loop per group (:func:`_looped_refresh`).
+
+  On a mesh, or under ``config.axis_name``, the candidates are spread over the
+  devices, one leaf's SVD per device (:func:`galore_optax.sharding.spread`), and
+  each due leaf adopts its own.
   """
   if not plans:
     return records
   due = {i: count >= records[i].book.next_step for i in plans}
-  seed = jax.random.fold_in(jax.random.key(config.randomized.seed), count)
-  grouped = (
-      config.group_leaves
-      and config.axis_name is None
-      and not sharding.spreads_over_mesh()
-  )
+  index = lambda i: jnp.asarray(i, jnp.uint32)
+  if config.axis_name is not None or sharding.spreads_over_mesh():
 
-  def candidates(records) -> dict[int, subspace.Basis]:
-    if grouped:
-      out = {}
-      for members in groups(plans, records):
-        out.update(
-            zip(
-                members,
-                _group_candidates(
-                    plans[members[0]],
-                    config,
-                    [matrices[i] for i in members],
-                    jnp.asarray(members, jnp.uint32),
-                    seed,
-                    jnp.stack([due[i] for i in members]),
-                ),
-            )
-        )
-      return out
-    fns = [functools.partial(candidate_basis, plans[i], config) for i in plans]
-    spread = sharding.spread(
-        fns,
-        [matrices[i] for i in plans],
-        [jax.random.fold_in(seed, i) for i in plans],
-        [due[i] for i in plans],
-        config.axis_name,
+    def spread(records):
+      fns = [
+          functools.partial(candidate_basis, plans[i], config) for i in plans
+      ]
+      candidates = sharding.spread(
+          fns,
+          [matrices[i] for i in plans],
+          [sketch_key(config, count, i) for i in plans],
+          [due[i] for i in plans],
+          config.axis_name,
+      )
+      return {
+          i: _select(
+              due[i],
+              adopt_basis(plans[i], config, count, *candidate, records[i]),
+              records[i],
+          )
+          for i, candidate in zip(plans, candidates)
+      }
+
+    # one cond around all leaves: the spread's collectives run on every device
+    any_due = jnp.any(jnp.stack(list(due.values())))
+    return jax.lax.cond(any_due, spread, lambda r: r, records)
+  out = {}
+  if config.group_leaves and config.method == "randomized":
+    for members in groups(plans, records):
+      out.update(
+          zip(
+              members,
+              _looped_refresh(
+                  plans[members[0]],
+                  config,
+                  count,
+                  [matrices[i] for i in members],
+                  members,
+                  [due[i] for i in members],
+                  [records[i] for i in members],
+              ),
+          )
+      )
+    return out
+  shared = {}
+  for i in plans:
+    fn = functools.partial(refresh_leaf, plans[i], config)
+    if config.group_leaves:
+      fn = shared.setdefault(group_key(plans[i], records[i]), fn)
+    out[i] = jax.lax.cond(
+        due[i], fn, _unchanged, count, matrices[i], index(i), records[i]
     )
-    return dict(zip(plans, spread))
-
-  def run(records):
-    # adoption is elementwise work and small products: selecting its result
-    # costs less program than a cond per leaf
-    return {
-        i: jax.tree.map(
-            functools.partial(jnp.where, due[i]),
-            adopt_basis(plans[i], config, count, candidate, records[i]),
-            records[i],
-        )
-        for i, candidate in candidates(records).items()
-    }
-
-  any_due = jnp.any(jnp.stack(list(due.values())))
-  return jax.lax.cond(any_due, run, lambda r: r, records)
+  return out

@@ -179,11 +179,13 @@ def scale_by_galore(
       new basis.
     residual: None, or 'fira' to apply the scaled, limited residual above
       (one float32 of state per matrix). Static.
-    group_leaves: refresh leaves of one shape, rank and dtype together, as one
-      loop of the group's size, so that compilation grows with the number of
-      distinct shapes rather than of leaves (on one device; on a mesh each
-      leaf's SVD goes to its own device). False refreshes leaf by leaf, with
-      the same result. Static.
+    group_leaves: leaves of one shape, rank and dtype share one traced refresh
+      (each in its own ``lax.cond``, so XLA compiles their identical kernels
+      once), and the randomized refresh runs one loop per such group, so that
+      tracing and code generation grow with the number of distinct shapes
+      rather than of leaves (on one device; on a mesh each leaf's SVD goes to
+      its own device). False traces leaf by leaf, with the same result.
+      Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a

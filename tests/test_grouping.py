@@ -135,11 +135,13 @@ def test_leaves_of_one_shape_with_other_ranks_or_dtypes_form_other_groups():
   assert _groups(params, rank=4, **defaults) == [["a", "c"], ["b"]]
 
 
-def _decompositions(tx, params) -> int:
-  """LAPACK decompositions (SVD, QR, Cholesky, eigh) in the update's compiled
-  program."""
+def _compiled(tx, params) -> str:
   state = jax.eval_shape(tx.init, params)
-  text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+  return jax.jit(tx.update).lower(params, state, params).compile().as_text()
+
+
+def _decompositions(text: str) -> int:
+  """LAPACK decompositions (SVD, QR, Cholesky, eigh) in a compiled program."""
   return len(
       re.findall(
           r'custom_call_target="lapack_\w*(?:gesdd|geqrf|potrf|syevd)', text
@@ -147,21 +149,67 @@ def _decompositions(tx, params) -> int:
   )
 
 
-@pytest.mark.parametrize("svd", ["exact", "randomized"])
-def test_the_program_grows_with_distinct_shapes_not_with_leaves(svd):
-  def tree(layers):
-    shapes = {f"l{i}": {"a": (24, 40), "b": (40, 24)} for i in range(layers)}
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
-        shapes,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
+def _distinct_kernels(text: str) -> int:
+  """The fused computations of a compiled program that differ other than by
+  their names: XLA generates code once for identical ones."""
+  bodies = re.findall(r"^%?\S*fus\S* [^\n]*\{\n(.*?)^\}", text, re.M | re.S)
+  return len({_canonical(body) for body in bodies})
 
+
+def _canonical(body: str) -> str:
+  """``body`` with its instructions renamed in order of appearance and no
+  metadata."""
+  body = re.sub(r", metadata=\{[^}]*\}", "", body)
+  names = {}
+  return re.sub(
+      r"%[\w.\-]+",
+      lambda m: names.setdefault(m.group(0), f"%{len(names)}"),
+      body,
+  )
+
+
+def _layers(count: int) -> dict:
+  shapes = {f"l{i}": {"a": (24, 40), "b": (40, 24)} for i in range(count)}
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
+      shapes,
+      is_leaf=lambda x: isinstance(x, tuple),
+  )
+
+
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+def test_compiled_kernels_grow_with_distinct_shapes_not_with_leaves(svd):
+  programs = {
+      (layers, grouped): _compiled(
+          galore_optax.galore_adamw(
+              1e-3, rank=4, svd=svd, group_leaves=grouped
+          ),
+          _layers(layers),
+      )
+      for layers, grouped in ((1, True), (8, True), (8, False))
+  }
+  one_layer = _distinct_kernels(programs[1, True])
+  assert one_layer > 0
+  # two shapes, whatever the leaf count: each leaf refreshes in its own cond,
+  # and XLA compiles the identical kernels of a shape once
+  assert _distinct_kernels(programs[8, True]) == one_layer
+  assert _decompositions(programs[8, True]) == 8 * _decompositions(
+      programs[1, True]
+  )
+  # tracing each leaf apart gives the same program
+  assert _distinct_kernels(programs[8, False]) == one_layer
+
+
+def test_the_randomized_refresh_holds_one_decomposition_per_shape():
   count = lambda layers, grouped: _decompositions(
-      galore_optax.galore_adamw(1e-3, rank=4, svd=svd, group_leaves=grouped),
-      tree(layers),
+      _compiled(
+          galore_optax.galore_adamw(
+              1e-3, rank=4, svd="randomized", group_leaves=grouped
+          ),
+          _layers(layers),
+      )
   )
   one_layer = count(1, True)
   assert one_layer > 0
-  assert count(8, True) == one_layer  # two shapes, whatever the leaf count
+  assert count(8, True) == one_layer  # one loop per shape
   assert count(8, False) == 8 * one_layer  # leaf by leaf: one set per layer
