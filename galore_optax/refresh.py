@@ -366,27 +366,30 @@ def _looped_refresh(
         candidate,
     )
 
-  def run(records):
-    empty = jax.tree.map(
-        lambda x: jnp.zeros((len(matrices), *x.shape), x.dtype), shapes
-    )
-    stacked = jax.lax.fori_loop(0, len(matrices), one, empty)
-    return [
-        _select(
-            due[t],
-            adopt_basis(
-                plan,
-                config,
-                count,
-                *jax.tree.map(lambda x, t=t: x[t], stacked),
-                records[t],
-            ),
-            records[t],
-        )
-        for t in range(len(matrices))
-    ]
+  empty = jax.tree.map(
+      lambda x: jnp.zeros((len(matrices), *x.shape), x.dtype), shapes
+  )
+  stacked = jax.lax.fori_loop(0, len(matrices), one, empty)
+  return [
+      _select(
+          due[t],
+          adopt_basis(
+              plan,
+              config,
+              count,
+              *jax.tree.map(lambda x, t=t: x[t], stacked),
+              records[t],
+          ),
+          records[t],
+      )
+      for t in range(len(matrices))
+  ]
 
-  return jax.lax.cond(jnp.any(due_flags), run, lambda r: r, records)
+
+def _when_any(due: dict[int, jax.Array], fn, records):
+  """``fn(records)`` in one cond, run when any leaf is due."""
+  any_due = jnp.any(jnp.stack(list(due.values())))
+  return jax.lax.cond(any_due, fn, lambda r: r, records)
 
 
 def _select(due: jax.Array, refreshed: LeafRecord, record: LeafRecord):
@@ -409,7 +412,8 @@ def refresh(
   identical XLA compiles their kernels once: tracing and code generation grow
   with the number of distinct shapes, not of leaves. The randomized refresh,
   whose program is large (a random sketch, two orthonormalisations, an
-  eigenproblem), instead runs one loop per group (:func:`_looped_refresh`).
+  eigenproblem), instead runs one loop per group (:func:`_looped_refresh`),
+  all of them inside one cond run when any leaf is due.
 
   On a mesh, or under ``config.axis_name``, the candidates are spread over the
   devices, one leaf's SVD per device (:func:`galore_optax.sharding.spread`), and
@@ -441,28 +445,30 @@ def refresh(
           for i, candidate in zip(plans, candidates)
       }
 
-    # one cond around all leaves: the spread's collectives run on every device
-    any_due = jnp.any(jnp.stack(list(due.values())))
-    return jax.lax.cond(any_due, spread, lambda r: r, records)
-  out = {}
+    return _when_any(due, spread, records)
   if config.group_leaves and config.method == "randomized":
-    for members in groups(plans, records):
-      out.update(
-          zip(
-              members,
-              _looped_refresh(
-                  plans[members[0]],
-                  config,
-                  count,
-                  [matrices[i] for i in members],
-                  members,
-                  [due[i] for i in members],
-                  [records[i] for i in members],
-              ),
-          )
-      )
-    return out
-  shared = {}
+
+    def looped(records):
+      out = {}
+      for members in groups(plans, records):
+        out.update(
+            zip(
+                members,
+                _looped_refresh(
+                    plans[members[0]],
+                    config,
+                    count,
+                    [matrices[i] for i in members],
+                    members,
+                    [due[i] for i in members],
+                    [records[i] for i in members],
+                ),
+            )
+        )
+      return out
+
+    return _when_any(due, looped, records)
+  shared, out = {}, {}
   for i in plans:
     fn = functools.partial(refresh_leaf, plans[i], config)
     if config.group_leaves:
