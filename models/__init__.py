@@ -1,5 +1,8 @@
-"""Flax NNX models trained with GaLore: GPT-2 and ViT."""
+"""Flax NNX models trained with GaLore: GPT-2, ViT and a BERT-style encoder."""
 
+from models.bert import PRESETS as BERT_PRESETS
+from models.bert import Bert
+from models.bert import BertConfig
 from models.gpt2 import GPT2
 from models.gpt2 import PRESETS as GPT2_PRESETS
 from models.gpt2 import GPT2Config

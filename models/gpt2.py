@@ -20,6 +20,9 @@ class GPT2Config:
   n_layers: int = 12
   n_heads: int = 12
   mlp_ratio: int = 4
+  # Flax's LayerNorm default; a Hugging Face checkpoint brings its own
+  layer_norm_eps: float = 1e-6
+  approximate_gelu: bool = True  # GELU's tanh form; False: the exact erf
   dtype: str = "float32"  # of the computation (transformer.DTYPES)
   param_dtype: str = "float32"
   remat: bool = False  # recompute each block's activations in the backward
@@ -71,11 +74,15 @@ class GPT2(nnx.Module):
         config.mlp_ratio,
         config.n_layers,
         causal=True,
+        eps=config.layer_norm_eps,
+        approximate_gelu=config.approximate_gelu,
         dtypes=dtypes,
         stacked=config.stacked,
         rngs=rngs,
     )
-    self.ln_f = nnx.LayerNorm(config.d_model, rngs=rngs, **dtypes)
+    self.ln_f = nnx.LayerNorm(
+        config.d_model, epsilon=config.layer_norm_eps, rngs=rngs, **dtypes
+    )
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """(batch, length) int -> the first block's input (batch, length,

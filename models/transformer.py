@@ -1,14 +1,17 @@
-"""Pre-LayerNorm transformer blocks shared by GPT-2 and ViT.
+"""Transformer blocks shared by GPT-2, ViT (pre-LayerNorm) and BERT
+(post-LayerNorm).
 
-Parameter paths read ``blocks/<i>/attn/{qkv,proj}/kernel`` and
-``blocks/<i>/mlp/{fc,proj}/kernel``, so the paper's GaLore rule (attention and
-MLP matrices only) is the regex :data:`GALORE_TARGETS`. Stacked blocks
+Parameter paths read ``blocks/<i>/attn/{qkv,proj}/kernel`` (BERT:
+``attn/{query,key,value,proj}/kernel``) and ``blocks/<i>/mlp/{fc,proj}/kernel``,
+so the paper's GaLore rule (attention and MLP matrices only) is the regex
+:data:`GALORE_TARGETS`. Stacked blocks
 (``stacked=True``, what the layer-wise step scans over) drop the ``<i>``: each
 leaf gains a leading axis of length ``n_layers`` instead.
 """
 
 from __future__ import annotations
 
+from typing import Optional
 from typing import Union
 
 import jax
@@ -63,8 +66,9 @@ def dtypes(compute: str, param: str) -> dict:
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with one fused ``qkv`` matrix (d, 3d) and an
-  output ``proj`` (d, d)."""
+  """Multi-head self-attention with one fused ``qkv`` matrix (d, 3d), or
+  separate ``query``, ``key`` and ``value`` matrices (d, d) as BERT keeps them
+  (``fused=False``), and an output ``proj`` (d, d)."""
 
   def __init__(
       self,
@@ -75,29 +79,44 @@ class Attention(nnx.Module):
       out_std: float,
       dtypes: dict,
       rngs: nnx.Rngs,
+      fused: bool = True,
   ):
     if d_model % n_heads:
       raise ValueError(
           f"d_model {d_model} is not divisible by n_heads {n_heads}"
       )
-    self.n_heads, self.causal = n_heads, causal
-    self.qkv = _dense(d_model, 3 * d_model, 0.02, dtypes, rngs)
+    self.n_heads, self.causal, self.fused = n_heads, causal, fused
+    if fused:
+      self.qkv = _dense(d_model, 3 * d_model, 0.02, dtypes, rngs)
+    else:
+      self.query, self.key, self.value = (
+          _dense(d_model, d_model, 0.02, dtypes, rngs) for _ in range(3)
+      )
     self.proj = _dense(d_model, d_model, out_std, dtypes, rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """``x``: (batch, length, d_model) -> same shape."""
+  def __call__(
+      self, x: jax.Array, mask: Optional[jax.Array] = None
+  ) -> jax.Array:
+    """``x``: (batch, length, d_model) -> same shape; ``mask`` (batch, length)
+    bool, False at padding that no position may attend to."""
     b, t, d = x.shape
-    q, k, v = jnp.split(
-        self.qkv(x).reshape(b, t, 3 * self.n_heads, d // self.n_heads),
-        3,
-        axis=2,
+    heads = lambda y: y.reshape(b, t, -1, d // self.n_heads)
+    if self.fused:
+      q, k, v = jnp.split(heads(self.qkv(x)), 3, axis=2)
+    else:
+      q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+    if mask is not None:
+      mask = mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=self.causal
     )
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
     return self.proj(out.reshape(b, t, d))
 
 
 class MLP(nnx.Module):
-  """``proj(gelu(fc(x)))`` with hidden width ``mlp_ratio * d_model``."""
+  """``proj(gelu(fc(x)))`` with hidden width ``mlp_ratio * d_model``; GELU's
+  tanh approximation (GPT-2's) or, with ``approximate_gelu=False``, the exact
+  erf form (BERT's, ViT's)."""
 
   def __init__(
       self,
@@ -107,16 +126,24 @@ class MLP(nnx.Module):
       out_std: float,
       dtypes: dict,
       rngs: nnx.Rngs,
+      approximate_gelu: bool = True,
   ):
+    self.approximate_gelu = approximate_gelu
     self.fc = _dense(d_model, mlp_ratio * d_model, 0.02, dtypes, rngs)
     self.proj = _dense(mlp_ratio * d_model, d_model, out_std, dtypes, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.proj(jax.nn.gelu(self.fc(x), approximate=True))
+    return self.proj(jax.nn.gelu(self.fc(x), approximate=self.approximate_gelu))
 
 
 class Block(nnx.Module):
-  """``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
+  """Pre-LayerNorm: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``;
+  post-LayerNorm (``post_ln``, BERT's): ``ln1(x + attn(x))`` then
+  ``ln2(x + mlp(x))``.
+
+  Options: ``eps``, the LayerNorms' epsilon; ``approximate_gelu`` (see
+  :class:`MLP`); ``fused_qkv`` (see :class:`Attention`).
+  """
 
   def __init__(
       self,
@@ -128,10 +155,15 @@ class Block(nnx.Module):
       causal: bool,
       dtypes: dict,
       rngs: nnx.Rngs,
+      eps: float = 1e-6,
+      approximate_gelu: bool = True,
+      post_ln: bool = False,
+      fused_qkv: bool = True,
   ):
     # GPT-2's scaling of the residual projections
     out_std = 0.02 / (2 * n_layers) ** 0.5
-    self.ln1 = nnx.LayerNorm(d_model, rngs=rngs, **dtypes)
+    self.post_ln = post_ln
+    self.ln1 = nnx.LayerNorm(d_model, epsilon=eps, rngs=rngs, **dtypes)
     self.attn = Attention(
         d_model,
         n_heads,
@@ -139,14 +171,25 @@ class Block(nnx.Module):
         out_std=out_std,
         dtypes=dtypes,
         rngs=rngs,
+        fused=fused_qkv,
     )
-    self.ln2 = nnx.LayerNorm(d_model, rngs=rngs, **dtypes)
+    self.ln2 = nnx.LayerNorm(d_model, epsilon=eps, rngs=rngs, **dtypes)
     self.mlp = MLP(
-        d_model, mlp_ratio, out_std=out_std, dtypes=dtypes, rngs=rngs
+        d_model,
+        mlp_ratio,
+        out_std=out_std,
+        dtypes=dtypes,
+        rngs=rngs,
+        approximate_gelu=approximate_gelu,
     )
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.attn(self.ln1(x))
+  def __call__(
+      self, x: jax.Array, mask: Optional[jax.Array] = None
+  ) -> jax.Array:
+    if self.post_ln:
+      x = self.ln1(x + self.attn(x, mask))
+      return self.ln2(x + self.mlp(x))
+    x = x + self.attn(self.ln1(x), mask)
     return x + self.mlp(self.ln2(x))
 
 
@@ -163,9 +206,10 @@ def blocks(
     dtypes: dict,
     stacked: bool = False,
     rngs: nnx.Rngs,
+    **options,
 ) -> Blocks:
   """``n_layers`` blocks: an ``nnx.List``, or (``stacked``) one ``Block`` whose
-  every leaf has a leading layer axis.
+  every leaf has a leading layer axis. ``options`` are :class:`Block`'s.
 
   Both draw the same initial weights from ``rngs``.
   """
@@ -178,6 +222,7 @@ def blocks(
           causal=causal,
           dtypes=dtypes,
           rngs=rngs,
+          **options,
       )
       for _ in range(n_layers)
   ]
@@ -188,25 +233,32 @@ def blocks(
   return nnx.merge(graphdef, jax.tree.map(lambda *x: jnp.stack(x), *states))
 
 
-def run_blocks(layers: Blocks, x: jax.Array, *, remat: bool) -> jax.Array:
+def run_blocks(
+    layers: Blocks,
+    x: jax.Array,
+    *,
+    remat: bool,
+    mask: Optional[jax.Array] = None,
+) -> jax.Array:
   """``x`` through every block in order (stacked blocks by ``lax.scan``);
   ``remat`` recomputes each block's activations in the backward pass instead
   of keeping them. XLA's CPU compiler undoes remat in the unrolled loop over an
-  ``nnx.List``, not in the scan, so the CLI stacks the blocks for remat."""
+  ``nnx.List``, not in the scan, so the CLI stacks the blocks for remat.
+  ``mask``: see :class:`Attention`."""
 
-  def step(x, layer_state, graphdef):
-    return nnx.merge(graphdef, layer_state)(x)
+  def step(x, layer_state, mask, graphdef):
+    return nnx.merge(graphdef, layer_state)(x, mask)
 
   if remat:
-    step = jax.checkpoint(step, static_argnums=(2,))
+    step = jax.checkpoint(step, static_argnums=(3,))
   if isinstance(layers, nnx.List):
     for layer in layers:
       if remat:
         graphdef, state = nnx.split(layer)
-        x = step(x, state, graphdef)
+        x = step(x, state, mask, graphdef)
       else:
-        x = layer(x)
+        x = layer(x, mask)
     return x
   graphdef, state = nnx.split(layers)
-  x, _ = jax.lax.scan(lambda x, s: (step(x, s, graphdef), None), x, state)
+  x, _ = jax.lax.scan(lambda x, s: (step(x, s, mask, graphdef), None), x, state)
   return x

@@ -22,6 +22,9 @@ class ViTConfig:
   n_layers: int = 12
   n_heads: int = 12
   mlp_ratio: int = 4
+  # Flax's LayerNorm default; a Hugging Face checkpoint brings its own
+  layer_norm_eps: float = 1e-6
+  approximate_gelu: bool = True  # GELU's tanh form; False: the exact erf
   dtype: str = "float32"  # of the computation (transformer.DTYPES)
   param_dtype: str = "float32"
   remat: bool = False  # recompute each block's activations in the backward
@@ -86,11 +89,15 @@ class ViT(nnx.Module):
         config.mlp_ratio,
         config.n_layers,
         causal=False,
+        eps=config.layer_norm_eps,
+        approximate_gelu=config.approximate_gelu,
         dtypes=dtypes,
         stacked=config.stacked,
         rngs=rngs,
     )
-    self.ln = nnx.LayerNorm(d, rngs=rngs, **dtypes)
+    self.ln = nnx.LayerNorm(
+        d, epsilon=config.layer_norm_eps, rngs=rngs, **dtypes
+    )
     self.head = nnx.Linear(
         d,
         config.num_classes,

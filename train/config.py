@@ -4,12 +4,14 @@ optimizer registry."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
 import optax
 
 import galore_optax
+from models import hf
 from models.transformer import DTYPES
 from train.tasks import TASKS
 
@@ -53,6 +55,11 @@ WEIGHT_DECAY_KW = {
 }  # these take no weight_decay keyword
 
 
+@functools.lru_cache(maxsize=8)
+def _checkpoint_config(source: str, task: str):
+  return hf.checkpoint_config(source, expect_task=task)
+
+
 def _field(default, help_text: str):
   return dataclasses.field(default=default, metadata={"help": help_text})
 
@@ -64,6 +71,12 @@ class TrainConfig:
   task: str = _field("gpt2", "gpt2 or vit")
   preset: str = _field(
       "cpu", "model size: see models.GPT2_PRESETS / VIT_PRESETS"
+  )
+  init: Optional[str] = _field(
+      None,
+      "start from pretrained weights: hf:NAME or a directory saved by"
+      " transformers' save_pretrained (config.json + safetensors); the"
+      " architecture is the checkpoint's, --preset is not used",
   )
   optimizer: str = _field("galore_adamw", "one of " + ", ".join(OPTIMIZERS))
   rank: Optional[int] = _field(
@@ -374,6 +387,8 @@ class TrainConfig:
 
   @property
   def model_config(self):
+    if self.init:
+      return _checkpoint_config(self.init, self.task)
     return TASKS[self.task].presets[self.preset]
 
   @property
@@ -394,6 +409,7 @@ class TrainConfig:
     keep = (
         "task",
         "preset",
+        "init",
         "optimizer",
         "rank",
         "update_proj_gap",

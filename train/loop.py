@@ -39,6 +39,11 @@ from train.tasks import Task
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 
 
+def model_name(cfg) -> str:
+  """What the run trains: the checkpoint it started from, or its preset."""
+  return f"from {cfg.init}" if cfg.init else f"preset {cfg.preset!r}"
+
+
 class ConfigError(ValueError):
   """The run cannot start as configured; the message says why."""
 
@@ -465,7 +470,7 @@ def train(
   progress = Progress(cfg.steps, unit)
   if verbose:
     print(
-        f"{cfg.task} preset {cfg.preset!r}: {n_params / 1e6:.2f}M params; data:"
+        f"{cfg.task} {model_name(cfg)}: {n_params / 1e6:.2f}M params; data:"
         f" {data.description}"
     )
     print(

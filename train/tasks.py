@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from models import gpt2
+from models import hf
 from models import transformer
 from models import vit
 from train import data as data_lib
@@ -95,6 +96,24 @@ def model_config(cfg, **fields):
   )
 
 
+def build(cfg, model_class, mc) -> nnx.Module:
+  """The model of config ``mc``: initialised from ``cfg.seed``, or with
+  ``--init`` loaded from a checkpoint (what it does not hold, a new head, from
+  ``cfg.seed``)."""
+  if not cfg.init:
+    return model_class(mc, rngs=nnx.Rngs(cfg.seed))
+  model, loaded = hf.load(
+      cfg.init, expect_task=cfg.task, seed=cfg.seed, config=mc
+  )
+  if jax.process_index() == 0:
+    fresh = f"; initialised afresh: {', '.join(loaded.fresh)}"
+    print(
+        f"loaded {loaded.model_type} weights from {cfg.init}"
+        + (fresh if loaded.fresh else "")
+    )
+  return model
+
+
 # logits (of the whole batch) the language model's loss holds at once: 32 MiB
 LOGITS_CHUNK = 2**23
 
@@ -131,6 +150,17 @@ class LanguageModeling(Task):
     return data_lib.load_text(cfg.data, cfg.max_data_bytes)
 
   def build_model(self, cfg, data):
+    if cfg.init:
+      if cfg.vocab_size is not None:
+        raise TaskError("--vocab-size: with --init the checkpoint's is used")
+      vocab = cfg.model_config.vocab_size
+      if vocab != data.vocab_size:
+        raise TaskError(
+            f"--init {cfg.init} has a vocabulary of {vocab} tokens; the data"
+            f" is read as {data.vocab_size} byte tokens. Only a byte-level"
+            " checkpoint (vocabulary 256) trains on byte tokens here: another"
+            " needs its own tokenizer"
+        )
     vocab = cfg.vocab_size or data.vocab_size
     if vocab < data.vocab_size:
       raise TaskError(
@@ -143,7 +173,7 @@ class LanguageModeling(Task):
           f"--seq-len {cfg.seq_len} exceeds the max_len of preset"
           f" {cfg.preset!r}, {mc.max_len}"
       )
-    return gpt2.GPT2(mc, rngs=nnx.Rngs(cfg.seed))
+    return build(cfg, gpt2.GPT2, mc)
 
   def logits_loss(self, logits, batch):
     return _token_losses(logits, batch[1]).mean(), {}
@@ -213,7 +243,7 @@ class ImageClassification(Task):
     if cfg.vocab_size is not None:
       raise TaskError("--vocab-size is an option of gpt2, not of vit")
     mc = model_config(cfg, num_classes=data.num_classes)
-    return vit.ViT(mc, rngs=nnx.Rngs(cfg.seed))
+    return build(cfg, vit.ViT, mc)
 
   def logits_loss(self, logits, batch):
     labels = batch[1]

@@ -1,0 +1,495 @@
+"""Hugging Face ``transformers`` checkpoints (config.json + safetensors) loaded
+into this project's NNX models: GPT-2, ViT, BERT and RoBERTa.
+
+The architecture comes from the checkpoint's ``config.json``, as
+``from_pretrained`` does. Every tensor is accounted for: each parameter of the
+model must come from a tensor of the right shape, except a head the checkpoint
+does not hold (a classifier on a pretrained encoder), which keeps its fresh
+initialisation and is reported; a tensor that maps to nothing is an error,
+unless it belongs to a head this model does not build (BERT's MLM head when
+classifying) or is a buffer. Errors name the tensors and shapes that do not
+fit.
+
+    model, report = load("hf:bert-base-uncased", num_labels=2)
+    model, report = load("path/to/saved_model")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+from typing import Any
+from typing import Callable
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import bert
+from models import gpt2
+from models import vit
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint does not fit the model asked for; the message says where."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+  source: str
+  model_type: str
+  config: Any  # the model's config dataclass
+  fresh: list[str]  # parameters the checkpoint did not hold (initialised anew)
+  ignored: list[str]  # tensors of heads this model does not build
+
+
+def resolve(source: str) -> pathlib.Path:
+  """``hf:NAME`` (downloaded through ``huggingface_hub``, or found in its
+  cache) or a local directory holding ``config.json``."""
+  if source.startswith("hf:"):
+    name = source[3:]
+    try:
+      from huggingface_hub import snapshot_download
+    except ImportError:
+      raise CheckpointMismatch(
+          f"--init {source} needs huggingface_hub (pip install"
+          " 'galore-optax[hf]'), or pass a local directory"
+      ) from None
+    path = snapshot_download(
+        name, allow_patterns=["config.json", "*.safetensors", "*.json"]
+    )
+    return pathlib.Path(path)
+  path = pathlib.Path(source)
+  if not (path / "config.json").is_file():
+    raise CheckpointMismatch(
+        f"{source}: no config.json there; expected a directory saved by"
+        " transformers' save_pretrained, or hf:NAME"
+    )
+  return path
+
+
+def read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """Every tensor of the directory's ``*.safetensors`` files, sharded or not."""
+  from safetensors.numpy import load_file
+
+  files = sorted(path.glob("*.safetensors"))
+  if not files:
+    raise CheckpointMismatch(
+        f"{path}: no *.safetensors file (only safetensors checkpoints are read)"
+    )
+  tensors = {}
+  for f in files:
+    tensors.update(load_file(f))
+  return tensors
+
+
+# --- architectures: config.json -> our config, tensors -> our parameters ---
+
+
+def _gelu_approximate(act: str, where: str) -> bool:
+  if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+    return True
+  if act == "gelu":
+    return False
+  raise CheckpointMismatch(f"{where}: activation {act!r} is not supported")
+
+
+def _mlp_ratio(hf: dict, d: int, where: str) -> int:
+  inner = hf.get("intermediate_size") or hf.get("n_inner") or 4 * d
+  if inner % d:
+    raise CheckpointMismatch(
+        f"{where}: intermediate size {inner} is not a multiple of the width {d}"
+    )
+  return inner // d
+
+
+def _num_labels(hf: dict) -> int:
+  return len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+
+
+def gpt2_config(hf: dict, where: str) -> gpt2.GPT2Config:
+  d = hf["n_embd"]
+  return gpt2.GPT2Config(
+      vocab_size=hf["vocab_size"],
+      max_len=hf["n_positions"],
+      d_model=d,
+      n_layers=hf["n_layer"],
+      n_heads=hf["n_head"],
+      mlp_ratio=_mlp_ratio(hf, d, where),
+      layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+      approximate_gelu=_gelu_approximate(
+          hf.get("activation_function", "gelu_new"), where
+      ),
+  )
+
+
+def vit_config(hf: dict, where: str) -> vit.ViTConfig:
+  d = hf["hidden_size"]
+  if not hf.get("qkv_bias", True):
+    raise CheckpointMismatch(f"{where}: ViT without qkv biases")
+  return vit.ViTConfig(
+      image_size=hf["image_size"],
+      patch_size=hf["patch_size"],
+      channels=hf.get("num_channels", 3),
+      num_classes=_num_labels(hf),
+      d_model=d,
+      n_layers=hf["num_hidden_layers"],
+      n_heads=hf["num_attention_heads"],
+      mlp_ratio=_mlp_ratio(hf, d, where),
+      layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+      approximate_gelu=_gelu_approximate(hf.get("hidden_act", "gelu"), where),
+  )
+
+
+def bert_config(hf: dict, where: str) -> bert.BertConfig:
+  d = hf["hidden_size"]
+  roberta = hf["model_type"] in ("roberta", "xlm-roberta")
+  if hf.get("position_embedding_type", "absolute") != "absolute":
+    raise CheckpointMismatch(
+        f"{where}: position_embedding_type"
+        f" {hf['position_embedding_type']!r} (only 'absolute')"
+    )
+  _gelu_approximate(hf.get("hidden_act", "gelu"), where)  # exact GELU only
+  if hf.get("hidden_act", "gelu") != "gelu":
+    raise CheckpointMismatch(f"{where}: BERT with {hf['hidden_act']!r}")
+  pad = hf.get("pad_token_id", 1) if roberta else None
+  classifier = any(
+      a.endswith("ForSequenceClassification")
+      for a in hf.get("architectures") or ()
+  )
+  return bert.BertConfig(
+      vocab_size=hf["vocab_size"],
+      max_len=hf["max_position_embeddings"] - (0 if pad is None else pad + 1),
+      type_vocab_size=hf.get("type_vocab_size", 2),
+      d_model=d,
+      n_layers=hf["num_hidden_layers"],
+      n_heads=hf["num_attention_heads"],
+      mlp_ratio=_mlp_ratio(hf, d, where),
+      layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+      padding_position=pad,
+      num_labels=_num_labels(hf) if classifier else 0,
+  )
+
+
+def _linear(w):  # torch Linear (out, in) -> Flax kernel (in, out)
+  return w.T
+
+
+def _same(w):
+  return w
+
+
+def _layer_norm(ours: str, theirs: str) -> dict[str, tuple[str, Callable]]:
+  return {
+      f"{ours}/scale": (f"{theirs}.weight", _same),
+      f"{ours}/bias": (
+          f"{theirs}.bias",
+          _same,
+      ),
+  }
+
+
+def _dense(ours: str, theirs: str, convert=_linear) -> dict:
+  return {
+      f"{ours}/kernel": (f"{theirs}.weight", convert),
+      f"{ours}/bias": (f"{theirs}.bias", _same),
+  }
+
+
+def gpt2_names(config: gpt2.GPT2Config) -> dict:
+  """Our parameter path -> (their tensor name, conversion). GPT-2 stores its
+  matrices as Conv1D (in, out), our layout."""
+  names = {
+      "wte/embedding": ("wte.weight", _same),
+      "wpe/embedding": ("wpe.weight", _same),
+      **_layer_norm("ln_f", "ln_f"),
+  }
+  for i in range(config.n_layers):
+    h, b = f"h.{i}", f"blocks/{i}"
+    names.update(_layer_norm(f"{b}/ln1", f"{h}.ln_1"))
+    names.update(_layer_norm(f"{b}/ln2", f"{h}.ln_2"))
+    names.update(_dense(f"{b}/attn/qkv", f"{h}.attn.c_attn", _same))
+    names.update(_dense(f"{b}/attn/proj", f"{h}.attn.c_proj", _same))
+    names.update(_dense(f"{b}/mlp/fc", f"{h}.mlp.c_fc", _same))
+    names.update(_dense(f"{b}/mlp/proj", f"{h}.mlp.c_proj", _same))
+  return names
+
+
+def _patch_kernel(w):  # Conv2d (d, c, p, p) -> Linear on (p, p, c) patches
+  d = w.shape[0]
+  return w.transpose(2, 3, 1, 0).reshape(-1, d)
+
+
+def vit_names(config: vit.ViTConfig) -> dict:
+  """Our parameter path -> (their tensor name(s), conversion): the separate
+  query, key and value matrices become the fused ``qkv``."""
+  e = "embeddings"
+  names = {
+      "cls_token": (f"{e}.cls_token", _same),
+      "pos_embed": (f"{e}.position_embeddings", _same),
+      "patch_embed/kernel": (
+          f"{e}.patch_embeddings.projection.weight",
+          _patch_kernel,
+      ),
+      "patch_embed/bias": (f"{e}.patch_embeddings.projection.bias", _same),
+      **_layer_norm("ln", "layernorm"),
+      **_dense("head", "classifier"),
+  }
+  for i in range(config.n_layers):
+    h, b = f"encoder.layer.{i}", f"blocks/{i}"
+    qkv = [f"{h}.attention.attention.{x}" for x in ("query", "key", "value")]
+    names.update(_layer_norm(f"{b}/ln1", f"{h}.layernorm_before"))
+    names.update(_layer_norm(f"{b}/ln2", f"{h}.layernorm_after"))
+    names[f"{b}/attn/qkv/kernel"] = (
+        tuple(f"{x}.weight" for x in qkv),
+        lambda *w: np.concatenate([x.T for x in w], axis=1),
+    )
+    names[f"{b}/attn/qkv/bias"] = (
+        tuple(f"{x}.bias" for x in qkv),
+        lambda *b: np.concatenate(b),
+    )
+    names.update(_dense(f"{b}/attn/proj", f"{h}.attention.output.dense"))
+    names.update(_dense(f"{b}/mlp/fc", f"{h}.intermediate.dense"))
+    names.update(_dense(f"{b}/mlp/proj", f"{h}.output.dense"))
+  return names
+
+
+def bert_names(config: bert.BertConfig, roberta: bool) -> dict:
+  """Our parameter path -> (their tensor name, conversion), for BERT's and
+  RoBERTa's heads alike."""
+  e = "embeddings"
+  names = {
+      "tok/embedding": (f"{e}.word_embeddings.weight", _same),
+      "pos/embedding": (f"{e}.position_embeddings.weight", _same),
+      "seg/embedding": (f"{e}.token_type_embeddings.weight", _same),
+      **_layer_norm("ln_embed", f"{e}.LayerNorm"),
+  }
+  if roberta:
+    names.update(_dense("pool", "classifier.dense"))
+    names.update(_dense("classifier", "classifier.out_proj"))
+    names.update(_dense("mlm_dense", "lm_head.dense"))
+    names.update(_layer_norm("mlm_ln", "lm_head.layer_norm"))
+    names["mlm_bias"] = ("lm_head.bias", _same)
+  else:
+    names.update(_dense("pool", "pooler.dense"))
+    names.update(_dense("classifier", "classifier"))
+    names.update(_dense("mlm_dense", "cls.predictions.transform.dense"))
+    names.update(_layer_norm("mlm_ln", "cls.predictions.transform.LayerNorm"))
+    names["mlm_bias"] = ("cls.predictions.bias", _same)
+  for i in range(config.n_layers):
+    h, b = f"encoder.layer.{i}", f"blocks/{i}"
+    for x in ("query", "key", "value"):
+      names.update(_dense(f"{b}/attn/{x}", f"{h}.attention.self.{x}"))
+    names.update(_dense(f"{b}/attn/proj", f"{h}.attention.output.dense"))
+    names.update(_layer_norm(f"{b}/ln1", f"{h}.attention.output.LayerNorm"))
+    names.update(_dense(f"{b}/mlp/fc", f"{h}.intermediate.dense"))
+    names.update(_dense(f"{b}/mlp/proj", f"{h}.output.dense"))
+    names.update(_layer_norm(f"{b}/ln2", f"{h}.output.LayerNorm"))
+  return names
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  task: str  # the CLI task its models train under
+  prefix: str  # of the backbone's tensor names in a checkpoint with a head
+  config: Callable[[dict, str], Any]
+  model: Callable[..., nnx.Module]
+  names: Callable[[Any], dict]
+  heads: tuple[str, ...]  # our parameters that may be initialised afresh
+  # their tensors that are never ours: buffers, tied copies, unbuilt heads
+  ignorable: str = r"$^"
+
+
+ARCHITECTURES = {
+    "gpt2": Architecture(
+        task="gpt2",
+        prefix="transformer.",
+        config=gpt2_config,
+        model=gpt2.GPT2,
+        names=gpt2_names,
+        heads=(),
+        ignorable=r"^(lm_head\.weight|h\.\d+\.attn\.(masked_)?bias)$",
+    ),
+    "vit": Architecture(
+        task="vit",
+        prefix="vit.",
+        config=vit_config,
+        model=vit.ViT,
+        names=vit_names,
+        heads=("head/",),
+        ignorable=r"^(pooler|classifier)\.",
+    ),
+    "bert": Architecture(
+        task="bert",
+        prefix="bert.",
+        config=bert_config,
+        model=bert.Bert,
+        names=lambda c: bert_names(c, roberta=False),
+        heads=("pool/", "classifier/", "mlm_"),
+        ignorable=(
+            r"^(cls\.|pooler\.|classifier\.|embeddings\.position_ids$"
+            r"|cls\.predictions\.decoder\.)"
+        ),
+    ),
+    "roberta": Architecture(
+        task="bert",
+        prefix="roberta.",
+        config=bert_config,
+        model=bert.Bert,
+        names=lambda c: bert_names(c, roberta=True),
+        heads=("pool/", "classifier/", "mlm_"),
+        ignorable=(
+            r"^(lm_head\.|classifier\.|embeddings\.position_ids$|pooler\.)"
+        ),
+    ),
+}
+
+
+def _strip(tensors: dict[str, np.ndarray], prefix: str) -> dict:
+  """The backbone's tensors lose their prefix; the heads' keep their names."""
+  return {
+      (k[len(prefix) :] if k.startswith(prefix) else k): v
+      for k, v in tensors.items()
+  }
+
+
+def _path(key: tuple) -> str:
+  return "/".join(str(k) for k in key)
+
+
+def _stack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """``blocks/<i>/rest`` -> ``blocks/rest`` with a leading layer axis."""
+  out, layers = {}, {}
+  for k, v in flat.items():
+    m = re.match(r"blocks/(\d+)/(.*)", k)
+    if m:
+      layers.setdefault(m[2], {})[int(m[1])] = v
+    else:
+      out[k] = v
+  for rest, by_layer in layers.items():
+    out[f"blocks/{rest}"] = np.stack([by_layer[i] for i in sorted(by_layer)])
+  return out
+
+
+def _architecture(
+    source: str, expect_task: Optional[str]
+) -> tuple[pathlib.Path, dict, Architecture]:
+  path = resolve(source)
+  hf = json.loads((path / "config.json").read_text())
+  kind = hf.get("model_type")
+  arch = ARCHITECTURES.get(kind)
+  if arch is None:
+    raise CheckpointMismatch(
+        f"{source}: model_type {kind!r} is not one of {sorted(ARCHITECTURES)}"
+    )
+  if expect_task is not None and arch.task != expect_task:
+    raise CheckpointMismatch(
+        f"{source}: a {kind!r} checkpoint cannot initialise the"
+        f" {expect_task!r} task (it is a {arch.task!r} model)"
+    )
+  return path, hf, arch
+
+
+def checkpoint_config(source: str, expect_task: Optional[str] = None) -> Any:
+  """The model config (:class:`models.GPT2Config`, ...) of checkpoint
+  ``source``, from its ``config.json``."""
+  _, hf, arch = _architecture(source, expect_task)
+  return arch.config(hf, source)
+
+
+def load(
+    source: str,
+    *,
+    expect_task: Optional[str] = None,
+    seed: int = 0,
+    config: Optional[Any] = None,
+    **overrides,
+) -> tuple[nnx.Module, LoadReport]:
+  """The model of checkpoint ``source`` (see :func:`resolve`) with its weights.
+
+  Args:
+    source: ``hf:NAME`` or a directory.
+    expect_task: the CLI task that will train it (``gpt2``, ``vit``, ``bert``):
+      a checkpoint of another architecture is refused.
+    seed: initialises what the checkpoint does not hold (a new head).
+    config: the model config to build, by default :func:`checkpoint_config`.
+    overrides: fields of the model config to set (``num_labels`` for a
+      classifier on an encoder, ``dtype``, ``param_dtype``, ``remat``,
+      ``stacked``). A head whose size changes is initialised afresh.
+
+  Raises:
+    CheckpointMismatch: naming the model type, tensor or shape that does not
+      fit.
+  """
+  path, hf, arch = _architecture(source, expect_task)
+  kind = hf["model_type"]
+  config = dataclasses.replace(config or arch.config(hf, source), **overrides)
+  tensors = _strip(read_tensors(path), arch.prefix)
+  names = arch.names(config)
+  model = arch.model(
+      dataclasses.replace(config, stacked=False), rngs=nnx.Rngs(seed)
+  )
+  graphdef, state = nnx.split(model)
+  flat = {_path(k): v for k, v in nnx.to_flat_state(state)}
+  values, fresh, used = {}, [], set()
+  problems = []
+  for ours, variable in flat.items():
+    if ours not in names:
+      problems.append(f"no tensor maps to our parameter {ours}")
+      continue
+    theirs, convert = names[ours]
+    theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+    missing = [t for t in theirs if t not in tensors]
+    if not missing:
+      value = np.asarray(convert(*(tensors[t] for t in theirs)))
+    want = tuple(variable[...].shape)
+    if ours.startswith(arch.heads) and (missing or value.shape != want):
+      fresh.append(ours)  # a new head, or one for another number of labels
+      values[ours] = np.asarray(variable[...])
+      continue
+    if missing:
+      problems.append(f"missing tensor {', '.join(missing)} (for {ours})")
+      continue
+    used.update(theirs)
+    if value.shape != want:
+      problems.append(
+          f"tensor {', '.join(theirs)} has shape {value.shape}, {ours} needs"
+          f" {want}"
+      )
+      continue
+    values[ours] = value
+  ignorable = re.compile(arch.ignorable)
+  leftover = sorted(set(tensors) - used)
+  unknown = [t for t in leftover if not ignorable.search(t)]
+  if unknown:
+    problems.append(
+        f"{len(unknown)} tensor(s) fit no parameter of a {kind} model:"
+        f" {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
+    )
+  if problems:
+    raise CheckpointMismatch(
+        f"{source} ({kind}) does not fit: " + "; ".join(problems[:12])
+    )
+  if config.stacked:
+    values = _stack_layers(values)
+    model = arch.model(config, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.param_dtype]
+  nnx.update(
+      model,
+      nnx.from_flat_state({
+          k: v.replace(jnp.asarray(values[_path(k)], dtype))
+          for k, v in nnx.to_flat_state(state)
+      }),
+  )
+  report = LoadReport(
+      source=source,
+      model_type=kind,
+      config=config,
+      fresh=fresh,
+      ignored=[t for t in leftover if ignorable.search(t)],
+  )
+  return model, report

@@ -1,0 +1,271 @@
+"""Hugging Face checkpoints load into our NNX models: small randomly initialised
+transformers models, saved with save_pretrained, give the same logits here as
+in torch; checkpoints that do not fit fail naming what does not fit."""
+
+import json
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+from models import hf  # noqa: E402
+
+warnings.filterwarnings("ignore", module="transformers")
+RNG = np.random.default_rng(0)
+TOKENS = RNG.integers(2, 256, (2, 12))
+SEGMENTS = np.repeat([[0] * 6 + [1] * 6], 2, axis=0)
+MASK = np.ones((2, 12), bool)
+MASK[1, 9:] = False  # the second row is padded
+IMAGES = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
+
+BERT = dict(
+    vocab_size=256,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+)
+
+
+def _text_inputs(roberta):
+  tokens = np.where(MASK, TOKENS, 1 if roberta else 0)  # padding ids
+  segments = np.zeros_like(SEGMENTS) if roberta else SEGMENTS
+  return tokens, segments
+
+
+CASES = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=4
+        )
+    ),
+    "vit": lambda: transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            image_size=8,
+            patch_size=2,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=5,
+        )
+    ),
+    "bert-mlm": lambda: transformers.BertForMaskedLM(
+        transformers.BertConfig(max_position_embeddings=64, **BERT)
+    ),
+    "bert-classifier": lambda: transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            max_position_embeddings=64, num_labels=3, **BERT
+        )
+    ),
+    "roberta-mlm": lambda: transformers.RobertaForMaskedLM(
+        transformers.RobertaConfig(
+            max_position_embeddings=66, type_vocab_size=1, **BERT
+        )
+    ),
+    "roberta-classifier": lambda: transformers.RobertaForSequenceClassification(
+        transformers.RobertaConfig(
+            max_position_embeddings=66, type_vocab_size=1, num_labels=1, **BERT
+        )
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """Each case's torch model, saved once."""
+  out = {}
+  for name, build in CASES.items():
+    torch.manual_seed(len(out))
+    model = build().eval()
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    out[name] = (model, path)
+  return out
+
+
+def _logits(name, theirs, ours):
+  """Both models' logits on the same inputs; MLM logits at real tokens only."""
+  with torch.no_grad():
+    if name in ("gpt2",):
+      return (
+          theirs(torch.tensor(TOKENS)).logits.numpy(),
+          np.asarray(ours(jnp.asarray(TOKENS))),
+      )
+    if name == "vit":
+      return (
+          theirs(torch.tensor(IMAGES)).logits.numpy(),
+          np.asarray(ours(jnp.asarray(IMAGES.transpose(0, 2, 3, 1)))),
+      )
+    tokens, segments = _text_inputs(name.startswith("roberta"))
+    want = theirs(
+        input_ids=torch.tensor(tokens),
+        token_type_ids=torch.tensor(segments),
+        attention_mask=torch.tensor(MASK.astype(np.int64)),
+    ).logits.numpy()
+  got = np.asarray(
+      ours((jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(MASK)))
+  )
+  if want.ndim == 3:
+    want, got = want[MASK], got[MASK]
+  return want, got
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_loaded_model_gives_the_torch_models_logits(saved, name):
+  theirs, path = saved[name]
+  task = name.split("-")[0].replace("roberta", "bert")
+  ours, report = hf.load(str(path), expect_task=task)
+  assert report.fresh == []  # every parameter came from the checkpoint
+  want, got = _logits(name, theirs, ours)
+  assert want.shape == got.shape
+  assert np.std(want) > 1e-3  # not a degenerate comparison
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max() + 1e-6)
+
+
+def test_stacked_layers_load_the_same_weights(saved):
+  theirs, path = saved["bert-mlm"]
+  ours, _ = hf.load(str(path), stacked=True)
+  assert ours.blocks.attn.query.kernel[...].shape == (2, 32, 32)
+  want, got = _logits("bert-mlm", theirs, ours)
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_classifier_on_a_pretrained_encoder_gets_a_fresh_head(saved):
+  theirs, path = saved["bert-mlm"]
+  ours, report = hf.load(str(path), num_labels=2)
+  assert set(report.fresh) == {
+      "pool/kernel",
+      "pool/bias",
+      "classifier/kernel",
+      "classifier/bias",
+  }
+  assert any(t.startswith("cls.predictions") for t in report.ignored)
+  # the encoder is the checkpoint's
+  np.testing.assert_array_equal(
+      ours.tok.embedding[...],
+      theirs.bert.embeddings.word_embeddings.weight.detach().numpy(),
+  )
+  assert ours((jnp.asarray(TOKENS), jnp.asarray(SEGMENTS), MASK)).shape == (
+      2,
+      2,
+  )
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(saved):
+  with pytest.raises(hf.CheckpointMismatch, match="'bert'.*'gpt2' task"):
+    hf.load(str(saved["bert-mlm"][1]), expect_task="gpt2")
+
+
+def _copy(src, dst, edit_tensors=None, edit_config=None):
+  dst.mkdir()
+  config = json.loads((src / "config.json").read_text())
+  if edit_config:
+    edit_config(config)
+  (dst / "config.json").write_text(json.dumps(config))
+  tensors = load_file(src / "model.safetensors")
+  if edit_tensors:
+    edit_tensors(tensors)
+  save_file(tensors, dst / "model.safetensors")
+  return str(dst)
+
+
+def test_mismatched_tensors_are_named(saved, tmp_path):
+  src = saved["gpt2"][1]
+  key = "transformer.h.1.mlp.c_fc.weight"
+
+  def wrong_shape(t):
+    t[key] = t[key][:, :100]
+
+  with pytest.raises(
+      hf.CheckpointMismatch,
+      match=r"h\.1\.mlp\.c_fc\.weight.*" r"\(32, 100\).*\(32, 128\)",
+  ):
+    hf.load(_copy(src, tmp_path / "shape", wrong_shape))
+
+  with pytest.raises(hf.CheckpointMismatch, match=r"missing tensor h\.0\.ln_2"):
+    hf.load(
+        _copy(
+            src,
+            tmp_path / "missing",
+            lambda t: t.pop("transformer.h.0.ln_2.bias"),
+        )
+    )
+
+  def extra(t):
+    t["transformer.h.0.adapter.weight"] = np.zeros((2, 2), np.float32)
+
+  with pytest.raises(hf.CheckpointMismatch, match=r"h\.0\.adapter\.weight"):
+    hf.load(_copy(src, tmp_path / "extra", extra))
+
+  with pytest.raises(hf.CheckpointMismatch, match="model_type 'llama'"):
+    hf.load(
+        _copy(
+            src,
+            tmp_path / "llama",
+            edit_config=lambda c: c.update(model_type="llama"),
+        )
+    )
+
+
+def test_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(hf.CheckpointMismatch, match="no config.json"):
+    hf.load(str(tmp_path))
+
+
+def test_the_cli_trains_from_a_checkpoint(saved, tmp_path, capsys):
+  from train import config as config_lib
+  from train import loop
+  from train.__main__ import main
+
+  theirs, path = saved["gpt2"]
+  out = tmp_path / "run"
+  cfg = config_lib.TrainConfig(
+      task="gpt2",
+      init=str(path),
+      steps=1,
+      batch_size=2,
+      seq_len=16,
+      eval_every=1,
+      eval_batches=1,
+      out=str(out),
+      optimizer="adamw",
+  )
+  assert cfg.model_config.n_layers == 2  # the checkpoint's, not the preset's
+  before = loop.train(cfg).summary
+  assert before["steps"] == 1
+  # what trained was the checkpoint: its first loss is the torch model's
+  from train.tasks import TASKS
+
+  task = TASKS["gpt2"]
+  data = task.load_data(cfg)
+  tokens, targets = task.batch(cfg, data, 0, np.arange(2))
+  with torch.no_grad():
+    logits = theirs(torch.tensor(np.asarray(tokens)).long()).logits
+    want = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 256),
+        torch.tensor(np.asarray(targets)).long().reshape(-1),
+    ).item()
+  model = task.build_model(cfg, data)
+  got = float(task.loss(model, (jnp.asarray(tokens), jnp.asarray(targets)))[0])
+  assert abs(got - want) < 1e-4
+
+  # a checkpoint of another architecture: exit 2, the reason on stderr
+  capsys.readouterr()
+  code = main([
+      "gpt2",
+      "--init",
+      str(saved["bert-mlm"][1]),
+      "--out",
+      str(tmp_path / "bad"),
+  ])
+  assert code == 2
+  assert "'bert' checkpoint cannot initialise the 'gpt2' task" in (
+      capsys.readouterr().err
+  )
