@@ -400,6 +400,24 @@ def checkpoint_config(source: str, expect_task: Optional[str] = None) -> Any:
   return arch.config(hf, source)
 
 
+def flat_params(model: nnx.Module) -> dict[str, Any]:
+  """The model's parameters by path (``blocks/0/attn/qkv/kernel``)."""
+  return {_path(k): v for k, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def set_params(model: nnx.Module, values: dict[str, np.ndarray]) -> None:
+  """Sets every parameter of ``model`` from ``values`` (by path), cast to its
+  dtype."""
+  state = nnx.state(model)
+  nnx.update(
+      model,
+      nnx.from_flat_state({
+          k: v.replace(jnp.asarray(values[_path(k)], v[...].dtype))
+          for k, v in nnx.to_flat_state(state)
+      }),
+  )
+
+
 def load(
     source: str,
     *,
@@ -432,8 +450,7 @@ def load(
   model = arch.model(
       dataclasses.replace(config, stacked=False), rngs=nnx.Rngs(seed)
   )
-  graphdef, state = nnx.split(model)
-  flat = {_path(k): v for k, v in nnx.to_flat_state(state)}
+  flat = flat_params(model)
   values, fresh, used = {}, [], set()
   problems = []
   for ours, variable in flat.items():
@@ -476,15 +493,7 @@ def load(
   if config.stacked:
     values = _stack_layers(values)
     model = arch.model(config, rngs=nnx.Rngs(seed))
-    graphdef, state = nnx.split(model)
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.param_dtype]
-  nnx.update(
-      model,
-      nnx.from_flat_state({
-          k: v.replace(jnp.asarray(values[_path(k)], dtype))
-          for k, v in nnx.to_flat_state(state)
-      }),
-  )
+  set_params(model, values)
   report = LoadReport(
       source=source,
       model_type=kind,

@@ -1,4 +1,4 @@
-"""``python -m train {gpt2,vit} [flags]``: train with GaLore (or any listed
+"""``python -m train {gpt2,vit,bert} [flags]``: train with GaLore (or any listed
 optimizer)."""
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ def parser() -> argparse.ArgumentParser:
     default = field.default
     if field.type in ("bool",):
       p.add_argument(flag, action="store_true", help=field.metadata["help"])
+    elif "const" in field.metadata:  # a flag whose value may be left out
+      p.add_argument(
+          flag,
+          nargs="?",
+          const=field.metadata["const"],
+          default=default,
+          help=field.metadata["help"],
+      )
     else:
       kind = {"int": int, "float": float, "str": str}.get(
           field.type.replace("Optional[", "").rstrip("]"), str

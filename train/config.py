@@ -4,15 +4,14 @@ optimizer registry."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Optional
 
 import optax
 
 import galore_optax
-from models import hf
 from models.transformer import DTYPES
+from train import init as init_lib
 from train.tasks import TASKS
 
 # name -> (factory, default peak learning rate, kind): kind "galore" takes
@@ -55,11 +54,6 @@ WEIGHT_DECAY_KW = {
 }  # these take no weight_decay keyword
 
 
-@functools.lru_cache(maxsize=8)
-def _checkpoint_config(source: str, task: str):
-  return hf.checkpoint_config(source, expect_task=task)
-
-
 def _field(default, help_text: str):
   return dataclasses.field(default=default, metadata={"help": help_text})
 
@@ -68,7 +62,7 @@ def _field(default, help_text: str):
 class TrainConfig:
   """Everything that defines a run; saved as ``DIR/config.json``."""
 
-  task: str = _field("gpt2", "gpt2 or vit")
+  task: str = _field("gpt2", "gpt2, vit or bert")
   preset: str = _field(
       "cpu", "model size: see models.GPT2_PRESETS / VIT_PRESETS"
   )
@@ -77,6 +71,17 @@ class TrainConfig:
       "start from pretrained weights: hf:NAME or a directory saved by"
       " transformers' save_pretrained (config.json + safetensors); the"
       " architecture is the checkpoint's, --preset is not used",
+  )
+  finetune: Optional[str] = dataclasses.field(
+      default=None,
+      metadata={
+          "help": (
+              "bert: fine-tune on a sentence classification task instead of"
+              " masked-LM pretraining: stdlib:next (the default) or"
+              " stdlib:order (offline, from the embedded data)"
+          ),
+          "const": "stdlib:next",
+      },
   )
   optimizer: str = _field("galore_adamw", "one of " + ", ".join(OPTIMIZERS))
   rank: Optional[int] = _field(
@@ -117,7 +122,8 @@ class TrainConfig:
       None, "GaLore: keep the bases block-wise in INT8 or INT4 (8 or 4)"
   )
   lr: Optional[float] = _field(
-      None, "peak learning rate (default: per optimizer)"
+      None,
+      "peak learning rate (default: per optimizer; a third of it for bert)",
   )
   schedule: str = _field(
       "cosine", "cosine (linear warmup, cosine to 10%%) or constant"
@@ -219,6 +225,11 @@ class TrainConfig:
     if self.task not in TASKS:
       raise ValueError(
           f"unknown task {self.task!r}; choose one of {tuple(TASKS)}"
+      )
+    if self.finetune and self.task != "bert":
+      raise ValueError(
+          f"--finetune is an option of bert, not of {self.task}: it fine-tunes"
+          " the encoder on sentence classification"
       )
     presets = TASKS[self.task].presets
     if self.preset not in presets:
@@ -381,14 +392,16 @@ class TrainConfig:
     if self.rank is not None and self.rank <= 0:
       raise ValueError(f"--rank must be positive, got {self.rank}")
     self.rank = self.rank or self.model_config.d_model // 4
-    self.lr = self.lr or OPTIMIZERS[self.optimizer][1]
+    self.lr = self.lr or (
+        OPTIMIZERS[self.optimizer][1] * TASKS[self.task].lr_multiplier
+    )
     if self.warmup_steps is None:
       self.warmup_steps = max(self.steps // 10, 1)
 
   @property
   def model_config(self):
     if self.init:
-      return _checkpoint_config(self.init, self.task)
+      return init_lib.model_config(self.init, self.task)
     return TASKS[self.task].presets[self.preset]
 
   @property
@@ -410,6 +423,7 @@ class TrainConfig:
         "task",
         "preset",
         "init",
+        "finetune",
         "optimizer",
         "rank",
         "update_proj_gap",

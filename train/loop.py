@@ -33,8 +33,8 @@ from train.checkpoint import Checkpointer
 from train.config import OPTIMIZERS
 from train.config import WEIGHT_DECAY_KW
 from train.config import TrainConfig
-from train.tasks import TASKS
 from train.tasks import Task
+from train.tasks import task_for
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 
@@ -350,7 +350,7 @@ def train(
     TrainingDiverged: when the loss becomes non-finite (after closing logs and
       checkpoints).
   """
-  task = TASKS[cfg.task]
+  task = task_for(cfg)
   parallel.initialize_processes(
       cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed
   )

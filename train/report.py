@@ -93,9 +93,16 @@ def describe_summary(s: dict) -> str:
         f" {s['val_ppl']:.2f}); unigram entropy of the data"
         f" {s['unigram_entropy']:.4f} nats"
     )
-  elif "val_accuracy" in s:
+  else:
+    rates = ", ".join(
+        f"{k[4:].replace('_', ' ')} {v:.1%}"
+        if k.endswith("accuracy")
+        else f"{k[4:].replace('_', ' ')} {v:.4f}"
+        for k, v in s.items()
+        if k.startswith("val_") and k != "val_loss" and isinstance(v, float)
+    )
     lines.append(
-        f"validation loss {s['val_loss']:.4f}, accuracy {s['val_accuracy']:.1%}"
+        f"validation loss {s['val_loss']:.4f}" + (f", {rates}" if rates else "")
     )
   lines.append(
       f"optimizer state {human_bytes(s['optimizer_state_bytes'])}, AdamW would"
@@ -128,14 +135,15 @@ def describe_summary(s: dict) -> str:
 def compare_table(summaries: dict[str, dict]) -> str:
   """A Markdown table of final validation loss, optimizer-state bytes and step
   time."""
-  metric = (
-      "val_ppl"
-      if any("val_ppl" in s for s in summaries.values())
-      else "val_accuracy"
+  first = next(iter(summaries.values()))
+  metric = next(
+      k
+      for k in ("val_ppl", "val_accuracy", "val_masked_accuracy")
+      if k in first
   )
   head = (
       "| optimizer | final val loss | "
-      + ("val ppl" if metric == "val_ppl" else "val accuracy")
+      + metric.replace("_", " ")
       + " | optimizer state | vs AdamW | ms/step |\n|---|---|---|---|---|---|"
   )
   rows = [

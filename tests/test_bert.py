@@ -1,0 +1,205 @@
+"""The BERT task: masked-LM windows, the offline fine-tuning tasks, GLUE's
+metrics, and the CLI from pretraining to fine-tuning."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+from sklearn import metrics as sk
+
+from train import finetune
+from train import loop
+from train.__main__ import main
+from train.config import TrainConfig
+from train.data import load_text
+
+TEXT = np.frombuffer(
+    b"".join(
+        b"def function_%d(argument, other):\n    return argument + other\n" % i
+        for i in range(200)
+    ),
+    np.uint8,
+)
+
+
+def test_mlm_windows_corrupt_about_15_percent_as_bert_does():
+  rng = np.random.default_rng(0)
+  tokens, segments, mask, targets, weights = finetune.mlm_batch(
+      TEXT, rng, 64, 64
+  )
+  assert tokens.shape == targets.shape == weights.shape == (64, 64)
+  assert (tokens[:, 0] == finetune.CLS).all()
+  assert (tokens[:, -1] == finetune.SEP).all()
+  assert mask.all() and (segments == 0).all()
+  chosen = weights.astype(bool)
+  assert not chosen[:, [0, -1]].any()
+  assert 0.12 < chosen[:, 1:-1].mean() < 0.18
+  # outside the chosen positions the input is the text itself
+  np.testing.assert_array_equal(tokens[~chosen], targets[~chosen])
+  masked = tokens[chosen] == finetune.MASK
+  assert 0.75 < masked.mean() < 0.85
+  kept = tokens[chosen] == targets[chosen]
+  assert 0.05 < kept.mean() < 0.16  # 10%, plus random bytes that hit
+
+
+def test_pairs_and_single_sentences_are_encoded_with_segments_and_padding():
+  tokens, segments, mask = finetune.encode([b"ab", b"c"], [b"xyz", b"w"], 12)
+  cls, sep, pad = finetune.CLS, finetune.SEP, finetune.PAD
+  assert (
+      tokens[0].tolist() == [cls, 97, 98, sep, 120, 121, 122, sep] + [pad] * 4
+  )
+  assert segments[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0]
+  assert mask[1].tolist() == [True] * 5 + [False] * 7
+  single, segments, _ = finetune.encode([b"abcdefghijklmn"], None, 6)
+  assert single[0].tolist() == [cls, 97, 98, 99, 100, sep]
+  assert (segments == 0).all()
+
+
+def test_the_offline_tasks_hold_a_real_signal():
+  lines = finetune.text_lines(TEXT, 1)
+  rng = np.random.default_rng(0)
+  picks = rng.integers(0, len(lines) - 1, 400)
+  pairs = finetune.next_line_examples(lines, rng, picks)
+  for i, first, second, label in zip(
+      picks, pairs.first, pairs.second, pairs.labels
+  ):
+    assert first == lines[i]
+    assert label == (second == lines[i + 1])
+    if label and first.startswith(b"def"):
+      assert second.startswith(b"return")  # what follows a def here
+  assert 0.3 < pairs.labels.mean() < 0.7
+
+  lines = finetune.text_lines(TEXT, 3)
+  ordered = finetune.word_order_examples(lines, rng, picks[picks < len(lines)])
+  for text, label in zip(ordered.first, ordered.labels):
+    assert label == (text in {b" ".join(line.split()) for line in lines})
+  assert 0.3 < ordered.labels.mean() < 0.7
+
+
+def test_validation_examples_are_the_same_every_time():
+  data = finetune.load_offline("stdlib:order", TEXT, TEXT)
+  a = list(finetune.classification_eval_batches(data, 8, 48, 2))
+  b = list(finetune.classification_eval_batches(data, 8, 48, 2))
+  assert len(a) == 2
+  for x, y in zip(a, b):
+    for u, v in zip(x, y):
+      np.testing.assert_array_equal(u, v)
+  with pytest.raises(finetune.DataError, match="unknown fine-tuning task"):
+    finetune.load_offline("glue:nope", TEXT, TEXT)
+
+
+def test_glue_metrics_equal_scikit_learn_and_scipy():
+  rng = np.random.default_rng(3)
+  labels = rng.integers(0, 2, 500)
+  predictions = np.where(rng.random(500) < 0.7, labels, 1 - labels)
+  assert finetune.accuracy(labels, predictions) == pytest.approx(
+      sk.accuracy_score(labels, predictions)
+  )
+  assert finetune.f1(labels, predictions) == pytest.approx(
+      sk.f1_score(labels, predictions)
+  )
+  assert finetune.matthews(labels, predictions) == pytest.approx(
+      sk.matthews_corrcoef(labels, predictions)
+  )
+  assert finetune.matthews(labels, np.ones_like(labels)) == 0.0
+  scores = rng.normal(size=300)
+  targets = np.round(scores + rng.normal(size=300), 1)  # with ties
+  assert finetune.pearson(targets, scores) == pytest.approx(
+      scipy.stats.pearsonr(targets, scores)[0]
+  )
+  assert finetune.spearman(targets, scores) == pytest.approx(
+      scipy.stats.spearmanr(targets, scores)[0]
+  )
+
+
+def _run(tmp_path, name, **kw):
+  return TrainConfig(
+      task="bert",
+      preset="tiny",
+      steps=4,
+      batch_size=8,
+      seq_len=32,
+      eval_every=2,
+      eval_batches=2,
+      checkpoint_every=2,
+      max_data_bytes=2**18,
+      out=str(tmp_path / name),
+      **kw,
+  )
+
+
+def test_pretraining_then_fine_tuning_from_our_own_checkpoint(tmp_path):
+  pre = loop.train(_run(tmp_path, "pre")).summary
+  assert 0 < pre["val_masked_accuracy"] <= 1
+  cfg = _run(tmp_path, "ft", init=str(tmp_path / "pre"), finetune="stdlib:next")
+  result = loop.train(cfg)
+  assert {"val_accuracy", "val_f1", "val_matthews"} <= set(result.summary)
+  # the encoder started from the pretrained one: a parameter the fine-tuning
+  # did not train yet at step 0 is checked through a fresh load
+  from train.tasks import task_for
+
+  task = task_for(cfg)
+  data = task.load_data(cfg)
+  model = task.build_model(cfg, data)
+  import orbax.checkpoint as ocp
+
+  manager = ocp.CheckpointManager((tmp_path / "pre" / "checkpoints").absolute())
+  saved = manager.restore(
+      manager.latest_step(),
+      args=ocp.args.Composite(params=ocp.args.StandardRestore()),
+  ).params
+  np.testing.assert_array_equal(
+      np.asarray(model.tok.embedding[...]),
+      np.asarray(saved["tok"]["embedding"]),
+  )
+  assert model.config.num_labels == 2
+
+
+def test_fine_tuning_resumes_exactly(tmp_path):
+  full = loop.train(_run(tmp_path, "full", finetune="stdlib:order")).summary
+  args = dict(finetune="stdlib:order")
+  loop.train(_run(tmp_path, "half", **args), stop_after=2)
+  resumed = loop.train(_run(tmp_path, "half", resume=True, **args)).summary
+  assert resumed["val_loss"] == full["val_loss"]
+  assert resumed["val_accuracy"] == full["val_accuracy"]
+
+
+def test_bert_flags_are_checked(tmp_path, capsys):
+  with pytest.raises(ValueError, match="--finetune is an option of bert"):
+    TrainConfig(task="gpt2", finetune="stdlib:next")
+  # plain --finetune picks the default task
+  out = tmp_path / "plain"
+  code = main([
+      "bert",
+      "--finetune",
+      "--preset",
+      "tiny",
+      "--steps",
+      "1",
+      "--batch-size",
+      "4",
+      "--seq-len",
+      "32",
+      "--max-data-bytes",
+      str(2**17),
+      "--out",
+      str(out),
+  ])
+  assert code == 0
+  assert json.loads((out / "config.json").read_text())["finetune"] == (
+      finetune.DEFAULT_TASK
+  )
+  capsys.readouterr()
+  assert (
+      main(["bert", "--finetune", "stdlib:nope", "--out", str(tmp_path / "x")])
+      == 2
+  )
+  assert "unknown fine-tuning task" in capsys.readouterr().err
+
+
+def test_the_embedded_corpus_gives_both_tasks_enough_lines():
+  text = load_text("stdlib", 2**20)
+  for name in finetune.OFFLINE:
+    data = finetune.load_offline(name, text.train, text.val)
+    assert len(data.train) > 1000 and len(data.val) > 100

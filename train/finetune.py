@@ -1,0 +1,292 @@
+"""Data for the BERT task: masked-LM windows, sentence classification examples,
+and their metrics.
+
+Text is read as bytes (ids 0-255) with four special ids after them:
+:data:`PAD`, :data:`CLS`, :data:`SEP`, :data:`MASK`. A sequence is
+``[CLS] a [SEP]`` or ``[CLS] a [SEP] b [SEP]`` (segment ids 0, then 1 for
+``b``), padded with ``PAD`` (mask False).
+
+Fine-tuning tasks (``--finetune NAME``):
+
+- ``stdlib:next`` (sentence pair, the default): is ``b`` the line that follows
+  ``a`` in the source, or a line drawn at random? Metrics: accuracy and F1 (as
+  MRPC and QQP report).
+- ``stdlib:order`` (single sentence): is the line as written, or with two
+  adjacent words swapped? An acceptability judgement, measured as CoLA is: by
+  Matthews correlation.
+
+Both come from the embedded data (the standard library's source), so
+fine-tuning runs offline; examples are drawn from the training split by
+``(seed, step)`` and the validation examples are a fixed draw from the held-out
+split.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+from typing import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from train.data import DataError
+
+PAD, CLS, SEP, MASK = 256, 257, 258, 259
+VOCAB_SIZE = 260  # bytes and the four special ids
+MASK_RATE = 0.15  # BERT's: of those, 80% [MASK], 10% a random byte, 10% kept
+
+
+# ---------------------------------------------------------------------------
+# masked-LM windows
+
+
+def mlm_batch(
+    tokens: np.ndarray,
+    rng: np.random.Generator,
+    batch_size: int,
+    seq_len: int,
+    starts: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
+  """``(tokens, segments, mask, targets, weights)``, each (batch, seq_len):
+  windows ``[CLS] bytes [SEP]`` with BERT's corruption; ``weights`` is 1 at
+  the corrupted positions, where the loss is taken."""
+  body = seq_len - 2
+  if len(tokens) <= body:
+    raise DataError(f"{len(tokens)} tokens cannot fill a window of {body}")
+  if starts is None:
+    starts = rng.integers(0, len(tokens) - body, batch_size)
+  windows = np.stack([tokens[s : s + body] for s in starts]).astype(np.int32)
+  chosen = rng.random(windows.shape) < MASK_RATE
+  roll = rng.random(windows.shape)
+  corrupted = np.where(chosen & (roll < 0.8), MASK, windows)
+  random_bytes = rng.integers(0, 256, windows.shape)
+  corrupted = np.where(chosen & (roll >= 0.9), random_bytes, corrupted)
+  n = len(starts)
+  column = lambda v: np.full((n, 1), v, np.int32)
+  ids = np.concatenate([column(CLS), corrupted, column(SEP)], axis=1)
+  targets = np.concatenate([column(CLS), windows, column(SEP)], axis=1)
+  weights = np.pad(chosen, ((0, 0), (1, 1))).astype(np.float32)
+  return (
+      ids.astype(np.int32),
+      np.zeros_like(ids, np.int32),
+      np.ones(ids.shape, bool),
+      targets.astype(np.int32),
+      weights,
+  )
+
+
+# ---------------------------------------------------------------------------
+# sentence classification
+
+
+def encode(
+    first: list[bytes], second: list[bytes] | None, seq_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(tokens, segments, mask)`` of single sentences or pairs, each
+  truncated to its share of ``seq_len``."""
+  n = len(first)
+  tokens = np.full((n, seq_len), PAD, np.int32)
+  segments = np.zeros((n, seq_len), np.int32)
+  for i in range(n):
+    if second is None:
+      parts = [first[i][: seq_len - 2]]
+    else:
+      share = (seq_len - 3) // 2
+      parts = [first[i][:share], second[i][:share]]
+    ids = [CLS]
+    for k, part in enumerate(parts):
+      start = len(ids)
+      ids += list(part) + [SEP]
+      segments[i, start : len(ids)] = k
+    tokens[i, : len(ids)] = ids
+  return tokens, segments, tokens != PAD
+
+
+def text_lines(tokens: np.ndarray, min_words: int = 1) -> list[bytes]:
+  """The stripped non-empty lines of byte text with at least ``min_words``
+  words."""
+  lines = bytes(tokens).split(b"\n")
+  return [
+      line.strip()
+      for line in lines
+      if len(line.split()) >= min_words and line.strip()
+  ]
+
+
+class Examples(NamedTuple):
+  first: list[bytes]
+  second: list[bytes] | None
+  labels: np.ndarray  # int32 classes, or float32 scores for regression
+
+
+def next_line_examples(
+    lines: list[bytes], rng: np.random.Generator, picks: np.ndarray
+) -> Examples:
+  """Line ``i`` with its successor (label 1) or a random line (label 0)."""
+  labels = rng.integers(0, 2, len(picks)).astype(np.int32)
+  others = rng.integers(0, len(lines), len(picks))
+  second = [
+      lines[i + 1] if label else lines[j]
+      for i, j, label in zip(picks, others, labels)
+  ]
+  # a random line that happens to be the successor is a positive
+  labels = np.array(
+      [int(s == lines[i + 1]) for i, s in zip(picks, second)], np.int32
+  )
+  return Examples([lines[i] for i in picks], second, labels)
+
+
+def word_order_examples(
+    lines: list[bytes], rng: np.random.Generator, picks: np.ndarray
+) -> Examples:
+  """Line ``i`` as written (label 1), or with two adjacent different words
+  swapped (label 0)."""
+  labels = rng.integers(0, 2, len(picks)).astype(np.int32)
+  where = rng.random(len(picks))
+  out = []
+  for i, label, u in zip(picks, labels, where):
+    words = lines[i].split()
+    if not label:
+      pairs = [k for k in range(len(words) - 1) if words[k] != words[k + 1]]
+      if pairs:
+        k = pairs[int(u * len(pairs))]
+        words[k], words[k + 1] = words[k + 1], words[k]
+      else:
+        label = 1  # nothing to swap: the line is as written
+    out.append(b" ".join(words))
+  labels = np.array(
+      [int(b" ".join(lines[i].split()) == o) for i, o in zip(picks, out)],
+      np.int32,
+  )
+  return Examples(out, None, labels)
+
+
+class OfflineTask(NamedTuple):
+  make: Callable[[list[bytes], np.random.Generator, np.ndarray], Examples]
+  min_words: int
+  num_labels: int
+  metrics: tuple[str, ...]
+  description: str
+
+
+OFFLINE = {
+    "stdlib:next": OfflineTask(
+        next_line_examples,
+        1,
+        2,
+        ("accuracy", "f1"),
+        "is the second line the one that follows the first?",
+    ),
+    "stdlib:order": OfflineTask(
+        word_order_examples,
+        3,
+        2,
+        ("accuracy", "matthews"),
+        "is the line as written, or two adjacent words swapped?",
+    ),
+}
+DEFAULT_TASK = "stdlib:next"
+
+
+class Classification(NamedTuple):
+  """A fine-tuning task's data: lines to draw examples from."""
+
+  name: str
+  task: OfflineTask
+  train: list[bytes]
+  val: list[bytes]
+  description: str
+
+
+def load_offline(name: str, train: np.ndarray, val: np.ndarray):
+  if name not in OFFLINE:
+    raise DataError(
+        f"unknown fine-tuning task {name!r}; choose one of {sorted(OFFLINE)}"
+    )
+  task = OFFLINE[name]
+  lines = lambda t: text_lines(t, task.min_words)
+  data = Classification(name, task, lines(train), lines(val), task.description)
+  for split in ("train", "val"):
+    if len(getattr(data, split)) < 16:
+      raise DataError(f"{name}: the {split} split has too few lines")
+  return data
+
+
+def classification_batch(
+    data: Classification, seed: int, step: int, batch_size: int, seq_len: int
+) -> tuple[np.ndarray, ...]:
+  """``(tokens, segments, mask, labels)`` of step ``step``'s examples."""
+  rng = np.random.default_rng([seed, step, 1])
+  picks = rng.integers(0, len(data.train) - 1, batch_size)
+  ex = data.task.make(data.train, rng, picks)
+  return (*encode(ex.first, ex.second, seq_len), ex.labels)
+
+
+def classification_eval_batches(
+    data: Classification, batch_size: int, seq_len: int, max_batches: int
+) -> Iterator[tuple[np.ndarray, ...]]:
+  """The same validation examples every time: a fixed draw from the held-out
+  lines."""
+  rng = np.random.default_rng(12345)
+  n = batch_size * max_batches
+  picks = rng.permutation(len(data.val) - 1)[:n]
+  ex = data.task.make(data.val, rng, picks)
+  encoded = (*encode(ex.first, ex.second, seq_len), ex.labels)
+  for first in range(0, len(picks) - batch_size + 1, batch_size):
+    yield tuple(x[first : first + batch_size] for x in encoded)
+
+
+# ---------------------------------------------------------------------------
+# metrics (GLUE's)
+
+
+def accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
+  return float(np.mean(labels == predictions))
+
+
+def f1(labels: np.ndarray, predictions: np.ndarray) -> float:
+  """F1 of the positive class (1)."""
+  tp = np.sum((predictions == 1) & (labels == 1))
+  fp = np.sum((predictions == 1) & (labels == 0))
+  fn = np.sum((predictions == 0) & (labels == 1))
+  return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+
+
+def matthews(labels: np.ndarray, predictions: np.ndarray) -> float:
+  """Matthews correlation of binary labels; 0 when a margin is empty."""
+  tp = np.sum((predictions == 1) & (labels == 1))
+  tn = np.sum((predictions == 0) & (labels == 0))
+  fp = np.sum((predictions == 1) & (labels == 0))
+  fn = np.sum((predictions == 0) & (labels == 1))
+  denominator = np.sqrt(
+      float(tp + fp) * float(tp + fn) * float(tn + fp) * float(tn + fn)
+  )
+  return float((tp * tn - fp * fn) / denominator) if denominator else 0.0
+
+
+def pearson(labels: np.ndarray, scores: np.ndarray) -> float:
+  return float(np.corrcoef(labels, scores)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+  """Ranks from 1, ties sharing their mean rank."""
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x), np.float64)
+  ranks[order] = np.arange(1, len(x) + 1)
+  for value in np.unique(x):
+    tied = x == value
+    ranks[tied] = ranks[tied].mean()
+  return ranks
+
+
+def spearman(labels: np.ndarray, scores: np.ndarray) -> float:
+  return pearson(_ranks(labels), _ranks(scores))
+
+
+METRICS = {
+    "accuracy": accuracy,
+    "f1": f1,
+    "matthews": matthews,
+    "pearson": pearson,
+    "spearman": spearman,
+}
