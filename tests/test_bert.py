@@ -203,3 +203,45 @@ def test_the_embedded_corpus_gives_both_tasks_enough_lines():
   for name in finetune.OFFLINE:
     data = finetune.load_offline(name, text.train, text.val)
     assert len(data.train) > 1000 and len(data.val) > 100
+
+
+def test_lora_freezes_the_base_and_trains_the_adapters_and_head(tmp_path):
+  import jax
+  from flax import nnx
+
+  from models import lora
+  from train.tasks import task_for
+
+  cfg = _run(
+      tmp_path, "lora", finetune="stdlib:next", lora_rank=2, optimizer="adamw"
+  )
+  task = task_for(cfg)
+  model = task.build_model(cfg, task.load_data(cfg))
+  assert lora.add_adapters(model, 2, nnx.Rngs(cfg.seed + 1)) == 12
+  before = nnx.to_pure_dict(nnx.state(model))
+  result = loop.train(cfg)
+  after = result.params
+  paths = lambda tree: {
+      "/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
+      for p, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
+  before, after = paths(before), paths(after)
+  assert before.keys() == after.keys()
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  adapters = {k for k in before if k.endswith(("lora_a", "lora_b"))}
+  head = {k for k in before if k.startswith(("pool/", "classifier/"))}
+  assert len(adapters) == 24
+  assert changed == adapters | head  # the base is bit-identical
+  trainable = sum(before[k].size for k in adapters | head)
+  assert result.summary["trainable_params"] == trainable
+  # AdamW's two moments of the trainable parameters only, and a step count
+  assert result.summary["optimizer_state_bytes"] < 2 * 4 * trainable + 64
+
+
+def test_lora_flags_are_checked(tmp_path):
+  with pytest.raises(ValueError, match="full-rank optimizer"):
+    _run(tmp_path, "a", lora_rank=2, optimizer="galore_adamw")
+  with pytest.raises(ValueError, match="--remat block"):
+    _run(tmp_path, "b", lora_rank=2, optimizer="adamw", remat="block")
+  with pytest.raises(ValueError, match="must be positive"):
+    _run(tmp_path, "c", lora_rank=0, optimizer="adamw")

@@ -87,6 +87,12 @@ class TrainConfig:
   rank: Optional[int] = _field(
       None, "GaLore rank r (default: d_model // 4; 1 for apollo_mini)"
   )
+  lora_rank: Optional[int] = _field(
+      None,
+      "the LoRA baseline: rank-r adapters (flax's nnx.LoRA) on the matrices"
+      " GaLore targets, base weights frozen, adapters and head trained, with"
+      " a full-rank --optimizer (adamw)",
+  )
   update_proj_gap: int = _field(
       50, "GaLore T: steps between subspace refreshes"
   )
@@ -389,6 +395,19 @@ class TrainConfig:
         )
     if self.vocab_size is not None and self.vocab_size <= 0:
       raise ValueError(f"--vocab-size must be positive, got {self.vocab_size}")
+    if self.lora_rank is not None:
+      if self.lora_rank <= 0:
+        raise ValueError(f"--lora-rank must be positive, got {self.lora_rank}")
+      if kind != "full":
+        raise ValueError(
+            "--lora-rank trains adapters with a full-rank optimizer such as"
+            f" adamw, not --optimizer {self.optimizer}"
+        )
+      if self.stacked:
+        raise ValueError(
+            "--lora-rank adapts the blocks one by one: drop --layerwise and"
+            " --remat block"
+        )
     if self.rank is not None and self.rank <= 0:
       raise ValueError(f"--rank must be positive, got {self.rank}")
     self.rank = self.rank or self.model_config.d_model // 4
@@ -424,6 +443,7 @@ class TrainConfig:
         "preset",
         "init",
         "finetune",
+        "lora_rank",
         "optimizer",
         "rank",
         "update_proj_gap",

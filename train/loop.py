@@ -26,6 +26,7 @@ from flax import nnx
 
 import galore_optax
 from models import GALORE_TARGETS
+from models import lora
 from train import layerwise
 from train import parallel
 from train import report
@@ -190,7 +191,28 @@ def build_optimizer(
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip), tx)
   if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, cfg.grad_accum).gradient_transformation()
+  if cfg.lora_rank:
+    tx = optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        functools.partial(lora_labels, heads=task_for(cfg).heads),
+    )
   return tx, lr
+
+
+def lora_labels(params: Any, heads: tuple[str, ...]) -> Any:
+  """'train' for LoRA's adapters and the task's head, 'frozen' elsewhere."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: (
+          "train"
+          if lora.trainable("/".join(_key(k) for k in path), heads)
+          else "frozen"
+      ),
+      params,
+  )
+
+
+def _key(k) -> str:
+  return str(getattr(k, "key", getattr(k, "idx", k)))
 
 
 def make_steps(graphdef, tx, loss_fn: Callable, gather: Callable = lambda p: p):
@@ -367,12 +389,27 @@ def train(
   verbose = verbose and lead
   rows = placement.local_rows(cfg.batch_size)
   data = task.load_data(cfg)
-  build = lambda: task.build_model(cfg, data)
+
+  def build():
+    model = task.build_model(cfg, data)
+    if cfg.lora_rank:
+      lora.add_adapters(model, cfg.lora_rank, nnx.Rngs(cfg.seed + 1))
+    return model
+
   # a dry run builds the model on abstract shapes: nothing is allocated
   model = nnx.eval_shape(build) if cfg.dry_run else build()
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   n_params = sum(x.size for x in jax.tree.leaves(params))
+  if cfg.lora_rank:  # what trains: the adapters and the head
+    n_trainable = sum(
+        x.size
+        for x, label in zip(
+            jax.tree.leaves(params),
+            jax.tree.leaves(lora_labels(params, task.heads)),
+        )
+        if label == "train"
+    )
   unstacked = layerwise.unstacked(params) if cfg.stacked else params
   tx, schedule = build_optimizer(
       cfg,
@@ -582,6 +619,8 @@ def train(
       time.perf_counter() - t_begin,
       finished=end == cfg.steps,
   )
+  if cfg.lora_rank:
+    summary["trainable_params"] = int(n_trainable)
   params = unpack(params)
   params, opt_state = placement.to_checkpoint(params), placement.to_checkpoint(
       opt_state

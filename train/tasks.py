@@ -45,6 +45,9 @@ class Task:
   unit: ClassVar[str]  # what the throughput counts: "tok" or "img"
   # times each optimizer's default learning rate (train.config.OPTIMIZERS)
   lr_multiplier: ClassVar[float] = 1.0
+  # parameter paths of the output head: initialised afresh when --init lacks
+  # them, trained under --lora-rank
+  heads: ClassVar[tuple[str, ...]] = ()
 
   def load_data(self, cfg) -> Any:
     raise NotImplementedError
@@ -245,6 +248,7 @@ class ImageClassification(Task):
   """ViT on labelled images: cross-entropy, accuracy."""
 
   presets = vit.PRESETS
+  heads = ("head/",)
   defaults = dict(steps=400, batch_size=64, data="digits")
   unit = "img"
 
@@ -256,7 +260,7 @@ class ImageClassification(Task):
     if cfg.vocab_size is not None:
       raise TaskError("--vocab-size is an option of gpt2, not of vit")
     mc = model_config(cfg, num_classes=data.num_classes)
-    return build(cfg, vit.ViT, mc, heads=("head/",))
+    return build(cfg, vit.ViT, mc, heads=self.heads)
 
   def logits_loss(self, logits, batch):
     labels = batch[1]
@@ -284,6 +288,7 @@ class MaskedLanguageModeling(Task):
   :class:`SentenceClassification`."""
 
   presets = bert.PRESETS
+  heads = ("pool/", "classifier/", "mlm_")
   defaults = dict(steps=800, batch_size=16, data="stdlib")
   unit = "tok"
   # Post-LayerNorm blocks: at AdamW's 3e-3 the 'cpu' preset stayed at the
@@ -317,7 +322,7 @@ class MaskedLanguageModeling(Task):
       raise TaskError(
           f"--seq-len {cfg.seq_len} exceeds the model's max_len {mc.max_len}"
       )
-    return build(cfg, bert.Bert, mc, heads=("pool/", "classifier/", "mlm_"))
+    return build(cfg, bert.Bert, mc, heads=self.heads)
 
   def build_model(self, cfg, data):
     return self.model(cfg, num_labels=0)
