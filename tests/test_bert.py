@@ -77,16 +77,21 @@ def test_the_offline_tasks_hold_a_real_signal():
   assert 0.3 < ordered.labels.mean() < 0.7
 
 
-def test_validation_examples_are_the_same_every_time():
+def test_every_validation_example_counts_once():
   data = finetune.load_offline("stdlib:order", TEXT, TEXT)
-  a = list(finetune.classification_eval_batches(data, 8, 48, 2))
-  b = list(finetune.classification_eval_batches(data, 8, 48, 2))
-  assert len(a) == 2
-  for x, y in zip(a, b):
+  n = len(data.val.labels)
+  batches = list(finetune.classification_eval_batches(data, 16, 48))
+  assert len(batches) == -(-n // 16)
+  weights = np.concatenate([b[4] for b in batches])
+  assert weights.sum() == n and (weights[:n] == 1).all()
+  labels = np.concatenate([b[3] for b in batches])[:n]
+  np.testing.assert_array_equal(labels, data.val.labels)
+  again = list(finetune.classification_eval_batches(data, 16, 48))
+  for x, y in zip(batches, again):
     for u, v in zip(x, y):
       np.testing.assert_array_equal(u, v)
   with pytest.raises(finetune.DataError, match="unknown fine-tuning task"):
-    finetune.load_offline("glue:nope", TEXT, TEXT)
+    finetune.load_offline("nope", TEXT, TEXT)
 
 
 def test_glue_metrics_equal_scikit_learn_and_scipy():
@@ -202,7 +207,7 @@ def test_the_embedded_corpus_gives_both_tasks_enough_lines():
   text = load_text("stdlib", 2**20)
   for name in finetune.OFFLINE:
     data = finetune.load_offline(name, text.train, text.val)
-    assert len(data.train) > 1000 and len(data.val) > 100
+    assert len(data.train.labels) > 1000 and len(data.val.labels) > 100
 
 
 def test_lora_freezes_the_base_and_trains_the_adapters_and_head(tmp_path):
@@ -245,3 +250,48 @@ def test_lora_flags_are_checked(tmp_path):
     _run(tmp_path, "b", lora_rank=2, optimizer="adamw", remat="block")
   with pytest.raises(ValueError, match="must be positive"):
     _run(tmp_path, "c", lora_rank=0, optimizer="adamw")
+
+
+def _glue_copy(path, name):
+  datasets = pytest.importorskip("datasets")
+  rng = np.random.default_rng(0)
+  words = [b"good", b"great", b"bad", b"awful", b"film", b"plot", b"the"]
+
+  def split(n, val):
+    sentences = [b" ".join(rng.choice(words, 6)).decode() for _ in range(n)]
+    if name == "stsb":
+      others = [b" ".join(rng.choice(words, 6)).decode() for _ in range(n)]
+      labels = [
+          float(len(set(a.split()) & set(b.split())))
+          for a, b in zip(sentences, others)
+      ]
+      return {"sentence1": sentences, "sentence2": others, "label": labels}
+    labels = [int("good" in s or "great" in s) for s in sentences]
+    return {"sentence": sentences, "label": labels, "idx": list(range(n))}
+
+  datasets.DatasetDict({
+      "train": datasets.Dataset.from_dict(split(200, False)),
+      "validation": datasets.Dataset.from_dict(split(37, True)),
+  }).save_to_disk(str(path))
+  return str(path)
+
+
+@pytest.mark.parametrize("name", ["sst2", "stsb"])
+def test_glue_from_a_local_copy(tmp_path, name):
+  local = _glue_copy(tmp_path / name, name)
+  data = finetune.load_glue(name, local)
+  assert len(data.val.labels) == 37 and data.num_labels == (
+      1 if name == "stsb" else 2
+  )
+  result = loop.train(
+      _run(tmp_path, "run", finetune=f"glue:{name}", data=local)
+  ).summary
+  expected = {"stsb": {"val_pearson", "val_spearman"}}.get(
+      name, {"val_accuracy", "val_f1", "val_matthews"}
+  )
+  assert expected <= set(result)
+  assert result["finetune"] == f"glue:{name}"
+  with pytest.raises(finetune.DataError, match="unknown GLUE task"):
+    finetune.load_glue("wnli9", local)
+  with pytest.raises(finetune.DataError, match="lacks column"):
+    finetune.load_glue("mrpc" if name == "sst2" else "sst2", local)

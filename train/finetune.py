@@ -165,7 +165,6 @@ class OfflineTask(NamedTuple):
   make: Callable[[list[bytes], np.random.Generator, np.ndarray], Examples]
   min_words: int
   num_labels: int
-  metrics: tuple[str, ...]
   description: str
 
 
@@ -174,66 +173,139 @@ OFFLINE = {
         next_line_examples,
         1,
         2,
-        ("accuracy", "f1"),
         "is the second line the one that follows the first?",
     ),
     "stdlib:order": OfflineTask(
         word_order_examples,
         3,
         2,
-        ("accuracy", "matthews"),
         "is the line as written, or two adjacent words swapped?",
     ),
 }
 DEFAULT_TASK = "stdlib:next"
+OFFLINE_VAL_EXAMPLES = 1024
 
 
 class Classification(NamedTuple):
-  """A fine-tuning task's data: lines to draw examples from."""
+  """A fine-tuning task's examples."""
 
   name: str
-  task: OfflineTask
-  train: list[bytes]
-  val: list[bytes]
+  train: Examples
+  val: Examples
+  num_labels: int  # 1: regression
   description: str
 
 
 def load_offline(name: str, train: np.ndarray, val: np.ndarray):
+  """The offline task ``name`` on byte text ``train`` and ``val``: one example
+  per line (but the last), drawn once with a fixed seed; the first
+  :data:`OFFLINE_VAL_EXAMPLES` validation lines are evaluated."""
   if name not in OFFLINE:
     raise DataError(
         f"unknown fine-tuning task {name!r}; choose one of {sorted(OFFLINE)}"
+        f" or glue:{{{','.join(GLUE)}}}"
     )
   task = OFFLINE[name]
-  lines = lambda t: text_lines(t, task.min_words)
-  data = Classification(name, task, lines(train), lines(val), task.description)
-  for split in ("train", "val"):
-    if len(getattr(data, split)) < 16:
+  examples = []
+  for split, tokens in (("train", train), ("val", val)):
+    lines = text_lines(tokens, task.min_words)
+    if split == "val":
+      lines = lines[: OFFLINE_VAL_EXAMPLES + 1]
+    if len(lines) < 16:
       raise DataError(f"{name}: the {split} split has too few lines")
-  return data
+    rng = np.random.default_rng(0)
+    examples.append(task.make(lines, rng, np.arange(len(lines) - 1)))
+  return Classification(name, *examples, task.num_labels, task.description)
+
+
+# GLUE: (text columns, number of labels (1: regression), validation split)
+GLUE = {
+    "cola": (("sentence",), 2, "validation"),
+    "sst2": (("sentence",), 2, "validation"),
+    "mrpc": (("sentence1", "sentence2"), 2, "validation"),
+    "qqp": (("question1", "question2"), 2, "validation"),
+    "stsb": (("sentence1", "sentence2"), 1, "validation"),
+    "mnli": (("premise", "hypothesis"), 3, "validation_matched"),
+    "qnli": (("question", "sentence"), 2, "validation"),
+    "rte": (("sentence1", "sentence2"), 2, "validation"),
+}
+GLUE_REPOSITORY = "nyu-mll/glue"
+
+
+def load_glue(name: str, local: str | None = None) -> Classification:
+  """GLUE task ``name`` through Hugging Face ``datasets``: from ``local``, a
+  copy saved with ``DatasetDict.save_to_disk``, or else downloaded (and
+  cached) from the Hub. Text is read as UTF-8 bytes."""
+  if name not in GLUE:
+    raise DataError(f"unknown GLUE task {name!r}; choose one of {sorted(GLUE)}")
+  try:
+    import datasets
+  except ImportError:
+    raise DataError(
+        "GLUE needs Hugging Face datasets: pip install 'galore-optax[hf]'"
+    ) from None
+  columns, num_labels, val_split = GLUE[name]
+  if local is not None:
+    splits = datasets.load_from_disk(local)
+  else:
+    splits = datasets.load_dataset(GLUE_REPOSITORY, name)
+  out = []
+  for split in ("train", val_split):
+    if split not in splits:
+      raise DataError(f"glue:{name}: no {split!r} split in {local or 'it'}")
+    table = splits[split]
+    missing = [c for c in (*columns, "label") if c not in table.column_names]
+    if missing:
+      raise DataError(
+          f"glue:{name}: the {split} split lacks column(s) {missing}"
+      )
+    texts = [[t.encode() for t in table[c]] for c in columns]
+    dtype = np.float32 if num_labels == 1 else np.int32
+    out.append(
+        Examples(
+            texts[0],
+            texts[1] if len(texts) > 1 else None,
+            np.asarray(table["label"], dtype),
+        )
+    )
+  return Classification(f"glue:{name}", *out, num_labels, f"GLUE {name}")
+
+
+def _take(examples: Examples, index: np.ndarray):
+  second = (
+      None if examples.second is None else [examples.second[i] for i in index]
+  )
+  return [examples.first[i] for i in index], second, examples.labels[index]
 
 
 def classification_batch(
     data: Classification, seed: int, step: int, batch_size: int, seq_len: int
 ) -> tuple[np.ndarray, ...]:
-  """``(tokens, segments, mask, labels)`` of step ``step``'s examples."""
+  """``(tokens, segments, mask, labels, weights)`` of step ``step``'s
+  examples, drawn from the training examples by ``(seed, step)``; the weights
+  are ones."""
   rng = np.random.default_rng([seed, step, 1])
-  picks = rng.integers(0, len(data.train) - 1, batch_size)
-  ex = data.task.make(data.train, rng, picks)
-  return (*encode(ex.first, ex.second, seq_len), ex.labels)
+  first, second, labels = _take(
+      data.train, rng.integers(0, len(data.train.labels), batch_size)
+  )
+  return (
+      *encode(first, second, seq_len),
+      labels,
+      np.ones(batch_size, np.float32),
+  )
 
 
 def classification_eval_batches(
-    data: Classification, batch_size: int, seq_len: int, max_batches: int
+    data: Classification, batch_size: int, seq_len: int
 ) -> Iterator[tuple[np.ndarray, ...]]:
-  """The same validation examples every time: a fixed draw from the held-out
-  lines."""
-  rng = np.random.default_rng(12345)
-  n = batch_size * max_batches
-  picks = rng.permutation(len(data.val) - 1)[:n]
-  ex = data.task.make(data.val, rng, picks)
-  encoded = (*encode(ex.first, ex.second, seq_len), ex.labels)
-  for first in range(0, len(picks) - batch_size + 1, batch_size):
-    yield tuple(x[first : first + batch_size] for x in encoded)
+  """Every validation example once, in order, in batches of ``batch_size``:
+  the last batch is filled up with copies of the first examples at weight 0."""
+  n = len(data.val.labels)
+  for start in range(0, n, batch_size):
+    index = np.arange(start, start + batch_size)
+    weights = (index < n).astype(np.float32)
+    first, second, labels = _take(data.val, index % n)
+    yield (*encode(first, second, seq_len), labels, weights)
 
 
 # ---------------------------------------------------------------------------

@@ -370,9 +370,9 @@ class MaskedLanguageModeling(Task):
 
 
 class SentenceClassification(MaskedLanguageModeling):
-  """The encoder fine-tuned on sentence (pair) classification
-  (:mod:`train.finetune`): cross-entropy, and the task's metrics on its
-  validation examples."""
+  """The encoder fine-tuned on sentence (pair) classification or regression
+  (:mod:`train.finetune`): cross-entropy (squared error for one label), and
+  the task's metrics over its whole validation split."""
 
   unit = "seq"
 
@@ -380,17 +380,31 @@ class SentenceClassification(MaskedLanguageModeling):
     return self
 
   def load_data(self, cfg):
+    if cfg.finetune.startswith("glue:"):
+      local = None if cfg.data == "stdlib" else cfg.data
+      return finetune_lib.load_glue(cfg.finetune[5:], local)
     text = data_lib.load_text(cfg.data, cfg.max_data_bytes)
     return finetune_lib.load_offline(cfg.finetune, text.train, text.val)
 
   def build_model(self, cfg, data):
-    return self.model(cfg, num_labels=data.task.num_labels)
+    return self.model(cfg, num_labels=data.num_labels)
 
   def logits_loss(self, logits, batch):
-    labels = batch[3]
+    labels, weights = batch[3], batch[4]
     logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return loss.mean(), {"predictions": logits.argmax(-1), "labels": labels}
+    if logits.shape[-1] == 1:  # regression (STS-B)
+      outputs = logits[:, 0]
+      losses = (outputs - labels) ** 2
+    else:
+      outputs = logits.argmax(-1)
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    loss_sum = (losses * weights).sum()
+    return loss_sum / jnp.maximum(weights.sum(), 1.0), {
+        "outputs": outputs,
+        "labels": labels,
+        "weights": weights,
+        "loss_sum": loss_sum,
+    }
 
   def batch(self, cfg, data, step, rows):
     return tuple(
@@ -402,17 +416,26 @@ class SentenceClassification(MaskedLanguageModeling):
 
   def eval_batches(self, cfg, data):
     return finetune_lib.classification_eval_batches(
-        data, cfg.batch_size, cfg.seq_len, cfg.eval_batches
+        data, cfg.batch_size, cfg.seq_len
     )
 
   def eval_metrics(self, losses, aux):
-    out = Task.eval_metrics(self, losses, aux)
-    labels, predictions = (
-        np.concatenate([np.asarray(a[k]).reshape(-1) for a in aux])
-        for k in ("labels", "predictions")
+    gather = lambda k: np.concatenate(
+        [np.asarray(a[k]).reshape(-1) for a in aux]
     )
-    for name in ("accuracy", "f1", "matthews"):
-      out[f"val_{name}"] = finetune_lib.METRICS[name](labels, predictions)
+    real = gather("weights") > 0
+    labels, outputs = gather("labels")[real], gather("outputs")[real]
+    out = {
+        "val_loss": float(sum(float(a["loss_sum"]) for a in aux) / real.sum())
+    }
+    if outputs.dtype.kind == "f":
+      names = ("pearson", "spearman")
+    elif max(labels.max(), outputs.max()) <= 1:
+      names = ("accuracy", "f1", "matthews")
+    else:
+      names = ("accuracy",)
+    for name in names:
+      out[f"val_{name}"] = finetune_lib.METRICS[name](labels, outputs)
     return out
 
   def items_per_step(self, cfg):
