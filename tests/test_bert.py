@@ -295,3 +295,38 @@ def test_glue_from_a_local_copy(tmp_path, name):
     finetune.load_glue("wnli9", local)
   with pytest.raises(finetune.DataError, match="lacks column"):
     finetune.load_glue("mrpc" if name == "sst2" else "sst2", local)
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_post_and_pre_layernorm_encoders(pre_ln):
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from models import bert
+  from models import transformer
+
+  config = bert.BertConfig(
+      vocab_size=260,
+      max_len=16,
+      d_model=32,
+      n_layers=2,
+      n_heads=4,
+      pre_ln=pre_ln,
+      num_labels=3,
+  )
+  model = bert.Bert(config, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)))
+  inputs = (tokens, jnp.zeros_like(tokens), jnp.ones((2, 16), bool))
+  assert model(inputs).shape == (2, 3)
+  assert (model.ln_f is not None) == pre_ln
+  # a post-LN block ends in a LayerNorm (unit scale at init): each position
+  # of its output has mean 0 and variance 1; a pre-LN block's residual does not
+  block = model.blocks[0]
+  x = jax.random.normal(jax.random.key(0), (2, 16, 32)) * 3 + 1
+  y = block(x, None)
+  normalised = np.allclose(y.mean(-1), 0, atol=1e-4) and np.allclose(
+      y.var(-1), 1, atol=1e-2
+  )
+  assert normalised == (not pre_ln)
+  assert isinstance(block, transformer.Block)
