@@ -1,12 +1,22 @@
 """Fine-tuning as the paper's Table 4 compares it: full fine-tuning with AdamW,
-galore_adamw at ranks 4 and 8, LoRA at ranks 4 and 8 (flax's nnx.LoRA).
+galore_adamw at ranks 4 and 8 (the paper's scales, 4 and 2), LoRA at ranks 4
+and 8 (flax's nnx.LoRA).
 
 Memory, at BERT-base and RoBERTa-base size with a 2-way classification head
 (shapes only, nothing allocated): parameters, trainable parameters, and the
 optimizer's state, each configuration built by the training CLI's own code
 (``train.loop.build_optimizer``, ``models.lora.add_adapters``).
 
-    python -m benchmarks.finetune [--out benchmarks/results/finetune-memory]
+Quality (``--quality``), on the offline tasks: one encoder (the ``cpu`` preset)
+is pretrained by masked LM with AdamW, then each configuration fine-tunes it on
+each task, tuned as ``benchmarks.quality`` tunes (a sweep of at least 4
+learning rates spanning 10x at seed 0, extended while the best is at an end,
+then 3 seeds at the best), scored by the task's metric: accuracy for
+``stdlib:next``, Matthews correlation for ``stdlib:order``. Finished runs go
+to a ledger committed beside the tables and are reused, so the benchmark
+completes over several sittings (``--max-minutes``).
+
+    python -m benchmarks.finetune [--quality [--max-minutes M] [--report]]
 """
 
 from __future__ import annotations
@@ -15,10 +25,13 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import statistics
+import time
 
 import jax
 from flax import nnx
 
+from benchmarks import quality as quality_lib
 from benchmarks.common import machine
 from benchmarks.memory import state_bytes
 from models import bert
@@ -43,6 +56,116 @@ CONFIGS = {
     "LoRA r=4, adamw": dict(optimizer="adamw", lora_rank=4),
     "LoRA r=8, adamw": dict(optimizer="adamw", lora_rank=8),
 }
+
+
+# the fine-tuning runs: name -> (TrainConfig overrides, first lr of the sweep)
+ROWS = {
+    "full fine-tuning, adamw": (dict(optimizer="adamw"), 1e-4),
+    "galore_adamw r=4": (
+        dict(optimizer="galore_adamw", rank=4, scale=4.0),
+        1e-4,
+    ),
+    "galore_adamw r=8": (
+        dict(optimizer="galore_adamw", rank=8, scale=2.0),
+        1e-4,
+    ),
+    "LoRA r=4, adamw": (dict(optimizer="adamw", lora_rank=4), 1e-4),
+    "LoRA r=8, adamw": (dict(optimizer="adamw", lora_rank=8), 1e-4),
+}
+TASKS = {"stdlib:next": "val_accuracy", "stdlib:order": "val_matthews"}
+PRETRAIN = dict(task="bert", preset="cpu", optimizer="adamw", steps=1600)
+FINETUNE = dict(seq_len=64, eval_every=100, update_proj_gap=100)
+STEPS = 400
+LEDGER = pathlib.Path("benchmarks/results/finetune-runs.jsonl")
+
+
+def pretrained(runs: pathlib.Path) -> str:
+  """The encoder every row fine-tunes: trained here once (seed 0), reused."""
+  out = runs / "pretrained"
+  summary = out / "summary.json"
+  if not (summary.exists() and json.loads(summary.read_text())["finished"]):
+    loop.train(TrainConfig(**PRETRAIN, out=str(out), overwrite=True))
+  return str(out)
+
+
+def quality(args) -> dict:
+  """Every row tuned on every task: ``{task: {row: quality.tune's dict}}``."""
+  runs = pathlib.Path(args.runs)
+  init = str(runs / "pretrained") if args.report else pretrained(runs)
+  results = {}
+  deadline = time.time() + 60 * args.max_minutes
+  for task, score in TASKS.items():
+    runner = quality_lib.Runner(
+        runs / task.replace(":", "-"),
+        STEPS,
+        ledger=LEDGER,
+        deadline=deadline,
+        dry=args.report,
+        rows=ROWS,
+        base=dict(task="bert", finetune=task, init=init, **FINETUNE),
+        score=score,
+        higher_is_better=True,
+    )
+    for name in ROWS:
+      try:
+        results.setdefault(task, {})[name] = quality_lib.tune(name, runner)
+      except quality_lib.OutOfTime:
+        runner.dry = True
+        results[task][name] = quality_lib.tune(name, runner)
+  return results
+
+
+def render_quality(results: dict) -> str:
+  lines = [
+      "`python -m benchmarks.finetune --quality` — " + machine(),
+      "",
+      (
+          f"`cpu` encoder pretrained {PRETRAIN['steps']} steps by masked LM"
+          f" (AdamW); fine-tuning {STEPS} steps of 16 x {FINETUNE['seq_len']}"
+          " tokens per run; each row at its best learning rate of a seed-0"
+          " sweep, then seeds 0-2:"
+      ),
+  ]
+  for task, rows in results.items():
+    score = TASKS[task]
+    metric = lambda e, score=score: e["metrics"][score]
+    full = rows["full fine-tuning, adamw"]
+    full_mean = (
+        statistics.mean(map(metric, full["seeds"]))
+        if len(full.get("seeds", ())) == len(quality_lib.SEEDS)
+        else None
+    )
+    lines += [
+        "",
+        f"**{task}** ({score[4:]})",
+        "",
+        (
+            f"| configuration | best lr | {score[4:]}, mean ± std of 3 seeds |"
+            " vs full fine-tuning (points) | sweep at seed 0 |"
+        ),
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+      values = [metric(e) for e in r.get("seeds", ())]
+      done = len(values) == len(quality_lib.SEEDS)
+      cell = (
+          f"{100 * statistics.mean(values):.1f} ±"
+          f" {100 * statistics.stdev(values):.1f}"
+          if done
+          else "pending"
+      )
+      gap = (
+          f"{100 * (statistics.mean(values) - full_mean):+.1f}"
+          if done and full_mean is not None
+          else "pending"
+      )
+      sweep = ", ".join(
+          f"{lr:g}: {100 * metric(e):.1f}"
+          for lr, e in sorted(r["sweep"].items())
+      )
+      best = f"{r['best']:g}" if "best" in r else "pending"
+      lines.append(f"| {name} | {best} | {cell} | {gap} | {sweep} |")
+  return "\n".join(lines) + "\n"
 
 
 def _bytes(tree) -> int:
@@ -93,9 +216,11 @@ def render(results: dict) -> str:
   lines = [
       "`python -m benchmarks.finetune` — " + machine(),
       "",
-      "Shapes only (jax.eval_shape), float32, a 2-way classification head;"
-      " GaLore on the attention and MLP matrices (AdamW on the rest), LoRA's"
-      " adapters on the same matrices with the base frozen:",
+      (
+          "Shapes only (jax.eval_shape), float32, a 2-way classification head;"
+          " GaLore on the attention and MLP matrices (AdamW on the rest),"
+          " LoRA's adapters on the same matrices with the base frozen:"
+      ),
   ]
   for size, rows in results.items():
     full = rows["full fine-tuning, adamw"]["optimizer_state_bytes"]
@@ -103,8 +228,10 @@ def render(results: dict) -> str:
         "",
         f"**{size}**",
         "",
-        "| configuration | parameters | trainable | optimizer state (MiB) |"
-        " vs full fine-tuning | parameters + state (MiB) |",
+        (
+            "| configuration | parameters | trainable | optimizer state (MiB) |"
+            " vs full fine-tuning | parameters + state (MiB) |"
+        ),
         "|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
@@ -121,7 +248,18 @@ def render(results: dict) -> str:
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--out", default="benchmarks/results/finetune-memory")
+  p.add_argument("--quality", action="store_true", help="the fine-tuning runs")
+  p.add_argument(
+      "--report", action="store_true", help="only read finished runs"
+  )
+  p.add_argument("--max-minutes", type=float, default=float("inf"))
+  p.add_argument("--runs", default="runs/benchmarks/finetune")
   args = p.parse_args(argv)
+  if args.quality:
+    table = render_quality(quality(args))
+    print(table)
+    pathlib.Path("benchmarks/results/finetune-quality.md").write_text(table)
+    return
   results = measure()
   table = render(results)
   print(table)

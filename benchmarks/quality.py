@@ -94,12 +94,30 @@ class Runner:
   ledger: pathlib.Path = LEDGER
   deadline: float = math.inf
   dry: bool = False  # only read finished runs
+  # name -> (TrainConfig overrides, the sweep's first learning rate)
+  rows: dict = dataclasses.field(default_factory=lambda: ROWS)
+  base: dict = dataclasses.field(default_factory=lambda: dict(task="gpt2"))
+  score: str = "val_loss"  # a validation metric of the run's summary
+  higher_is_better: bool = False
+
+  def value(self, entry: dict) -> float:
+    """The run's score; the quantity the sweep optimises."""
+    return (
+        entry["val"]
+        if self.score == "val_loss"
+        else entry["metrics"][self.score]
+    )
+
+  def best(self, entries: dict) -> float:
+    """The learning rate of the best of ``entries`` (lr -> ledger entry)."""
+    sign = -1 if self.higher_is_better else 1
+    return min(entries, key=lambda lr: sign * self.value(entries[lr]))
 
   def config(self, name: str, lr: float, seed: int) -> TrainConfig:
-    overrides = ROWS[name][0]
-    tag = f"{name}-lr{lr:g}-seed{seed}".replace(" ", "_")
+    overrides = self.rows[name][0]
+    tag = f"{name}-lr{lr:g}-seed{seed}".replace(" ", "_").replace("/", "-")
     return TrainConfig(
-        task="gpt2",
+        **self.base,
         steps=self.steps,
         seed=seed,
         lr=lr,
@@ -130,6 +148,7 @@ class Runner:
     entry = dict(
         config=_as_json(dataclasses.asdict(cfg)),
         val=summary["val_loss"],
+        metrics={k: v for k, v in summary.items() if k.startswith("val_")},
         history=[
             {k: row[k] for k in ("step", "loss", "val_loss") if k in row}
             for row in history
@@ -138,7 +157,10 @@ class Runner:
     )
     with self.ledger.open("a") as f:
       f.write(json.dumps(entry) + "\n")
-    print(f"{name} lr {lr:g} seed {seed}: val {entry['val']:.4f}", flush=True)
+    print(
+        f"{name} lr {lr:g} seed {seed}: {self.score} {self.value(entry):.4f}",
+        flush=True,
+    )
     return entry
 
 
@@ -169,7 +191,7 @@ def same_run(saved: dict, cfg: TrainConfig) -> bool:
 def tune(name: str, runner: Runner) -> dict:
   """Row ``name``'s sweep at seed 0 and its best learning rate's seeds; fields
   are missing where runs are pending."""
-  start = LADDER.index(ROWS[name][1])
+  start = LADDER.index(runner.rows[name][1])
   lrs = list(LADDER[start : start + 4])
   sweep = {}
   for lr in lrs:
@@ -178,7 +200,7 @@ def tune(name: str, runner: Runner) -> dict:
       return dict(sweep=sweep)
     sweep[lr] = done
   for _ in range(EXTENSIONS):
-    best = min(sweep, key=lambda lr: sweep[lr]["val"])
+    best = runner.best(sweep)
     i = LADDER.index(best)
     beyond = {lrs[0]: i - 1, lrs[-1]: i + 1}.get(best)
     if beyond is None or not 0 <= beyond < len(LADDER):
@@ -189,7 +211,7 @@ def tune(name: str, runner: Runner) -> dict:
       return dict(sweep=sweep)
     sweep[lr] = done
     lrs = sorted(sweep)
-  best = min(sweep, key=lambda lr: sweep[lr]["val"])
+  best = runner.best(sweep)
   seeds = [sweep[best]]
   for seed in SEEDS[1:]:
     done = runner(name, best, seed)
