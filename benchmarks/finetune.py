@@ -120,8 +120,9 @@ def render_quality(results: dict) -> str:
       "`python -m benchmarks.finetune --quality` — " + machine(),
       "",
       (
-          f"`cpu` encoder pretrained {PRETRAIN['steps']} steps by masked LM"
-          f" (AdamW); fine-tuning {STEPS} steps of 16 x {FINETUNE['seq_len']}"
+          f"`{PRETRAIN['preset']}` encoder pretrained {PRETRAIN['steps']}"
+          f" steps by masked LM (AdamW); fine-tuning {STEPS} steps of"
+          f" {FINETUNE.get('batch_size', 16)} x {FINETUNE['seq_len']}"
           " tokens per run; each row at its best learning rate of a seed-0"
           " sweep, then seeds 0-2:"
       ),
