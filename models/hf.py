@@ -146,15 +146,17 @@ def vit_config(hf: dict, where: str) -> vit.ViTConfig:
 
 def bert_config(hf: dict, where: str) -> bert.BertConfig:
   d = hf["hidden_size"]
-  roberta = hf["model_type"] in ("roberta", "xlm-roberta")
+  roberta = hf["model_type"] == "roberta"
   if hf.get("position_embedding_type", "absolute") != "absolute":
     raise CheckpointMismatch(
         f"{where}: position_embedding_type"
         f" {hf['position_embedding_type']!r} (only 'absolute')"
     )
-  _gelu_approximate(hf.get("hidden_act", "gelu"), where)  # exact GELU only
   if hf.get("hidden_act", "gelu") != "gelu":
-    raise CheckpointMismatch(f"{where}: BERT with {hf['hidden_act']!r}")
+    raise CheckpointMismatch(
+        f"{where}: hidden_act {hf['hidden_act']!r}; this encoder uses the exact"
+        " GELU ('gelu')"
+    )
   pad = hf.get("pad_token_id", 1) if roberta else None
   classifier = any(
       a.endswith("ForSequenceClassification")
@@ -329,10 +331,7 @@ ARCHITECTURES = {
         model=bert.Bert,
         names=lambda c: bert_names(c, roberta=False),
         heads=("pool/", "classifier/", "mlm_"),
-        ignorable=(
-            r"^(cls\.|pooler\.|classifier\.|embeddings\.position_ids$"
-            r"|cls\.predictions\.decoder\.)"
-        ),
+        ignorable=r"^((cls|pooler|classifier)\.|embeddings\.position_ids$)",
     ),
     "roberta": Architecture(
         task="bert",
@@ -341,9 +340,7 @@ ARCHITECTURES = {
         model=bert.Bert,
         names=lambda c: bert_names(c, roberta=True),
         heads=("pool/", "classifier/", "mlm_"),
-        ignorable=(
-            r"^(lm_head\.|classifier\.|embeddings\.position_ids$|pooler\.)"
-        ),
+        ignorable=r"^((lm_head|pooler|classifier)\.|embeddings\.position_ids$)",
     ),
 }
 
