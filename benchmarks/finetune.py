@@ -38,6 +38,7 @@ from models import bert
 from models import lora
 from train import loop
 from train.config import TrainConfig
+from train.tasks import task_for
 
 SIZES = {
     "BERT-base": bert.PRESETS["base"],
@@ -193,16 +194,10 @@ def measure() -> dict:
           lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params
       )
       tx, _ = loop.build_optimizer(cfg, params)
-      heads = ("pool/", "classifier/", "mlm_")
-      labels = (
-          jax.tree.leaves(loop.lora_labels(params, heads))
+      trainable = (
+          loop.lora_trainable(params, task_for(cfg).heads)
           if cfg.lora_rank
-          else ["train"] * len(jax.tree.leaves(params))
-      )
-      trainable = sum(
-          x.size
-          for x, label in zip(jax.tree.leaves(params), labels)
-          if label == "train"
+          else sum(x.size for x in jax.tree.leaves(params))
       )
       out.setdefault(size, {})[name] = {
           "params": int(sum(x.size for x in jax.tree.leaves(params))),

@@ -402,6 +402,35 @@ def flat_params(model: nnx.Module) -> dict[str, Any]:
   return {_path(k): v for k, v in nnx.to_flat_state(nnx.state(model))}
 
 
+def fit_params(
+    flat: dict[str, Any],
+    values: dict[str, np.ndarray],
+    heads: tuple[str, ...],
+    named: Callable[[str], str] = lambda path: path,
+) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+  """Matches ``values`` (by path) to a model's parameters ``flat``
+  (:func:`flat_params`): ``(every parameter's value, the fresh ones,
+  problems)``. A parameter under ``heads`` that ``values`` lacks or holds in
+  another shape keeps its initialisation (fresh); any other is a problem,
+  described through ``named(path)``."""
+  out, fresh, problems = {}, [], []
+  for path, variable in flat.items():
+    value, want = values.get(path), tuple(variable[...].shape)
+    if value is not None:
+      value = np.asarray(value)
+    if value is None or value.shape != want:
+      if path.startswith(heads):
+        fresh.append(path)  # a new head, or one for another number of labels
+        out[path] = np.asarray(variable[...])
+      elif value is None:
+        problems.append(f"missing {named(path)}")
+      else:
+        problems.append(f"{named(path)} has shape {value.shape}, not {want}")
+      continue
+    out[path] = value
+  return out, fresh, problems
+
+
 def set_params(model: nnx.Module, values: dict[str, np.ndarray]) -> None:
   """Sets every parameter of ``model`` from ``values`` (by path), cast to its
   dtype."""
@@ -448,33 +477,24 @@ def load(
       dataclasses.replace(config, stacked=False), rngs=nnx.Rngs(seed)
   )
   flat = flat_params(model)
-  values, fresh, used = {}, [], set()
-  problems = []
-  for ours, variable in flat.items():
-    if ours not in names:
-      problems.append(f"no tensor maps to our parameter {ours}")
-      continue
+  unnamed = [p for p in flat if p not in names]
+  if unnamed:  # the names table and the model disagree: a bug here
+    raise CheckpointMismatch(
+        f"no {kind} tensor maps to our parameter(s) {', '.join(unnamed)}"
+    )
+  sources, converted = {}, {}
+  for ours in flat:
     theirs, convert = names[ours]
-    theirs = theirs if isinstance(theirs, tuple) else (theirs,)
-    missing = [t for t in theirs if t not in tensors]
-    if not missing:
-      value = np.asarray(convert(*(tensors[t] for t in theirs)))
-    want = tuple(variable[...].shape)
-    if ours.startswith(arch.heads) and (missing or value.shape != want):
-      fresh.append(ours)  # a new head, or one for another number of labels
-      values[ours] = np.asarray(variable[...])
-      continue
-    if missing:
-      problems.append(f"missing tensor {', '.join(missing)} (for {ours})")
-      continue
-    used.update(theirs)
-    if value.shape != want:
-      problems.append(
-          f"tensor {', '.join(theirs)} has shape {value.shape}, {ours} needs"
-          f" {want}"
-      )
-      continue
-    values[ours] = value
+    sources[ours] = theirs if isinstance(theirs, tuple) else (theirs,)
+    if all(t in tensors for t in sources[ours]):
+      converted[ours] = convert(*(tensors[t] for t in sources[ours]))
+  values, fresh, problems = fit_params(
+      flat,
+      converted,
+      arch.heads,
+      named=lambda p: f"tensor {', '.join(sources[p])} (for {p})",
+  )
+  used = {t for p in converted if p not in fresh for t in sources[p]}
   ignorable = re.compile(arch.ignorable)
   leftover = sorted(set(tensors) - used)
   unknown = [t for t in leftover if not ignorable.search(t)]

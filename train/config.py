@@ -68,9 +68,10 @@ class TrainConfig:
   )
   init: Optional[str] = _field(
       None,
-      "start from pretrained weights: hf:NAME or a directory saved by"
-      " transformers' save_pretrained (config.json + safetensors); the"
-      " architecture is the checkpoint's, --preset is not used",
+      "start from pretrained weights: a run directory of ours (its newest"
+      " checkpoint), hf:NAME or a directory saved by transformers'"
+      " save_pretrained (config.json + safetensors); the architecture is the"
+      " checkpoint's, --preset is not used",
   )
   finetune: Optional[str] = dataclasses.field(
       default=None,

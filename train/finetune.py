@@ -16,9 +16,10 @@ Fine-tuning tasks (``--finetune NAME``):
   Matthews correlation.
 
 Both come from the embedded data (the standard library's source), so
-fine-tuning runs offline; examples are drawn from the training split by
-``(seed, step)`` and the validation examples are a fixed draw from the held-out
-split.
+fine-tuning runs offline: one example per line of each split, drawn once with
+a fixed seed; training batches sample them by ``(seed, step)``, and the first
+:data:`OFFLINE_VAL_EXAMPLES` held-out lines are the validation examples. GLUE
+(``glue:NAME``, :func:`load_glue`) comes through Hugging Face ``datasets``.
 """
 
 from __future__ import annotations
@@ -105,11 +106,10 @@ def encode(
 def text_lines(tokens: np.ndarray, min_words: int = 1) -> list[bytes]:
   """The stripped non-empty lines of byte text with at least ``min_words``
   words."""
-  lines = bytes(tokens).split(b"\n")
   return [
       line.strip()
-      for line in lines
-      if len(line.split()) >= min_words and line.strip()
+      for line in bytes(tokens).split(b"\n")
+      if len(line.split()) >= max(min_words, 1)
   ]
 
 
@@ -151,9 +151,8 @@ def word_order_examples(
       if pairs:
         k = pairs[int(u * len(pairs))]
         words[k], words[k + 1] = words[k + 1], words[k]
-      else:
-        label = 1  # nothing to swap: the line is as written
     out.append(b" ".join(words))
+  # a line with nothing to swap stays as written: labelled by what came out
   labels = np.array(
       [int(b" ".join(lines[i].split()) == o) for i, o in zip(picks, out)],
       np.int32,

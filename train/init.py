@@ -12,10 +12,12 @@ import json
 import pathlib
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+import galore_optax
 from models import hf
 
 
@@ -56,18 +58,10 @@ def _newest_params(source: str) -> dict[str, np.ndarray]:
   params = manager.restore(
       step, args=ocp.args.Composite(params=ocp.args.StandardRestore())
   ).params
-  out = {}
-
-  def walk(tree, prefix):
-    for k, v in tree.items():
-      key = f"{prefix}/{k}" if prefix else str(k)
-      if isinstance(v, dict):
-        walk(v, key)
-      else:
-        out[key] = np.asarray(v)
-
-  walk(params, "")
-  return out
+  return {
+      galore_optax.targets.path_str(key): np.asarray(leaf)
+      for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
 
 
 def load_run(source: str, model: nnx.Module, heads: tuple[str, ...]) -> list:
@@ -79,20 +73,9 @@ def load_run(source: str, model: nnx.Module, heads: tuple[str, ...]) -> list:
     models.hf.CheckpointMismatch: naming the parameters that do not fit.
   """
   saved = _newest_params(source)
-  values, fresh, problems = {}, [], []
-  for path, variable in hf.flat_params(model).items():
-    value, want = saved.pop(path, None), tuple(variable[...].shape)
-    if value is None or value.shape != want:
-      if path.startswith(heads):
-        fresh.append(path)
-        values[path] = np.asarray(variable[...])
-      elif value is None:
-        problems.append(f"{path} is missing")
-      else:
-        problems.append(f"{path} has shape {value.shape}, the model {want}")
-      continue
-    values[path] = value
-  unknown = [k for k in saved if not k.startswith(heads)]
+  flat = hf.flat_params(model)
+  values, fresh, problems = hf.fit_params(flat, saved, heads)
+  unknown = [k for k in saved if k not in flat and not k.startswith(heads)]
   if unknown:
     problems.append(f"the model has no {', '.join(sorted(unknown)[:8])}")
   if problems:

@@ -204,15 +204,22 @@ def lora_labels(params: Any, heads: tuple[str, ...]) -> Any:
   return jax.tree_util.tree_map_with_path(
       lambda path, _: (
           "train"
-          if lora.trainable("/".join(_key(k) for k in path), heads)
+          if lora.trainable(galore_optax.targets.path_str(path), heads)
           else "frozen"
       ),
       params,
   )
 
 
-def _key(k) -> str:
-  return str(getattr(k, "key", getattr(k, "idx", k)))
+def lora_trainable(params: Any, heads: tuple[str, ...]) -> int:
+  """How many parameters train under LoRA (:func:`lora_labels`)."""
+  return sum(
+      x.size
+      for x, label in zip(
+          jax.tree.leaves(params), jax.tree.leaves(lora_labels(params, heads))
+      )
+      if label == "train"
+  )
 
 
 def make_steps(graphdef, tx, loss_fn: Callable, gather: Callable = lambda p: p):
@@ -402,14 +409,7 @@ def train(
   params = nnx.to_pure_dict(state)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   if cfg.lora_rank:  # what trains: the adapters and the head
-    n_trainable = sum(
-        x.size
-        for x, label in zip(
-            jax.tree.leaves(params),
-            jax.tree.leaves(lora_labels(params, task.heads)),
-        )
-        if label == "train"
-    )
+    n_trainable = lora_trainable(params, task.heads)
   unstacked = layerwise.unstacked(params) if cfg.stacked else params
   tx, schedule = build_optimizer(
       cfg,
