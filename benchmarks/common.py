@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import galore_optax
+from train import loop
 
 # One GPT-2 124M block's matrices (Flax layout: in x out): qkv, attention out,
 # MLP in, MLP out.
@@ -84,5 +85,52 @@ def set_next_refresh(opt_state, step_of: Callable):
     return x
 
   return jax.tree.map(
-      move, opt_state, is_leaf=lambda x: isinstance(x, galore_optax.GaLoreState)
+      move,
+      opt_state,
+      is_leaf=lambda x: isinstance(x, galore_optax.GaLoreState),
   )
+
+
+def train_step_times(
+    setups: dict, loss_fn: Callable, batch, repeats: int
+) -> dict:
+  """Median seconds of a plain step of the training CLI's jitted, donated train
+  step (``train.loop.make_steps``) for each setup, the setups' steps
+  interleaved so that drift in the machine's speed hits all alike; and of a
+  refresh step (one forced to recompute every basis) for those whose state
+  holds GaLore's.
+
+  ``setups``: name -> ``(graphdef, params, tx)``; ``loss_fn(model, batch)``.
+  Returns ``{name: {"plain": s, "refresh": s or None}}``.
+  """
+  runs = {}
+  for name, (graphdef, params, tx) in setups.items():
+    step_fn, _ = loop.make_steps(graphdef, tx, loss_fn)
+    step = jax.jit(step_fn, donate_argnums=(0, 1))
+    params = jax.tree.map(jnp.copy, params)
+    carry = [params, tx.init(params)]
+    for _ in range(2):  # compile, and step 0 (GaLore's first refresh)
+      carry[0], carry[1], metrics = step(carry[0], carry[1], batch)
+      metrics["loss"].block_until_ready()
+    runs[name] = (step, carry, [])
+
+  def timed(step, carry):
+    start = time.perf_counter()
+    carry[0], carry[1], metrics = step(carry[0], carry[1], batch)
+    metrics["loss"].block_until_ready()
+    return time.perf_counter() - start
+
+  for _ in range(repeats):
+    for step, carry, times in runs.values():
+      times.append(timed(step, carry))
+  out = {}
+  for name, (step, carry, times) in runs.items():
+    refresh = None
+    if galore_optax.transform.galore_states(carry[1]):
+      refresh_times = []
+      for _ in range(max(2, repeats // 2)):
+        carry[1] = set_next_refresh(carry[1], lambda s: s.count)
+        refresh_times.append(timed(step, carry))
+      refresh = statistics.median(refresh_times)
+    out[name] = {"plain": statistics.median(times), "refresh": refresh}
+  return out

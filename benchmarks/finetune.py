@@ -16,7 +16,12 @@ then 3 seeds at the best), scored by the task's metric: accuracy for
 to a ledger committed beside the tables and are reused, so the benchmark
 completes over several sittings (``--max-minutes``).
 
+Time per step (``--step-time``), at BERT-base size on ``stdlib:next``
+examples: the training CLI's jitted, donated train step of each configuration,
+steps interleaved; GaLore's refresh amortised over the runs' interval.
+
     python -m benchmarks.finetune [--quality [--max-minutes M] [--report]]
+    python -m benchmarks.finetune --step-time [--batch 8] [--seq-len 128]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from flax import nnx
 
 from benchmarks import quality as quality_lib
 from benchmarks.common import machine
+from benchmarks.common import train_step_times
 from benchmarks.memory import state_bytes
 from models import bert
 from models import lora
@@ -170,6 +176,70 @@ def render_quality(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def step_times(batch_size: int, seq_len: int, repeats: int) -> dict:
+  """Median seconds per train step of each of :data:`CONFIGS` at BERT-base
+  size: ``{name: {"plain", "refresh", "amortised"}}``."""
+  setups, loss = {}, None
+  for name, options in CONFIGS.items():
+    cfg = TrainConfig(
+        task="bert", preset="base", finetune="stdlib:next", **options
+    )
+    task = task_for(cfg)
+    if loss is None:
+      examples = task.load_data(cfg)
+      batch = task.batch(
+          dataclasses.replace(cfg, batch_size=batch_size, seq_len=seq_len),
+          examples,
+          0,
+          slice(None),
+      )
+      loss = task.loss
+    model = bert.Bert(
+        dataclasses.replace(SIZES["BERT-base"], num_labels=2),
+        rngs=nnx.Rngs(0),
+    )
+    if cfg.lora_rank:
+      lora.add_adapters(model, cfg.lora_rank, nnx.Rngs(1))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    setups[name] = (graphdef, params, loop.build_optimizer(cfg, params)[0])
+  times = train_step_times(setups, loss, batch, repeats)
+  gap = FINETUNE["update_proj_gap"]
+  for t in times.values():
+    refresh = t["refresh"] or t["plain"]
+    t["amortised"] = t["plain"] + (refresh - t["plain"]) / gap
+  return times
+
+
+def render_step_times(times: dict, batch_size: int, seq_len: int) -> str:
+  full = times["full fine-tuning, adamw"]["amortised"]
+  lines = [
+      (
+          f"`python -m benchmarks.finetune --step-time --batch {batch_size}"
+          f" --seq-len {seq_len}` — {machine()}"
+      ),
+      "",
+      (
+          f"BERT-base train step, {batch_size} x {seq_len} tokens of"
+          " stdlib:next pairs, median of interleaved steps; GaLore's refresh"
+          f" amortised over T = {FINETUNE['update_proj_gap']}:"
+      ),
+      "",
+      (
+          "| configuration | step (s) | refresh step (s) | amortised (s) |"
+          " vs full fine-tuning |"
+      ),
+      "|---|---|---|---|---|",
+  ]
+  for name, t in times.items():
+    refresh = f"{t['refresh']:.3f}" if t["refresh"] else "-"
+    lines.append(
+        f"| {name} | {t['plain']:.3f} | {refresh} | {t['amortised']:.3f} |"
+        f" {t['amortised'] / full:.3f} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
 def _bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -250,7 +320,22 @@ def main(argv=None) -> None:
   )
   p.add_argument("--max-minutes", type=float, default=float("inf"))
   p.add_argument("--runs", default="runs/benchmarks/finetune")
+  p.add_argument(
+      "--step-time", action="store_true", help="time per step at BERT-base"
+  )
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq-len", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=5)
   args = p.parse_args(argv)
+  if args.step_time:
+    table = render_step_times(
+        step_times(args.batch, args.seq_len, args.repeats),
+        args.batch,
+        args.seq_len,
+    )
+    print(table)
+    pathlib.Path("benchmarks/results/finetune-time.md").write_text(table)
+    return
   if args.quality:
     table = render_quality(quality(args))
     print(table)

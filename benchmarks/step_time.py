@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
-import time
 import warnings
 
 import jax
@@ -36,7 +34,7 @@ import galore_optax
 from benchmarks.common import gpt2_124m_shapes
 from benchmarks.common import machine
 from benchmarks.common import median_seconds
-from benchmarks.common import set_next_refresh
+from benchmarks.common import train_step_times as common_train_step_times
 from models import GPT2
 from models import gpt2
 from train import loop
@@ -58,51 +56,23 @@ def galore(rank: int, **options):
 def train_step_times(
     preset: str, batch: int, seq_len: int, optimizers: dict, repeats: int
 ) -> dict:
-  """Median seconds of a plain step of each optimizer (interleaved), and of a
-  refresh step of those that hold GaLore state.
-
-  Returns ``{name: {"plain": s, "refresh": s or None}}``.
-  """
+  """:func:`benchmarks.common.train_step_times` of GPT-2 preset ``preset`` on
+  one random batch, for each optimizer of ``optimizers`` (name -> tx)."""
   config = gpt2.PRESETS[preset]
   graphdef, state = nnx.split(GPT2(config, rngs=nnx.Rngs(0)))
-  params0 = nnx.to_pure_dict(state)
+  params = nnx.to_pure_dict(state)
   tokens = (
       np.random.default_rng(0)
       .integers(0, config.vocab_size, (batch, seq_len + 1))
       .astype(np.int32)
   )
   data = (jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:]))
-  runs = {}
-  for name, tx in optimizers.items():
-    step_fn, _ = loop.make_steps(graphdef, tx, TASKS["gpt2"].loss)
-    step = jax.jit(step_fn, donate_argnums=(0, 1))
-    params = jax.tree.map(jnp.copy, params0)
-    carry = [params, tx.init(params)]
-    for _ in range(2):  # compile, and step 0 (GaLore's first refresh)
-      carry[0], carry[1], metrics = step(carry[0], carry[1], data)
-      metrics["loss"].block_until_ready()
-    runs[name] = (step, carry, [])
-
-  def timed(step, carry):
-    start = time.perf_counter()
-    carry[0], carry[1], metrics = step(carry[0], carry[1], data)
-    metrics["loss"].block_until_ready()
-    return time.perf_counter() - start
-
-  for _ in range(repeats):
-    for step, carry, times in runs.values():
-      times.append(timed(step, carry))
-  out = {}
-  for name, (step, carry, times) in runs.items():
-    refresh = None
-    if galore_optax.transform.galore_states(carry[1]):
-      refresh_times = []
-      for _ in range(max(2, repeats // 2)):
-        carry[1] = set_next_refresh(carry[1], lambda s: s.count)
-        refresh_times.append(timed(step, carry))
-      refresh = statistics.median(refresh_times)
-    out[name] = {"plain": statistics.median(times), "refresh": refresh}
-  return out
+  return common_train_step_times(
+      {name: (graphdef, params, tx) for name, tx in optimizers.items()},
+      TASKS["gpt2"].loss,
+      data,
+      repeats,
+  )
 
 
 def _random_tree(shapes, seed):
@@ -174,8 +144,9 @@ def torch_update_times(params, grads, rank, repeats) -> dict:
 
 
 def update_times(rank: int, repeats: int) -> dict:
-  params, grads = _random_tree(gpt2_124m_shapes(), 0), _random_tree(
-      gpt2_124m_shapes(), 1
+  params, grads = (
+      _random_tree(gpt2_124m_shapes(), 0),
+      _random_tree(gpt2_124m_shapes(), 1),
   )
   out = {
       "optax.adamw": (

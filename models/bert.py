@@ -102,7 +102,7 @@ class Bert(nnx.Module):
         stacked=config.stacked,
         rngs=rngs,
         eps=config.layer_norm_eps,
-        approximate_gelu=False,
+        activation="gelu",
         post_ln=not config.pre_ln,
         fused_qkv=False,
     )

@@ -22,7 +22,7 @@ class GPT2Config:
   mlp_ratio: int = 4
   # Flax's LayerNorm default; a Hugging Face checkpoint brings its own
   layer_norm_eps: float = 1e-6
-  approximate_gelu: bool = True  # GELU's tanh form; False: the exact erf
+  activation: str = "gelu_tanh"  # transformer.ACTIVATIONS
   dtype: str = "float32"  # of the computation (transformer.DTYPES)
   param_dtype: str = "float32"
   remat: bool = False  # recompute each block's activations in the backward
@@ -75,7 +75,7 @@ class GPT2(nnx.Module):
         config.n_layers,
         causal=True,
         eps=config.layer_norm_eps,
-        approximate_gelu=config.approximate_gelu,
+        activation=config.activation,
         dtypes=dtypes,
         stacked=config.stacked,
         rngs=rngs,

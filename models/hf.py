@@ -1,5 +1,5 @@
 """Hugging Face ``transformers`` checkpoints (config.json + safetensors) loaded
-into this project's NNX models: GPT-2, ViT, BERT and RoBERTa.
+into this project's NNX models: GPT-2, ViT, BERT, RoBERTa and CLIP.
 
 The architecture comes from the checkpoint's ``config.json``, as
 ``from_pretrained`` does. Every tensor is accounted for: each parameter of the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import re
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from models import bert
+from models import clip
 from models import gpt2
 from models import vit
 
@@ -89,12 +91,20 @@ def read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 # --- architectures: config.json -> our config, tensors -> our parameters ---
 
 
-def _gelu_approximate(act: str, where: str) -> bool:
-  if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-    return True
-  if act == "gelu":
-    return False
-  raise CheckpointMismatch(f"{where}: activation {act!r} is not supported")
+# their hidden_act -> ours (models.transformer.ACTIVATIONS)
+_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+    "quick_gelu": "quick_gelu",
+}
+
+
+def _activation(act: str, where: str) -> str:
+  if act not in _ACTIVATIONS:
+    raise CheckpointMismatch(f"{where}: activation {act!r} is not supported")
+  return _ACTIVATIONS[act]
 
 
 def _mlp_ratio(hf: dict, d: int, where: str) -> int:
@@ -120,9 +130,7 @@ def gpt2_config(hf: dict, where: str) -> gpt2.GPT2Config:
       n_heads=hf["n_head"],
       mlp_ratio=_mlp_ratio(hf, d, where),
       layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-      approximate_gelu=_gelu_approximate(
-          hf.get("activation_function", "gelu_new"), where
-      ),
+      activation=_activation(hf.get("activation_function", "gelu_new"), where),
   )
 
 
@@ -140,7 +148,7 @@ def vit_config(hf: dict, where: str) -> vit.ViTConfig:
       n_heads=hf["num_attention_heads"],
       mlp_ratio=_mlp_ratio(hf, d, where),
       layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-      approximate_gelu=_gelu_approximate(hf.get("hidden_act", "gelu"), where),
+      activation=_activation(hf.get("hidden_act", "gelu"), where),
   )
 
 
@@ -173,6 +181,45 @@ def bert_config(hf: dict, where: str) -> bert.BertConfig:
       layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
       padding_position=pad,
       num_labels=_num_labels(hf) if classifier else 0,
+  )
+
+
+def clip_config(hf: dict, where: str) -> clip.CLIPConfig:
+  text, vision = hf["text_config"], hf["vision_config"]
+  acts = {
+      text.get("hidden_act", "quick_gelu"),
+      vision.get("hidden_act", "quick_gelu"),
+  }
+  eps = {text.get("layer_norm_eps", 1e-5), vision.get("layer_norm_eps", 1e-5)}
+  ratios = {
+      _mlp_ratio(text, text["hidden_size"], where),
+      _mlp_ratio(vision, vision["hidden_size"], where),
+  }
+  if len(acts) > 1 or len(eps) > 1 or len(ratios) > 1:
+    raise CheckpointMismatch(
+        f"{where}: the towers differ in activation, LayerNorm epsilon or MLP"
+        " width ratio, which this model shares between them"
+    )
+  eos = text.get("eos_token_id", 49407)
+  return clip.CLIPConfig(
+      image_size=vision["image_size"],
+      patch_size=vision["patch_size"],
+      channels=vision.get("num_channels", 3),
+      vision_width=vision["hidden_size"],
+      vision_layers=vision["num_hidden_layers"],
+      vision_heads=vision["num_attention_heads"],
+      vocab_size=text["vocab_size"],
+      max_len=text["max_position_embeddings"],
+      text_width=text["hidden_size"],
+      text_layers=text["num_hidden_layers"],
+      text_heads=text["num_attention_heads"],
+      # transformers keeps the old configs' eos id 2 meaning "the largest id"
+      eot_token=None if eos == 2 else eos,
+      embed_dim=hf.get("projection_dim", 512),
+      mlp_ratio=ratios.pop(),
+      layer_norm_eps=eps.pop(),
+      activation=_activation(acts.pop(), where),
+      logit_scale_init=hf.get("logit_scale_init_value", math.log(1 / 0.07)),
   )
 
 
@@ -293,6 +340,42 @@ def bert_names(config: bert.BertConfig, roberta: bool) -> dict:
   return names
 
 
+def _clip_blocks(ours: str, theirs: str, layers: int) -> dict:
+  names = {}
+  for i in range(layers):
+    h, b = f"{theirs}.encoder.layers.{i}", f"{ours}/blocks/{i}"
+    for x, y in (("query", "q"), ("key", "k"), ("value", "v"), ("proj", "out")):
+      names.update(_dense(f"{b}/attn/{x}", f"{h}.self_attn.{y}_proj"))
+    names.update(_layer_norm(f"{b}/ln1", f"{h}.layer_norm1"))
+    names.update(_layer_norm(f"{b}/ln2", f"{h}.layer_norm2"))
+    names.update(_dense(f"{b}/mlp/fc", f"{h}.mlp.fc1"))
+    names.update(_dense(f"{b}/mlp/proj", f"{h}.mlp.fc2"))
+  return names
+
+
+def clip_names(config: clip.CLIPConfig) -> dict:
+  """Our parameter path -> (their tensor name, conversion)."""
+  v, t = "vision_model", "text_model"
+  return {
+      "image/patch_embed/kernel": (
+          f"{v}.embeddings.patch_embedding.weight",
+          _patch_kernel,
+      ),
+      "image/cls_token": (f"{v}.embeddings.class_embedding", _same),
+      "image/pos_embed": (f"{v}.embeddings.position_embedding.weight", _same),
+      **_layer_norm("image/ln_pre", f"{v}.pre_layrnorm"),
+      **_clip_blocks("image", v, config.vision_layers),
+      **_layer_norm("image/ln_post", f"{v}.post_layernorm"),
+      "image/proj/kernel": ("visual_projection.weight", _linear),
+      "text/tok/embedding": (f"{t}.embeddings.token_embedding.weight", _same),
+      "text/pos_embed": (f"{t}.embeddings.position_embedding.weight", _same),
+      **_clip_blocks("text", t, config.text_layers),
+      **_layer_norm("text/ln_final", f"{t}.final_layer_norm"),
+      "text/proj/kernel": ("text_projection.weight", _linear),
+      "logit_scale": ("logit_scale", _same),
+  }
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
   task: str  # the CLI task its models train under
@@ -342,6 +425,15 @@ ARCHITECTURES = {
         heads=("pool/", "classifier/", "mlm_"),
         ignorable=r"^((lm_head|pooler|classifier)\.|embeddings\.position_ids$)",
     ),
+    "clip": Architecture(
+        task="clip",
+        prefix="",
+        config=clip_config,
+        model=clip.CLIP,
+        names=clip_names,
+        heads=(),
+        ignorable=r"position_ids$",
+    ),
 }
 
 
@@ -358,16 +450,17 @@ def _path(key: tuple) -> str:
 
 
 def _stack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """``blocks/<i>/rest`` -> ``blocks/rest`` with a leading layer axis."""
+  """``[tower/]blocks/<i>/rest`` -> ``[tower/]blocks/rest`` with a leading
+  layer axis."""
   out, layers = {}, {}
   for k, v in flat.items():
-    m = re.match(r"blocks/(\d+)/(.*)", k)
+    m = re.match(r"(.*?blocks)/(\d+)/(.*)", k)
     if m:
-      layers.setdefault(m[2], {})[int(m[1])] = v
+      layers.setdefault(f"{m[1]}/{m[3]}", {})[int(m[2])] = v
     else:
       out[k] = v
-  for rest, by_layer in layers.items():
-    out[f"blocks/{rest}"] = np.stack([by_layer[i] for i in sorted(by_layer)])
+  for path, by_layer in layers.items():
+    out[path] = np.stack([by_layer[i] for i in sorted(by_layer)])
   return out
 
 

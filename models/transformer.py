@@ -24,6 +24,14 @@ GALORE_TARGETS = r"/(attn|mlp)/\w+/kernel$"
 # --param-dtype / --compute-dtype
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# The MLP's nonlinearity: GELU's tanh form (GPT-2's), its exact erf form
+# (BERT's, ViT's) and OpenAI CLIP's sigmoid approximation.
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
 
 def batch_spec(like: jax.Array, ndim: int):
   """A spec sharding the leading (batch) axis as ``like``'s, for an ``ndim``-d
@@ -35,6 +43,14 @@ def batch_spec(like: jax.Array, ndim: int):
   """
   spec = jax.typeof(like).sharding.spec
   return jax.P(spec[0], *([None] * (ndim - 1))) if any(spec) else None
+
+
+def replicated(x: jax.Array) -> jax.Array:
+  """``x`` whole on every device of an explicit-sharding mesh (for small
+  arrays that mix batch rows, as CLIP's logits do); else ``x``."""
+  if any(jax.typeof(x).sharding.spec):
+    return jax.sharding.reshard(x, jax.P())
+  return x
 
 
 def embed(table: jax.Array, ids: jax.Array) -> jax.Array:
@@ -114,9 +130,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """``proj(gelu(fc(x)))`` with hidden width ``mlp_ratio * d_model``; GELU's
-  tanh approximation (GPT-2's) or, with ``approximate_gelu=False``, the exact
-  erf form (BERT's, ViT's)."""
+  """``proj(act(fc(x)))`` with hidden width ``mlp_ratio * d_model``; ``act``
+  one of :data:`ACTIVATIONS`."""
 
   def __init__(
       self,
@@ -126,14 +141,14 @@ class MLP(nnx.Module):
       out_std: float,
       dtypes: dict,
       rngs: nnx.Rngs,
-      approximate_gelu: bool = True,
+      activation: str = "gelu_tanh",
   ):
-    self.approximate_gelu = approximate_gelu
+    self.activation = activation
     self.fc = _dense(d_model, mlp_ratio * d_model, 0.02, dtypes, rngs)
     self.proj = _dense(mlp_ratio * d_model, d_model, out_std, dtypes, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.proj(jax.nn.gelu(self.fc(x), approximate=self.approximate_gelu))
+    return self.proj(ACTIVATIONS[self.activation](self.fc(x)))
 
 
 class Block(nnx.Module):
@@ -141,7 +156,7 @@ class Block(nnx.Module):
   post-LayerNorm (``post_ln``, BERT's): ``ln1(x + attn(x))`` then
   ``ln2(x + mlp(x))``.
 
-  Options: ``eps``, the LayerNorms' epsilon; ``approximate_gelu`` (see
+  Options: ``eps``, the LayerNorms' epsilon; ``activation`` (see
   :class:`MLP`); ``fused_qkv`` (see :class:`Attention`).
   """
 
@@ -156,7 +171,7 @@ class Block(nnx.Module):
       dtypes: dict,
       rngs: nnx.Rngs,
       eps: float = 1e-6,
-      approximate_gelu: bool = True,
+      activation: str = "gelu_tanh",
       post_ln: bool = False,
       fused_qkv: bool = True,
   ):
@@ -180,7 +195,7 @@ class Block(nnx.Module):
         out_std=out_std,
         dtypes=dtypes,
         rngs=rngs,
-        approximate_gelu=approximate_gelu,
+        activation=activation,
     )
 
   def __call__(

@@ -24,7 +24,7 @@ class ViTConfig:
   mlp_ratio: int = 4
   # Flax's LayerNorm default; a Hugging Face checkpoint brings its own
   layer_norm_eps: float = 1e-6
-  approximate_gelu: bool = True  # GELU's tanh form; False: the exact erf
+  activation: str = "gelu_tanh"  # transformer.ACTIVATIONS
   dtype: str = "float32"  # of the computation (transformer.DTYPES)
   param_dtype: str = "float32"
   remat: bool = False  # recompute each block's activations in the backward
@@ -60,6 +60,30 @@ PRESETS = {
 }
 
 
+def patchify(
+    images: jax.Array, image_size: int, channels: int, patch_size: int
+) -> jax.Array:
+  """(b, H, W, C) -> (b, num_patches, patch_size^2 C), row by row; the images
+  must be (image_size, image_size, channels)."""
+  b, h, w, c = images.shape
+  if (h, w, c) != (image_size, image_size, channels):
+    raise ValueError(
+        f"images of shape {(h, w, c)} do not fit the model's "
+        f"{(image_size, image_size, channels)}"
+    )
+  p = patch_size
+  x = jnp.reshape(
+      images,
+      (b, h // p, p, w // p, p, c),
+      out_sharding=transformer.batch_spec(images, 6),
+  )
+  return jnp.reshape(
+      x.transpose(0, 1, 3, 2, 4, 5),
+      (b, (h // p) * (w // p), p * p * c),
+      out_sharding=transformer.batch_spec(images, 3),
+  )
+
+
 class ViT(nnx.Module):
   """``images`` (batch, height, width, channels) float -> class logits (batch,
   num_classes)."""
@@ -90,7 +114,7 @@ class ViT(nnx.Module):
         config.n_layers,
         causal=False,
         eps=config.layer_norm_eps,
-        approximate_gelu=config.approximate_gelu,
+        activation=config.activation,
         dtypes=dtypes,
         stacked=config.stacked,
         rngs=rngs,
@@ -107,25 +131,8 @@ class ViT(nnx.Module):
     )
 
   def patchify(self, images: jax.Array) -> jax.Array:
-    """(b, H, W, C) -> (b, num_patches, patch_size^2 C)."""
-    b, h, w, c = images.shape
     cfg = self.config
-    if (h, w, c) != (cfg.image_size, cfg.image_size, cfg.channels):
-      raise ValueError(
-          f"images of shape {(h, w, c)} do not fit the model's "
-          f"{(cfg.image_size, cfg.image_size, cfg.channels)}"
-      )
-    p = cfg.patch_size
-    x = jnp.reshape(
-        images,
-        (b, h // p, p, w // p, p, c),
-        out_sharding=transformer.batch_spec(images, 6),
-    )
-    return jnp.reshape(
-        x.transpose(0, 1, 3, 2, 4, 5),
-        (b, (h // p) * (w // p), p * p * c),
-        out_sharding=transformer.batch_spec(images, 3),
-    )
+    return patchify(images, cfg.image_size, cfg.channels, cfg.patch_size)
 
   def embed(self, images: jax.Array) -> jax.Array:
     """(batch, H, W, C) -> the first block's input (batch, 1 + num_patches,

@@ -32,6 +32,16 @@ BERT = dict(
     intermediate_size=64,
 )
 
+CLIP_TOWER = dict(
+    hidden_size=32,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+)
+# captions ending in the end-of-text token (255) at different places, padded
+CAPTIONS = np.concatenate([TOKENS[:, :10] % 250, np.full((2, 2), 255)], 1)
+CAPTIONS[0, 6] = 255
+
 
 def _text_inputs(roberta):
   tokens = np.where(MASK, TOKENS, 1 if roberta else 0)  # padding ids
@@ -74,6 +84,18 @@ CASES = {
             max_position_embeddings=66, type_vocab_size=1, num_labels=1, **BERT
         )
     ),
+    "clip": lambda: transformers.CLIPModel(
+        transformers.CLIPConfig(
+            text_config=dict(
+                vocab_size=256,
+                max_position_embeddings=16,
+                eos_token_id=255,
+                **CLIP_TOWER,
+            ),
+            vision_config=dict(image_size=8, patch_size=2, **CLIP_TOWER),
+            projection_dim=24,
+        )
+    ),
 }
 
 
@@ -98,6 +120,14 @@ def _logits(name, theirs, ours):
           theirs(torch.tensor(TOKENS)).logits.numpy(),
           np.asarray(ours(jnp.asarray(TOKENS))),
       )
+    if name == "clip":
+      images = np.concatenate([IMAGES, IMAGES[::-1] * 0.5])  # 4 images
+      want = theirs(
+          input_ids=torch.tensor(CAPTIONS),
+          pixel_values=torch.tensor(images),
+      ).logits_per_image.numpy()
+      got = ours(jnp.asarray(images.transpose(0, 2, 3, 1)), CAPTIONS)
+      return want, np.asarray(got)
     if name == "vit":
       return (
           theirs(torch.tensor(IMAGES)).logits.numpy(),

@@ -62,7 +62,7 @@ def _field(default, help_text: str):
 class TrainConfig:
   """Everything that defines a run; saved as ``DIR/config.json``."""
 
-  task: str = _field("gpt2", "gpt2, vit or bert")
+  task: str = _field("gpt2", "gpt2, vit, bert or clip")
   preset: str = _field(
       "cpu", "model size: see models.GPT2_PRESETS / VIT_PRESETS"
   )
@@ -184,6 +184,18 @@ class TrainConfig:
       None, "stdlib or digits (the defaults), a local path, or hf:NAME[:CONFIG]"
   )
   max_data_bytes: int = _field(8 * 2**20, "read at most this much text")
+  memmap: bool = _field(
+      False,
+      "gpt2: tokenize all of --data (local files) once into memory-mapped"
+      " token files beside it (DATA.tokens/) and train from them, for corpora"
+      " larger than memory",
+  )
+  tokenizer: str = _field(
+      "bytes",
+      "gpt2 and clip text: bytes (256 tokens), bpe:N (a byte-level BPE of N"
+      " tokens trained on the training split, kept in the run directory) or"
+      " hf:NAME (a pretrained tokenizer: a Hub name or a local directory)",
+  )
   seed: int = _field(0, "seed of the initialisation and of the batch order")
   out: Optional[str] = _field(
       None, "output directory (default: a new runs/<task>, runs/<task>-1, ...)"
@@ -238,6 +250,12 @@ class TrainConfig:
           f"--finetune is an option of bert, not of {self.task}: it fine-tunes"
           " the encoder on sentence classification"
       )
+    if self.tokenizer != "bytes" and self.task not in ("gpt2", "clip"):
+      raise ValueError(
+          f"--tokenizer is an option of gpt2 and clip; {self.task} reads bytes"
+      )
+    if self.memmap and self.task != "gpt2":
+      raise ValueError(f"--memmap is an option of gpt2, not of {self.task}")
     presets = TASKS[self.task].presets
     if self.preset not in presets:
       raise ValueError(
@@ -459,6 +477,8 @@ class TrainConfig:
         "seq_len",
         "vocab_size",
         "data",
+        "tokenizer",
+        "memmap",
         "seed",
         "steps",
         "schedule",

@@ -1,7 +1,8 @@
 """Data for the training CLI: embedded offline defaults and loaders for what
 users bring.
 
-Text is byte-level (vocabulary 256). The default corpus is the Python standard
+Text is read as bytes and then tokenized (:mod:`train.tokenizer`; bytes, a
+vocabulary of 256, by default). The default corpus is the Python standard
 library's own source, read from the interpreter's installation: real text, no
 download. Images default to scikit-learn's bundled 8x8 digits. Batches are a
 pure function of (seed, step), so a resumed run sees exactly the batches an
@@ -34,10 +35,35 @@ class DataError(ValueError):
 
 
 class TextData(NamedTuple):
-  train: np.ndarray  # uint8 byte tokens
+  train: np.ndarray  # token ids (uint8 bytes before tokenize())
   val: np.ndarray
   description: str
   vocab_size: int = 256
+  # each validation token's end as a byte offset into the validation text
+  # (None: one byte per token)
+  val_ends: Optional[np.ndarray] = None
+  tokenizer: str = "bytes"  # its identity (tokenizer.Tokenizer.identity)
+  memmapped: bool = False  # token files read through train.corpus
+
+
+def tokenize(text: TextData, tok) -> TextData:
+  """``text`` (bytes) as the tokens of ``tok`` (a :class:`train.tokenizer.
+  Tokenizer`), each split tokenized on its own."""
+  if tok.backend is None:
+    return text
+  from train import tokenizer as tokenizer_lib
+
+  dtype = tokenizer_lib.token_dtype(tok.vocab_size)
+  train, _ = tokenizer_lib.encode(tok, text.train.tobytes(), dtype)
+  val, val_ends = tokenizer_lib.encode(tok, text.val.tobytes(), dtype)
+  return TextData(
+      train,
+      val,
+      f"{text.description}, {tok.spec} tokens",
+      tok.vocab_size,
+      val_ends,
+      tok.identity,
+  )
 
 
 class ImageData(NamedTuple):
@@ -153,23 +179,36 @@ def text_batch(
 
 
 def eval_text_batches(
-    tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int
+    tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int,
+    ends: Optional[np.ndarray] = None,
 ) -> Iterator:
   """Consecutive non-overlapping windows from the start of ``tokens``; the same
-  every time."""
+  every time: ``(inputs, targets, target_bytes)``, the last (batch,) the bytes
+  of text each window's targets stand for (``ends``: each token's end as a
+  byte offset; None: one byte per token)."""
   n_windows = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
   for first in range(0, n_windows - batch_size + 1, batch_size):
-    windows = np.stack([
-        tokens[i * seq_len : (i + 1) * seq_len + 1]
-        for i in range(first, first + batch_size)
-    ])
-    yield windows[:, :-1].astype(np.int32), windows[:, 1:].astype(np.int32)
+    starts = np.arange(first, first + batch_size) * seq_len
+    windows = np.stack([tokens[s : s + seq_len + 1] for s in starts])
+    target_bytes = (
+        np.full(batch_size, seq_len)
+        if ends is None
+        else ends[starts + seq_len] - ends[starts]
+    )
+    yield (
+        windows[:, :-1].astype(np.int32),
+        windows[:, 1:].astype(np.int32),
+        target_bytes.astype(np.float32),
+    )
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
   """Entropy in nats of the token frequencies: the loss of the best context-free
   model."""
-  counts = np.bincount(tokens, minlength=256).astype(np.float64)
+  counts = np.bincount(tokens).astype(np.float64)
   p = counts[counts > 0] / counts.sum()
   return float(-(p * np.log(p)).sum())
 

@@ -89,9 +89,9 @@ def describe_summary(s: dict) -> str:
   ]
   if "val_ppl" in s:
     lines.append(
-        f"validation loss {s['val_loss']:.4f} nats (perplexity"
-        f" {s['val_ppl']:.2f}); unigram entropy of the data"
-        f" {s['unigram_entropy']:.4f} nats"
+        f"validation loss {s['val_loss']:.4f} nats per token (perplexity"
+        f" {s['val_ppl']:.2f}), {s['val_bpb']:.4f} bits per byte; unigram"
+        f" entropy of the data {s['unigram_entropy']:.4f} nats per token"
     )
   else:
     rates = ", ".join(
@@ -138,8 +138,14 @@ def compare_table(summaries: dict[str, dict]) -> str:
   first = next(iter(summaries.values()))
   metric = next(
       k
-      for k in ("val_ppl", "val_accuracy", "val_masked_accuracy")
-      if k in first
+      for k in (
+          "val_ppl",
+          "val_accuracy",
+          "val_masked_accuracy",
+          "val_zero_shot_accuracy",
+          *first,
+      )
+      if k in first and k.startswith("val_") and k != "val_loss"
   )
   head = (
       "| optimizer | final val loss | "
