@@ -181,3 +181,53 @@ def test_clip_trains_from_the_cli(tmp_path):
   assert summary["val_zero_shot_accuracy"] > 0.15  # chance is 0.1
   assert summary["tokenizer"] == "bytes"
   assert summary["optimizer_state_bytes"] < summary["adamw_state_bytes"]
+
+
+def test_clip_fine_tunes_a_hugging_face_checkpoint_with_its_tokenizer(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  text = "\n".join(c for d in range(10) for c in image_text.digit_captions(d))
+  bpe = tokenizer_lib.train_bpe(text.encode() * 20, 300)
+  tokenizer_dir = tmp_path / "tokenizer"
+  tokenizer_dir.mkdir()
+  bpe.save(str(tokenizer_dir / "tokenizer.json"))
+  tower = dict(
+      hidden_size=32,
+      intermediate_size=128,
+      num_hidden_layers=1,
+      num_attention_heads=4,
+  )
+  checkpoint = tmp_path / "clip"
+  transformers.CLIPModel(
+      transformers.CLIPConfig(
+          text_config=dict(
+              vocab_size=300,
+              max_position_embeddings=24,
+              eos_token_id=bpe.token_to_id(tokenizer_lib.EOT),
+              **tower,
+          ),
+          vision_config=dict(
+              image_size=8, patch_size=2, num_channels=1, **tower
+          ),
+          projection_dim=16,
+      )
+  ).save_pretrained(checkpoint)
+  run = lambda name, **kw: loop.train(
+      TrainConfig(
+          task="clip",
+          init=str(checkpoint),
+          optimizer="adamw",
+          steps=2,
+          eval_every=2,
+          batch_size=16,
+          out=str(tmp_path / name),
+          **kw,
+      ),
+      verbose=False,
+  )
+  with pytest.raises(
+      ValueError, match="embeds 300 token ids; --tokenizer bytes"
+  ):
+    run("bytes")
+  summary = run("bpe", tokenizer=f"hf:{tokenizer_dir}").summary
+  assert summary["tokenizer"].startswith("hf:")
+  assert 0.0 <= summary["val_zero_shot_accuracy"] <= 1.0

@@ -27,7 +27,6 @@ import re
 import shutil
 from typing import Iterator
 
-import grain
 import numpy as np
 
 from train import data as data_lib
@@ -216,6 +215,8 @@ def window_batch(
 ):
   """Rows ``rows`` (a slice or indices) of step ``step``'s batch: (inputs,
   targets), each (rows, seq_len) int32."""
+  import grain  # here: importing it takes seconds, and only --memmap needs it
+
   windows = Windows(tokens, seq_len)
   if len(windows) < 1:
     raise data_lib.DataError(

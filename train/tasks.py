@@ -550,10 +550,15 @@ class ContrastiveLearning(Task):
     if cfg.vocab_size is not None:
       raise TaskError("--vocab-size: clip's is its tokenizer's")
     if cfg.init:
-      tokenizer_lib.check_vocabulary(
-          cfg.tokenizer, data.vocab_size, cfg.model_config.vocab_size, cfg.init
-      )
       mc = model_config(cfg)
+      tokenizer_lib.check_vocabulary(
+          cfg.tokenizer, data.vocab_size, mc.vocab_size, cfg.init
+      )
+      if mc.eot_token not in (None, data.eot):
+        raise TaskError(
+            f"--init {cfg.init} pools text at token {mc.eot_token}; --tokenizer"
+            f" {cfg.tokenizer} ends captions with {data.eot}"
+        )
     else:
       mc = model_config(cfg, vocab_size=data.vocab_size, eot_token=data.eot)
     return build(cfg, clip.CLIP, mc)
