@@ -70,7 +70,7 @@ def test_unknown_tokenizers_are_refused():
   with pytest.raises(tokenizer_lib.TokenizerError, match="expected bpe:N"):
     tokenizer_lib.load("bpe:big")
   with pytest.raises(
-      ValueError, match="--tokenizer is an option of gpt2 and clip"
+      ValueError, match="--tokenizer is an option of gpt2, bert and clip"
   ):
     TrainConfig(task="vit", tokenizer="bpe:300")
 
@@ -227,3 +227,73 @@ def test_gpt2_trains_and_resumes_on_token_files(tmp_path):
 def test_memmap_is_refused_for_data_read_in_memory(tmp_path):
   with pytest.raises(data_lib.DataError, match="--memmap reads local files"):
     corpus.open_tokens("stdlib", tokenizer_lib.load("bytes"))
+
+
+def test_bert_reads_any_tokenizer_with_its_special_tokens(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from train import finetune
+
+  specials = [t[0] for t in finetune.SPECIALS.values()]
+  bpe = tokenizer_lib.train_bpe(TEXT, 300, specials)
+  tokenizer_dir = tmp_path / "tok"
+  tokenizer_dir.mkdir()
+  bpe.save(str(tokenizer_dir / "tokenizer.json"))
+  vocab = finetune.vocabulary(tokenizer_lib.load(f"hf:{tokenizer_dir}"))
+  assert vocab.cls == bpe.token_to_id("[CLS]") and vocab.size == 300
+  tokens, segments, mask = finetune.encode([b"def f"], [b"pass"], 16, vocab)
+  n = mask.sum()
+  assert tokens[0, 0] == vocab.cls and tokens[0, n - 1] == vocab.sep
+  assert (tokens[0, n:] == vocab.pad).all() and segments[0, n - 1] == 1
+  # a GPT-2-style tokenizer has no [PAD]: named
+  with pytest.raises(data_lib.DataError, match=r"no \[PAD\] or <pad> token"):
+    finetune.vocabulary(tokenizer_lib.load("bpe:300", TEXT))
+  checkpoint = tmp_path / "bert"
+  transformers.BertForMaskedLM(
+      transformers.BertConfig(
+          vocab_size=300,
+          hidden_size=32,
+          num_hidden_layers=1,
+          num_attention_heads=4,
+          intermediate_size=64,
+          max_position_embeddings=64,
+      )
+  ).save_pretrained(checkpoint)
+  run = lambda name, **kw: loop.train(
+      TrainConfig(
+          task="bert",
+          init=str(checkpoint),
+          finetune="stdlib:next",
+          optimizer="adamw",
+          steps=2,
+          eval_every=2,
+          batch_size=8,
+          seq_len=32,
+          out=str(tmp_path / name),
+          **kw,
+      ),
+      verbose=False,
+  )
+  with pytest.raises(
+      ValueError, match="embeds 300 token ids; --tokenizer bytes gives 260"
+  ):
+    run("bytes")
+  summary = run("tokenized", tokenizer=f"hf:{tokenizer_dir}").summary
+  assert 0.0 <= summary["val_accuracy"] <= 1.0
+  # masked-LM pretraining with a BPE trained on the run's text
+  pretrain = loop.train(
+      TrainConfig(
+          task="bert",
+          preset="tiny",
+          tokenizer="bpe:400",
+          steps=2,
+          eval_every=2,
+          batch_size=8,
+          seq_len=32,
+          eval_batches=1,
+          out=str(tmp_path / "mlm"),
+      ),
+      verbose=False,
+  ).summary
+  assert "val_masked_accuracy" in pretrain
+  saved = tokenizer_lib.load("bpe:400", b"", str(tmp_path / "mlm"))
+  assert saved.token_id("[MASK]") is not None

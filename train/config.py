@@ -192,8 +192,8 @@ class TrainConfig:
   )
   tokenizer: str = _field(
       "bytes",
-      "gpt2 and clip text: bytes (256 tokens), bpe:N (a byte-level BPE of N"
-      " tokens trained on the training split, kept in the run directory) or"
+      "gpt2, bert and clip text: bytes (256 tokens), bpe:N (a byte-level BPE of"
+      " N tokens trained on the training split, kept in the run directory) or"
       " hf:NAME (a pretrained tokenizer: a Hub name or a local directory)",
   )
   seed: int = _field(0, "seed of the initialisation and of the batch order")
@@ -250,10 +250,8 @@ class TrainConfig:
           f"--finetune is an option of bert, not of {self.task}: it fine-tunes"
           " the encoder on sentence classification"
       )
-    if self.tokenizer != "bytes" and self.task not in ("gpt2", "clip"):
-      raise ValueError(
-          f"--tokenizer is an option of gpt2 and clip; {self.task} reads bytes"
-      )
+    if self.tokenizer != "bytes" and self.task == "vit":
+      raise ValueError("--tokenizer is an option of gpt2, bert and clip")
     if self.memmap and self.task != "gpt2":
       raise ValueError(f"--memmap is an option of gpt2, not of {self.task}")
     presets = TASKS[self.task].presets

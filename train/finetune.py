@@ -1,10 +1,12 @@
 """Data for the BERT task: masked-LM windows, sentence classification examples,
 and their metrics.
 
-Text is read as bytes (ids 0-255) with four special ids after them:
-:data:`PAD`, :data:`CLS`, :data:`SEP`, :data:`MASK`. A sequence is
-``[CLS] a [SEP]`` or ``[CLS] a [SEP] b [SEP]`` (segment ids 0, then 1 for
-``b``), padded with ``PAD`` (mask False).
+Text is spelled in a :class:`Vocabulary`: by default bytes (ids 0-255) with
+four special ids after them, :data:`PAD`, :data:`CLS`, :data:`SEP`,
+:data:`MASK` (:data:`BYTES`); with ``--tokenizer``, the tokenizer's ids and
+its own special tokens (:func:`vocabulary`). A sequence is ``[CLS] a [SEP]``
+or ``[CLS] a [SEP] b [SEP]`` (segment ids 0, then 1 for ``b``), padded with
+``PAD`` (mask False).
 
 Fine-tuning tasks (``--finetune NAME``):
 
@@ -34,7 +36,59 @@ from train.data import DataError
 
 PAD, CLS, SEP, MASK = 256, 257, 258, 259
 VOCAB_SIZE = 260  # bytes and the four special ids
-MASK_RATE = 0.15  # BERT's: of those, 80% [MASK], 10% a random byte, 10% kept
+MASK_RATE = 0.15  # BERT's: of those, 80% [MASK], 10% a random token, 10% kept
+
+
+class Vocabulary(NamedTuple):
+  """How the encoder's inputs are spelled."""
+
+  size: int
+  pad: int
+  cls: int
+  sep: int
+  mask: int
+  # texts -> their ids, without special tokens
+  encode: Callable[[list[bytes]], list[list[int]]]
+  # a corrupted position's random token is drawn below this
+  random_below: int
+
+
+BYTES = Vocabulary(
+    VOCAB_SIZE, PAD, CLS, SEP, MASK, lambda texts: [list(t) for t in texts], 256
+)
+# the special tokens' spellings: BERT's, then RoBERTa's
+SPECIALS = {
+    "pad": ("[PAD]", "<pad>"),
+    "cls": ("[CLS]", "<s>"),
+    "sep": ("[SEP]", "</s>"),
+    "mask": ("[MASK]", "<mask>"),
+}
+
+
+def vocabulary(tok) -> Vocabulary:
+  """The vocabulary of a :class:`train.tokenizer.Tokenizer`: :data:`BYTES` for
+  ``bytes``, else its ids and special tokens (BERT's or RoBERTa's)."""
+  if tok.backend is None:
+    return BYTES
+  ids = {}
+  for name, spellings in SPECIALS.items():
+    found = [tok.token_id(t) for t in spellings if tok.token_id(t) is not None]
+    if not found:
+      raise DataError(
+          f"--tokenizer {tok.spec} has no {' or '.join(spellings)} token, which"
+          " the encoder's inputs need"
+      )
+    ids[name] = found[0]
+  encode = lambda texts: [
+      e.ids
+      for e in tok.backend.encode_batch(
+          [t.decode("utf-8", "replace") for t in texts],
+          add_special_tokens=False,
+      )
+  ]
+  return Vocabulary(
+      tok.vocab_size, encode=encode, random_below=tok.vocab_size, **ids
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -47,9 +101,10 @@ def mlm_batch(
     batch_size: int,
     seq_len: int,
     starts: np.ndarray | None = None,
+    vocab: Vocabulary = BYTES,
 ) -> tuple[np.ndarray, ...]:
   """``(tokens, segments, mask, targets, weights)``, each (batch, seq_len):
-  windows ``[CLS] bytes [SEP]`` with BERT's corruption; ``weights`` is 1 at
+  windows ``[CLS] tokens [SEP]`` with BERT's corruption; ``weights`` is 1 at
   the corrupted positions, where the loss is taken."""
   body = seq_len - 2
   if len(tokens) <= body:
@@ -59,13 +114,14 @@ def mlm_batch(
   windows = np.stack([tokens[s : s + body] for s in starts]).astype(np.int32)
   chosen = rng.random(windows.shape) < MASK_RATE
   roll = rng.random(windows.shape)
-  corrupted = np.where(chosen & (roll < 0.8), MASK, windows)
-  random_bytes = rng.integers(0, 256, windows.shape)
-  corrupted = np.where(chosen & (roll >= 0.9), random_bytes, corrupted)
+  corrupted = np.where(chosen & (roll < 0.8), vocab.mask, windows)
+  random_tokens = rng.integers(0, vocab.random_below, windows.shape)
+  corrupted = np.where(chosen & (roll >= 0.9), random_tokens, corrupted)
   n = len(starts)
   column = lambda v: np.full((n, 1), v, np.int32)
-  ids = np.concatenate([column(CLS), corrupted, column(SEP)], axis=1)
-  targets = np.concatenate([column(CLS), windows, column(SEP)], axis=1)
+  ends = column(vocab.cls), column(vocab.sep)
+  ids = np.concatenate([ends[0], corrupted, ends[1]], axis=1)
+  targets = np.concatenate([ends[0], windows, ends[1]], axis=1)
   weights = np.pad(chosen, ((0, 0), (1, 1))).astype(np.float32)
   return (
       ids.astype(np.int32),
@@ -81,26 +137,33 @@ def mlm_batch(
 
 
 def encode(
-    first: list[bytes], second: list[bytes] | None, seq_len: int
+    first: list[bytes],
+    second: list[bytes] | None,
+    seq_len: int,
+    vocab: Vocabulary = BYTES,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """``(tokens, segments, mask)`` of single sentences or pairs, each
   truncated to its share of ``seq_len``."""
   n = len(first)
-  tokens = np.full((n, seq_len), PAD, np.int32)
+  tokens = np.full((n, seq_len), vocab.pad, np.int32)
   segments = np.zeros((n, seq_len), np.int32)
+  mask = np.zeros((n, seq_len), bool)
+  firsts = vocab.encode(first)
+  seconds = None if second is None else vocab.encode(second)
   for i in range(n):
-    if second is None:
-      parts = [first[i][: seq_len - 2]]
+    if seconds is None:
+      parts = [firsts[i][: seq_len - 2]]
     else:
       share = (seq_len - 3) // 2
-      parts = [first[i][:share], second[i][:share]]
-    ids = [CLS]
+      parts = [firsts[i][:share], seconds[i][:share]]
+    ids = [vocab.cls]
     for k, part in enumerate(parts):
       start = len(ids)
-      ids += list(part) + [SEP]
+      ids += list(part) + [vocab.sep]
       segments[i, start : len(ids)] = k
     tokens[i, : len(ids)] = ids
-  return tokens, segments, tokens != PAD
+    mask[i, : len(ids)] = True
+  return tokens, segments, mask
 
 
 def text_lines(tokens: np.ndarray, min_words: int = 1) -> list[bytes]:
@@ -193,6 +256,7 @@ class Classification(NamedTuple):
   val: Examples
   num_labels: int  # 1: regression
   description: str
+  vocab: Vocabulary = BYTES
 
 
 def load_offline(name: str, train: np.ndarray, val: np.ndarray):
@@ -288,7 +352,7 @@ def classification_batch(
       data.train, rng.integers(0, len(data.train.labels), batch_size)
   )
   return (
-      *encode(first, second, seq_len),
+      *encode(first, second, seq_len, data.vocab),
       labels,
       np.ones(batch_size, np.float32),
   )
@@ -304,7 +368,7 @@ def classification_eval_batches(
     index = np.arange(start, start + batch_size)
     weights = (index < n).astype(np.float32)
     first, second, labels = _take(data.val, index % n)
-    yield (*encode(first, second, seq_len), labels, weights)
+    yield (*encode(first, second, seq_len, data.vocab), labels, weights)
 
 
 # ---------------------------------------------------------------------------

@@ -307,6 +307,15 @@ class ImageClassification(Task):
     return out
 
 
+class MaskedText(NamedTuple):
+  text: data_lib.TextData  # token ids
+  vocab: finetune_lib.Vocabulary
+
+  @property
+  def description(self) -> str:
+    return self.text.description
+
+
 class MaskedLanguageModeling(Task):
   """A BERT-style encoder on byte text: masked-LM pretraining (BERT's 15%
   corruption, loss at the corrupted positions); with ``--finetune``,
@@ -323,26 +332,32 @@ class MaskedLanguageModeling(Task):
   def for_config(self, cfg):
     return SentenceClassification() if cfg.finetune else self
 
-  def load_data(self, cfg):
-    return data_lib.load_text(cfg.data, cfg.max_data_bytes)
+  def tokenizer(self, cfg, text: bytes) -> tokenizer_lib.Tokenizer:
+    """``--tokenizer``; a ``bpe:N`` learns BERT's special tokens too."""
+    specials = [t[0] for t in finetune_lib.SPECIALS.values()]
+    return tokenizer_lib.load(cfg.tokenizer, text, cfg.out, specials)
 
-  def model(self, cfg, **fields):
+  def load_data(self, cfg):
+    text = data_lib.load_text(cfg.data, cfg.max_data_bytes)
+    tok = self.tokenizer(cfg, text.train.tobytes())
+    return MaskedText(
+        data_lib.tokenize(text, tok), finetune_lib.vocabulary(tok)
+    )
+
+  def model(self, cfg, vocab: finetune_lib.Vocabulary, **fields):
     if cfg.layerwise:
       raise TaskError(
           "--layerwise runs GPT-2 and ViT; bert's blocks take a padding mask"
       )
     if cfg.vocab_size is not None:
-      raise TaskError(
-          "--vocab-size: bert reads bytes and four special tokens"
-          f" ({finetune_lib.VOCAB_SIZE})"
+      raise TaskError("--vocab-size: bert's is its tokenizer's")
+    if cfg.init:
+      mc = model_config(cfg, **fields)
+      tokenizer_lib.check_vocabulary(
+          cfg.tokenizer, vocab.size, mc.vocab_size, cfg.init
       )
-    mc = model_config(cfg, **fields)
-    if mc.vocab_size != finetune_lib.VOCAB_SIZE:
-      raise TaskError(
-          f"the model's vocabulary has {mc.vocab_size} tokens; bert reads"
-          f" bytes and four special tokens ({finetune_lib.VOCAB_SIZE}): a"
-          " checkpoint with another vocabulary needs its own tokenizer"
-      )
+    else:
+      mc = model_config(cfg, vocab_size=vocab.size, **fields)
     if cfg.seq_len > mc.max_len:
       raise TaskError(
           f"--seq-len {cfg.seq_len} exceeds the model's max_len {mc.max_len}"
@@ -350,7 +365,7 @@ class MaskedLanguageModeling(Task):
     return build(cfg, bert.Bert, mc, heads=self.heads)
 
   def build_model(self, cfg, data):
-    return self.model(cfg, num_labels=0)
+    return self.model(cfg, data.vocab, num_labels=0)
 
   def loss(self, model, batch):
     return self.head_loss(model.output, model.features(batch[:3]), batch)
@@ -369,18 +384,19 @@ class MaskedLanguageModeling(Task):
     return tuple(
         x[rows]
         for x in finetune_lib.mlm_batch(
-            data.train, rng, cfg.batch_size, cfg.seq_len
+            data.text.train, rng, cfg.batch_size, cfg.seq_len, vocab=data.vocab
         )
     )
 
   def eval_batches(self, cfg, data):
     rng = np.random.default_rng(12345)
     body = cfg.seq_len - 2
-    n_windows = min(len(data.val) // body, cfg.batch_size * cfg.eval_batches)
+    val = data.text.val
+    n_windows = min(len(val) // body, cfg.batch_size * cfg.eval_batches)
     for first in range(0, n_windows - cfg.batch_size + 1, cfg.batch_size):
       starts = np.arange(first, first + cfg.batch_size) * body
       yield finetune_lib.mlm_batch(
-          data.val, rng, cfg.batch_size, cfg.seq_len, starts
+          val, rng, cfg.batch_size, cfg.seq_len, starts, data.vocab
       )
 
   def eval_metrics(self, losses, aux):
@@ -407,12 +423,19 @@ class SentenceClassification(MaskedLanguageModeling):
   def load_data(self, cfg):
     if cfg.finetune.startswith("glue:"):
       local = None if cfg.data == "stdlib" else cfg.data
-      return finetune_lib.load_glue(cfg.finetune[5:], local)
-    text = data_lib.load_text(cfg.data, cfg.max_data_bytes)
-    return finetune_lib.load_offline(cfg.finetune, text.train, text.val)
+      examples = finetune_lib.load_glue(cfg.finetune[5:], local)
+      text = b"\n".join(examples.train.first + (examples.train.second or []))
+    else:
+      loaded = data_lib.load_text(cfg.data, cfg.max_data_bytes)
+      examples = finetune_lib.load_offline(
+          cfg.finetune, loaded.train, loaded.val
+      )
+      text = loaded.train.tobytes()
+    tok = self.tokenizer(cfg, text)
+    return examples._replace(vocab=finetune_lib.vocabulary(tok))
 
   def build_model(self, cfg, data):
-    return self.model(cfg, num_labels=data.num_labels)
+    return self.model(cfg, data.vocab, num_labels=data.num_labels)
 
   def logits_loss(self, logits, batch):
     labels, weights = batch[3], batch[4]

@@ -22,6 +22,7 @@ import hashlib
 import pathlib
 from typing import Any
 from typing import Optional
+from typing import Sequence
 
 import numpy as np
 
@@ -64,9 +65,11 @@ def _backend():
   return tokenizers
 
 
-def train_bpe(text: bytes, vocab_size: int) -> Any:
-  """A byte-level BPE of ``vocab_size`` tokens learnt from ``text``; the same
-  text gives the same merges."""
+def train_bpe(
+    text: bytes, vocab_size: int, specials: Sequence[str] = ()
+) -> Any:
+  """A byte-level BPE of ``vocab_size`` tokens (:data:`EOT` and ``specials``
+  among them) learnt from ``text``; the same text gives the same merges."""
   tk = _backend()
   alphabet = tk.pre_tokenizers.ByteLevel.alphabet()
   if vocab_size <= len(alphabet) + 1:
@@ -80,7 +83,7 @@ def train_bpe(text: bytes, vocab_size: int) -> Any:
   trainer = tk.trainers.BpeTrainer(
       vocab_size=vocab_size,
       initial_alphabet=alphabet,
-      special_tokens=[EOT],
+      special_tokens=[EOT, *specials],
       show_progress=False,
   )
   backend.train_from_iterator(
@@ -135,11 +138,14 @@ def _eot(backend) -> Optional[int]:
 
 
 def load(
-    spec: str, text: bytes = b"", run_dir: Optional[str] = None
+    spec: str,
+    text: bytes = b"",
+    run_dir: Optional[str] = None,
+    specials: Sequence[str] = (),
 ) -> Tokenizer:
   """The tokenizer ``spec`` names. ``bpe:N`` reads ``run_dir/tokenizer.json``
   when it exists there with N tokens (a resumed run), else trains on
-  ``text`` and writes it there."""
+  ``text`` (with the special tokens ``specials``) and writes it there."""
   if spec == "bytes":
     return Tokenizer(spec, 256, None)
   if spec.startswith("bpe:"):
@@ -153,10 +159,12 @@ def load(
     backend = None
     if saved is not None and saved.is_file():
       backend = _backend().Tokenizer.from_file(str(saved))
-      if backend.get_vocab_size() != size:
+      if backend.get_vocab_size() != size or any(
+          backend.token_to_id(t) is None for t in specials
+      ):
         backend = None  # another run's tokenizer: train this one's
     if backend is None:
-      backend = train_bpe(text, size)
+      backend = train_bpe(text, size, specials)
       if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)
         tmp = saved.with_suffix(".tmp")
