@@ -140,6 +140,33 @@ def test_caption_folder_errors_name_the_file_and_line(tmp_path, line, message):
     image_text.load_folder(root, 8, 1)
 
 
+def test_hugging_face_image_caption_datasets(tmp_path):
+  datasets = pytest.importorskip("datasets")
+  image = lambda v: Image.fromarray(np.full((4, 4, 3), v, np.uint8))
+  features = datasets.Features({
+      "image": datasets.Image(),
+      "captions": datasets.Sequence(datasets.Value("string")),
+      "label": datasets.ClassLabel(names=["dark", "light"]),
+  })
+  split = lambda values: datasets.Dataset.from_dict(
+      {
+          "image": [image(v) for v in values],
+          "captions": [[f"shade {v}", f"tone {v}"] for v in values],
+          "label": [int(v > 100) for v in values],
+      },
+      features=features,
+  )
+  datasets.DatasetDict(
+      train=split([0, 50, 150, 200]), validation=split([20, 220])
+  ).save_to_disk(str(tmp_path / "ds"))
+  data = image_text.load(f"hf:{tmp_path / 'ds'}", 8, 1)
+  assert data.train.images.shape == (4, 8, 8, 1)
+  assert len(data.train.pairs) == 8  # two captions per image
+  assert data.classes == ["dark", "light"]
+  assert list(data.val.labels) == [0, 1]
+  assert data.prompts[1][0] == "a photo of a light."
+
+
 def test_captions_end_in_the_end_of_text_token():
   tok = tokenizer_lib.load("bytes")
   tokens, eot = tokenizer_lib.caption_tokens(tok, ["ab", "x" * 20], 8)

@@ -10,8 +10,9 @@ Data (``--data`` of ``python -m train clip``):
   "val"}`` (``image`` relative to ROOT; ``label`` optional, for zero-shot
   classification; ``split`` optional: ``train`` or ``val``, else 20% of the
   images held out);
-- ``hf:NAME``: a Hugging Face dataset with an image column and a caption
-  column (a string or a list of strings), and optionally a class label.
+- ``hf:NAME``: a Hugging Face dataset (from the Hub, or a local copy saved
+  with ``DatasetDict.save_to_disk``) with an image column and a caption column
+  (a string or a list of strings), and optionally a class label.
 
 Evaluation: image-to-text and text-to-image recall@1/5 over the held-out
 pairs, where captions with the same text are one caption (an image with
@@ -229,7 +230,11 @@ def load_folder(root: str, image_size: int, channels: int) -> ImageText:
 def load_hf(name: str, image_size: int, channels: int) -> ImageText:
   import datasets
 
-  ds = data_lib._hf_dataset(name)
+  # a copy saved with DatasetDict.save_to_disk, or a Hub name
+  if pathlib.Path(name).is_dir():
+    ds = datasets.load_from_disk(name)
+  else:
+    ds = data_lib._hf_dataset(name)
   split_names = list(ds)
   features = ds[split_names[0]].features
   image_col = next(
