@@ -1,8 +1,12 @@
-"""Flax NNX models trained with GaLore: GPT-2, ViT and a BERT-style encoder."""
+"""Flax NNX models trained with GaLore: GPT-2, ViT, a BERT-style encoder and
+CLIP."""
 
 from models.bert import PRESETS as BERT_PRESETS
 from models.bert import Bert
 from models.bert import BertConfig
+from models.clip import CLIP
+from models.clip import PRESETS as CLIP_PRESETS
+from models.clip import CLIPConfig
 from models.gpt2 import GPT2
 from models.gpt2 import PRESETS as GPT2_PRESETS
 from models.gpt2 import GPT2Config

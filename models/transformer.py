@@ -1,5 +1,5 @@
-"""Transformer blocks shared by GPT-2, ViT (pre-LayerNorm) and BERT
-(post-LayerNorm).
+"""Transformer blocks shared by GPT-2, ViT, CLIP's towers (pre-LayerNorm) and
+BERT (post-LayerNorm).
 
 Parameter paths read ``blocks/<i>/attn/{qkv,proj}/kernel`` (BERT:
 ``attn/{query,key,value,proj}/kernel``) and ``blocks/<i>/mlp/{fc,proj}/kernel``,
