@@ -253,7 +253,7 @@ class LanguageModeling(Task):
     out["val_ppl"] = math.exp(out["val_loss"])
     # nats per token -> bits per byte of the text the targets stand for (every
     # batch holds as many targets, so the mean loss weighs them alike)
-    mean = lambda k: np.mean([float(a[k]) for a in aux])
+    mean = lambda k: float(np.mean([float(a[k]) for a in aux]))
     out["val_bpb"] = (
         out["val_loss"] * mean("targets") / mean("target_bytes") / math.log(2)
     )
