@@ -85,7 +85,7 @@ def _run(tmp_path, name, **fields):
       seq_len=32,
       eval_batches=2,
       out=str(tmp_path / name),
-      **fields,
+      **{"max_data_bytes": 2**20, **fields},
   )
   return loop.train(cfg, verbose=False).summary
 
@@ -290,6 +290,7 @@ def test_bert_reads_any_tokenizer_with_its_special_tokens(tmp_path):
           batch_size=8,
           seq_len=32,
           eval_batches=1,
+          max_data_bytes=2**20,
           out=str(tmp_path / "mlm"),
       ),
       verbose=False,
