@@ -224,7 +224,7 @@ def _split_images(x, y, num_classes, description, seed=0) -> ImageData:
   return ImageData(x[train], y[train], x[val], y[val], num_classes, description)
 
 
-def _fit_image(image, image_size: int, channels: int) -> np.ndarray:
+def fit_image(image, image_size: int, channels: int) -> np.ndarray:
   """A PIL image -> (image_size, image_size, channels) float32 in [0, 1]."""
   image = image.convert("L" if channels == 1 else "RGB").resize(
       (image_size, image_size)
@@ -244,7 +244,7 @@ def _image_folder(root: pathlib.Path, image_size: int, channels: int):
     for path in sorted((root / name).rglob("*")):
       if path.suffix.lower() in IMAGE_SUFFIXES:
         with Image.open(path) as image:
-          xs.append(_fit_image(image, image_size, channels))
+          xs.append(fit_image(image, image_size, channels))
         ys.append(label)
   return xs, ys, classes
 
@@ -339,7 +339,7 @@ def eval_image_batches(
 # Hugging Face
 
 
-def _hf_dataset(name: str):
+def hf_dataset(name: str):
   try:
     import datasets
   except ImportError:
@@ -360,12 +360,12 @@ def _hf_dataset(name: str):
     ) from None
 
 
-def _held_out_split(ds) -> Optional[str]:
+def held_out_split(ds) -> Optional[str]:
   return next((s for s in ("validation", "valid", "test") if s in ds), None)
 
 
 def _load_hf_text(name: str, max_bytes: int) -> TextData:
-  ds = _hf_dataset(name)
+  ds = hf_dataset(name)
   if "train" not in ds:
     raise DataError(f"hf:{name} has no train split (splits: {list(ds)})")
   column = (
@@ -384,7 +384,7 @@ def _load_hf_text(name: str, max_bytes: int) -> TextData:
         break
     return b"\n".join(out)[:limit]
 
-  val_name = _held_out_split(ds)
+  val_name = held_out_split(ds)
   if val_name is None:
     return _split_text(join(ds["train"], max_bytes), f"hf:{name}")
   train = np.frombuffer(join(ds["train"], max_bytes), np.uint8)
@@ -397,7 +397,7 @@ def _load_hf_text(name: str, max_bytes: int) -> TextData:
 def _load_hf_images(name: str, image_size: int, channels: int) -> ImageData:
   import datasets
 
-  ds = _hf_dataset(name)
+  ds = hf_dataset(name)
   if "train" not in ds:
     raise DataError(f"hf:{name} has no train split (splits: {list(ds)})")
   features = ds["train"].features
@@ -417,11 +417,11 @@ def _load_hf_images(name: str, image_size: int, channels: int) -> ImageData:
 
   def arrays(split):
     x = np.stack(
-        [_fit_image(im, image_size, channels) for im in split[image_col]]
+        [fit_image(im, image_size, channels) for im in split[image_col]]
     )
     return x, np.asarray(split[label_col], np.int32)
 
-  val_name = _held_out_split(ds)
+  val_name = held_out_split(ds)
   if val_name is None:
     x, y = arrays(ds["train"])
     return _split_images(x, y, num_classes, f"hf:{name}")

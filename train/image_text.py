@@ -143,7 +143,7 @@ def _image_text(records, image_size, channels, where, description):
     if labels is not None:
       ids = [classes.index(r["label"]) for r in part]
     images = [
-        data_lib._fit_image(r["image"], image_size, channels) for r in part
+        data_lib.fit_image(r["image"], image_size, channels) for r in part
     ]
     return _pairs(images, [r["captions"] for r in part], ids)
 
@@ -234,7 +234,7 @@ def load_hf(name: str, image_size: int, channels: int) -> ImageText:
   if pathlib.Path(name).is_dir():
     ds = datasets.load_from_disk(name)
   else:
-    ds = data_lib._hf_dataset(name)
+    ds = data_lib.hf_dataset(name)
   split_names = list(ds)
   features = ds[split_names[0]].features
   image_col = next(
@@ -257,7 +257,7 @@ def load_hf(name: str, image_size: int, channels: int) -> ImageText:
         f"hf:{name} needs an image column and a caption column (caption,"
         f" captions, text, sentences); it has {dict(features)}"
     )
-  val_name = data_lib._held_out_split(ds)
+  val_name = data_lib.held_out_split(ds)
   records = []
   for split in split_names:
     if split not in ("train", val_name):
