@@ -28,6 +28,7 @@ import time
 from flax import nnx
 
 from benchmarks import quality as quality_lib
+from benchmarks.common import amortised
 from benchmarks.common import machine
 from benchmarks.common import train_step_times
 from benchmarks.memory import state_bytes
@@ -93,10 +94,8 @@ def costs(repeats: int) -> dict:
   gap = TrainConfig(**BASE).update_proj_gap
   out = {}
   for name, t in times.items():
-    refresh = t["refresh"] or t["plain"]
     out[name] = dict(
-        state_bytes=state[name],
-        step_s=t["plain"] + (refresh - t["plain"]) / gap,
+        state_bytes=state[name], step_s=amortised(t["plain"], t["refresh"], gap)
     )
   return out
 

@@ -134,3 +134,10 @@ def train_step_times(
       refresh = statistics.median(refresh_times)
     out[name] = {"plain": statistics.median(times), "refresh": refresh}
   return out
+
+
+def amortised(plain: float, refresh, gap: int) -> float:
+  """Seconds per step when one step in ``gap`` is a refresh step (``refresh``
+  seconds; None: no refresh) and the others take ``plain``."""
+  refresh = plain if refresh is None else refresh
+  return plain + (refresh - plain) / gap

@@ -37,6 +37,7 @@ import jax
 from flax import nnx
 
 from benchmarks import quality as quality_lib
+from benchmarks.common import amortised
 from benchmarks.common import machine
 from benchmarks.common import train_step_times
 from benchmarks.memory import state_bytes
@@ -206,8 +207,7 @@ def step_times(batch_size: int, seq_len: int, repeats: int) -> dict:
   times = train_step_times(setups, loss, batch, repeats)
   gap = FINETUNE["update_proj_gap"]
   for t in times.values():
-    refresh = t["refresh"] or t["plain"]
-    t["amortised"] = t["plain"] + (refresh - t["plain"]) / gap
+    t["amortised"] = amortised(t["plain"], t["refresh"], gap)
   return times
 
 

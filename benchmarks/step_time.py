@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 
 import galore_optax
+from benchmarks.common import amortised as common_amortised
 from benchmarks.common import gpt2_124m_shapes
 from benchmarks.common import machine
 from benchmarks.common import median_seconds
@@ -170,7 +171,7 @@ def update_times(rank: int, repeats: int) -> dict:
 
 
 def amortised(plain: float, refresh: float) -> float:
-  return plain + (refresh - plain) / GAP
+  return common_amortised(plain, refresh, GAP)
 
 
 def main(argv=None) -> None:

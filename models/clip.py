@@ -174,12 +174,8 @@ class ImageTower(nnx.Module):
     x = self.patch_embed(
         vit.patchify(images, cfg.image_size, cfg.channels, cfg.patch_size)
     )
-    cls = jnp.broadcast_to(
-        self.cls_token[...].astype(x.dtype),
-        (x.shape[0], 1, x.shape[-1]),
-        out_sharding=transformer.batch_spec(x, 3),
-    )
-    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+    x = vit.with_class_token(x, self.cls_token[...])
+    x = x + self.pos_embed[...].astype(x.dtype)
     x = transformer.run_blocks(self.blocks, self.ln_pre(x), remat=cfg.remat)
     return self.proj(self.ln_post(x[:, 0]))
 

@@ -84,6 +84,18 @@ def patchify(
   )
 
 
+def with_class_token(patches: jax.Array, cls_token: jax.Array) -> jax.Array:
+  """(b, n, d) patch embeddings -> (b, 1 + n, d): the class token (d values,
+  any leading unit axes) first, in the patches' dtype."""
+  b, _, d = patches.shape
+  cls = jnp.broadcast_to(
+      cls_token.astype(patches.dtype).reshape(1, 1, d),
+      (b, 1, d),
+      out_sharding=transformer.batch_spec(patches, 3),
+  )
+  return jnp.concatenate([cls, patches], axis=1)
+
+
 class ViT(nnx.Module):
   """``images`` (batch, height, width, channels) float -> class logits (batch,
   num_classes)."""
@@ -138,12 +150,7 @@ class ViT(nnx.Module):
     """(batch, H, W, C) -> the first block's input (batch, 1 + num_patches,
     d_model): the class token, then the patches."""
     x = self.patch_embed(self.patchify(images))
-    cls = jnp.broadcast_to(
-        self.cls_token[...].astype(x.dtype),
-        (x.shape[0], 1, x.shape[-1]),
-        out_sharding=transformer.batch_spec(x, 3),
-    )
-    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+    x = with_class_token(x, self.cls_token[...]) + self.pos_embed[...]
     return x.astype(transformer.DTYPES[self.config.dtype])
 
   def output(self, x: jax.Array) -> jax.Array:
