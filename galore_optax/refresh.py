@@ -15,9 +15,9 @@ its ``next_step``: at steps 0, T, 2T, ... with the defaults. At such a step:
    first refresh, the first ``r`` coordinate axes are taken), counts as
    skipped, and is retried at the next step.
 
-:func:`refresh` runs both for each due leaf: on one device inside the leaf's own
-``lax.cond`` (:func:`refresh_leaf`, traced once per :func:`group_key`), on a
-mesh with the SVDs spread over devices (:func:`galore_optax.sharding.spread`).
+:func:`refresh` runs both for each due leaf: on one device in one loop per
+:func:`group_key` (or in the leaf's own ``lax.cond``, :func:`refresh_leaf`), on
+a mesh with the SVDs spread over devices (:func:`galore_optax.sharding.spread`).
 """
 
 from __future__ import annotations
@@ -334,6 +334,22 @@ def _unchanged(count, g, leaf_index, record):
   return record
 
 
+def opaque_indices(count: jax.Array, k: int) -> tuple[jax.Array, ...]:
+  """The ints ``0 .. k-1`` as ``k`` separate scalars XLA cannot constant-fold.
+
+  Taking member ``t`` out of a stacked ``(k, ...)`` result at the constant
+  offset ``t`` gives each member a kernel of its own (XLA's CPU backend bakes
+  the offset into the generated code, about 20 ms of compilation each); at an
+  index that is a runtime value the members' kernels are identical and
+  compiled once. A loop whose trip count XLA cannot know (``count`` is never
+  negative, which XLA does not know) makes the indices runtime values.
+  """
+  zero = jnp.minimum(count, 0).astype(jnp.int32)
+  bump = lambda _, indices: tuple(i + zero for i in indices)
+  start = tuple(jnp.int32(t) for t in range(k))
+  return jax.lax.fori_loop(0, zero + 1, bump, start)
+
+
 def _looped_refresh(
     plan: targets_lib.LeafPlan,
     config: RefreshConfig,
@@ -343,10 +359,12 @@ def _looped_refresh(
     due: list[jax.Array],
     records: list[LeafRecord],
 ) -> list[LeafRecord]:
-  """The refresh of one group's members, their candidates computed by one loop
-  over the ``k`` members, so that the program holds one member's
-  decomposition whatever ``k``; each member's gradient is picked by a
-  ``lax.switch`` (never stacked into a ``k`` times larger copy)."""
+  """The refresh of one group's ``k`` members: their candidates computed by
+  one loop, so that the program holds one member's decomposition and checks
+  whatever ``k``; each member's gradient is picked by a ``lax.switch`` (never
+  stacked into a ``k`` times larger copy), and each member adopts its
+  candidate taken out at an :func:`opaque_indices` index, so that the members'
+  adoptions compile to the same kernels."""
   compute = functools.partial(candidate_basis, plan, config)
   indices = jnp.asarray(leaf_indices, jnp.uint32)
   shapes = jax.eval_shape(compute, matrices[0], sketch_key(config, count, 0))
@@ -354,12 +372,12 @@ def _looped_refresh(
   due_flags = jnp.stack(due)
 
   def one(j, stacked):
-    g = jax.lax.switch(j, pick, matrices)
+    member = lambda j, key: compute(jax.lax.switch(j, pick, matrices), key)
     zeros = lambda *_: jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype), shapes
     )
     key = sketch_key(config, count, indices[j])
-    candidate = jax.lax.cond(due_flags[j], compute, zeros, g, key)
+    candidate = jax.lax.cond(due_flags[j], member, zeros, j, key)
     return jax.tree.map(
         lambda all_, x: jax.lax.dynamic_update_index_in_dim(all_, x, j, 0),
         stacked,
@@ -370,19 +388,16 @@ def _looped_refresh(
       lambda x: jnp.zeros((len(matrices), *x.shape), x.dtype), shapes
   )
   stacked = jax.lax.fori_loop(0, len(matrices), one, empty)
+  take = lambda t: lambda x: jax.lax.dynamic_index_in_dim(x, t, keepdims=False)
   return [
       _select(
           due[t],
           adopt_basis(
-              plan,
-              config,
-              count,
-              *jax.tree.map(lambda x, t=t: x[t], stacked),
-              records[t],
+              plan, config, count, *jax.tree.map(take(at), stacked), records[t]
           ),
           records[t],
       )
-      for t in range(len(matrices))
+      for t, at in enumerate(opaque_indices(count, len(matrices)))
   ]
 
 
@@ -405,15 +420,13 @@ def refresh(
 ) -> dict[int, LeafRecord]:
   """Refreshes the leaves that are due at step ``count``; the others pass.
 
-  On one device each leaf refreshes inside its own ``lax.cond`` on its due flag
-  (:func:`refresh_leaf`), so a step computes only the due leaves'
-  decompositions. With ``config.group_leaves`` the leaves of one
-  :func:`group_key` share one traced refresh, and as their programs are then
-  identical XLA compiles their kernels once: tracing and code generation grow
-  with the number of distinct shapes, not of leaves. The randomized refresh,
-  whose program is large (a random sketch, two orthonormalisations, an
-  eigenproblem), instead runs one loop per group (:func:`_looped_refresh`),
-  all of them inside one cond run when any leaf is due.
+  On one device with ``config.group_leaves``, the leaves of one
+  :func:`group_key` refresh in one loop (:func:`_looped_refresh`), all loops
+  inside one cond run when any leaf is due: the program holds one
+  decomposition per distinct shape, whatever the number of leaves, and the
+  members' adoptions compile to shared kernels. Without it each leaf refreshes
+  inside its own ``lax.cond`` on its due flag (:func:`refresh_leaf`). Either
+  way a step computes only the due leaves' decompositions.
 
   On a mesh, or under ``config.axis_name``, the candidates are spread over the
   devices, one leaf's SVD per device (:func:`galore_optax.sharding.spread`), and
@@ -446,7 +459,7 @@ def refresh(
       }
 
     return _when_any(due, spread, records)
-  if config.group_leaves and config.method == "randomized":
+  if config.group_leaves:
 
     def looped(records):
       out = {}
@@ -468,12 +481,15 @@ def refresh(
       return out
 
     return _when_any(due, looped, records)
-  shared, out = {}, {}
-  for i in plans:
-    fn = functools.partial(refresh_leaf, plans[i], config)
-    if config.group_leaves:
-      fn = shared.setdefault(group_key(plans[i], records[i]), fn)
-    out[i] = jax.lax.cond(
-        due[i], fn, _unchanged, count, matrices[i], index(i), records[i]
-    )
-  return out
+  return {
+      i: jax.lax.cond(
+          due[i],
+          functools.partial(refresh_leaf, plans[i], config),
+          _unchanged,
+          count,
+          matrices[i],
+          index(i),
+          records[i],
+      )
+      for i in plans
+  }

@@ -179,13 +179,12 @@ def scale_by_galore(
       new basis.
     residual: None, or 'fira' to apply the scaled, limited residual above
       (one float32 of state per matrix). Static.
-    group_leaves: leaves of one shape, rank and dtype share one traced refresh
-      (each in its own ``lax.cond``, so XLA compiles their identical kernels
-      once), and the randomized refresh runs one loop per such group, so that
-      tracing and code generation grow with the number of distinct shapes
-      rather than of leaves (on one device; on a mesh each leaf's SVD goes to
-      its own device). False traces leaf by leaf, with the same result.
-      Static.
+    group_leaves: leaves of one shape, rank and dtype refresh in one loop
+      per such group, whose members adopt their bases through identical
+      kernels, so that the program's decompositions and generated code grow
+      with the number of distinct shapes rather than of leaves (on one device;
+      on a mesh each leaf's SVD goes to its own device). False refreshes each
+      leaf in its own ``lax.cond``, with the same result. Static.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a

@@ -11,6 +11,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sysconfig
 from typing import Iterator
@@ -91,11 +92,13 @@ def stdlib_files() -> list[pathlib.Path]:
       "idle_test",
       "__pycache__",
   }
-  return sorted(
-      p
-      for p in root.rglob("*.py")
-      if not skip & set(p.relative_to(root).parts[:-1])
-  )
+  files = []
+  # the skipped folders are pruned, not walked: site-packages alone can hold
+  # tens of thousands of files
+  for folder, subfolders, names in os.walk(root):
+    subfolders[:] = [d for d in subfolders if d not in skip]
+    files += [pathlib.Path(folder, n) for n in names if n.endswith(".py")]
+  return sorted(files)
 
 
 def _read_files(paths: list[pathlib.Path], max_bytes: int) -> bytes:
