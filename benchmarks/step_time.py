@@ -159,6 +159,15 @@ def update_times(rank: int, repeats: int) -> dict:
           grads,
           repeats,
       ),
+      # contrib keeps its moments along the smaller side: ours with its side
+      f"galore_adamw r={rank}, reverse_std": jax_update_times(
+          galore_optax.galore_adamw(
+              1e-3, rank=rank, update_proj_gap=GAP, proj_type="reverse_std"
+          ),
+          params,
+          grads,
+          repeats,
+      ),
       f"optax.contrib.galore r={rank}": jax_update_times(
           optax.contrib.galore(1e-3, rank=rank, update_proj_gap=GAP),
           params,
@@ -176,7 +185,7 @@ def amortised(plain: float, refresh: float) -> float:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--presets", nargs="+", default=["cpu", "124m"])
+  p.add_argument("--presets", nargs="*", default=["cpu", "124m"])
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=256)
   p.add_argument("--repeats", type=int, default=5)
