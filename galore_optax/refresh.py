@@ -408,7 +408,13 @@ def _when_any(due: dict[int, jax.Array], fn, records):
 
 
 def _select(due: jax.Array, refreshed: LeafRecord, record: LeafRecord):
-  return jax.tree.map(functools.partial(jnp.where, due), refreshed, record)
+  # What the refresh left as it was stays the very same value, so that a cond
+  # around it forwards it instead of copying it through.
+  return jax.tree.map(
+      lambda new, old: old if new is old else jnp.where(due, new, old),
+      refreshed,
+      record,
+  )
 
 
 def refresh(
