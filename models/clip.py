@@ -35,6 +35,9 @@ class CLIPConfig:
   image_size: int = 224
   patch_size: int = 32
   channels: int = 3
+  # per-channel (pixel - mean) / std (see models.vit.ViTConfig); empty: none
+  pixel_mean: tuple[float, ...] = ()
+  pixel_std: tuple[float, ...] = ()
   vision_width: int = 768
   vision_layers: int = 12
   vision_heads: int = 12
@@ -171,6 +174,7 @@ class ImageTower(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     cfg = self.config
+    images = vit.normalise(images, cfg.pixel_mean, cfg.pixel_std)
     x = self.patch_embed(
         vit.patchify(images, cfg.image_size, cfg.channels, cfg.patch_size)
     )

@@ -134,14 +134,38 @@ def gpt2_config(hf: dict, where: str) -> gpt2.GPT2Config:
   )
 
 
+PREPROCESSOR = "preprocessor_config.json"
+
+
+def _pixels(hf: dict, channels: int, where: str) -> dict:
+  """The per-channel normalisation of the checkpoint's image processor
+  (``preprocessor_config.json`` beside its config), as model config fields:
+  pretrained vision towers expect their inputs so."""
+  processor = hf.get(PREPROCESSOR, {})
+  if not processor.get("do_normalize", True) or "image_mean" not in processor:
+    return {}
+  mean, std = processor["image_mean"], processor["image_std"]
+  if not len(mean) == len(std) == channels:
+    raise CheckpointMismatch(
+        f"{where}: {PREPROCESSOR} normalises {len(mean)} channel(s), the"
+        f" model takes {channels}"
+    )
+  return dict(
+      pixel_mean=tuple(float(m) for m in mean),
+      pixel_std=tuple(float(s) for s in std),
+  )
+
+
 def vit_config(hf: dict, where: str) -> vit.ViTConfig:
   d = hf["hidden_size"]
   if not hf.get("qkv_bias", True):
     raise CheckpointMismatch(f"{where}: ViT without qkv biases")
+  channels = hf.get("num_channels", 3)
   return vit.ViTConfig(
       image_size=hf["image_size"],
       patch_size=hf["patch_size"],
-      channels=hf.get("num_channels", 3),
+      channels=channels,
+      **_pixels(hf, channels, where),
       num_classes=_num_labels(hf),
       d_model=d,
       n_layers=hf["num_hidden_layers"],
@@ -201,10 +225,12 @@ def clip_config(hf: dict, where: str) -> clip.CLIPConfig:
         " width ratio, which this model shares between them"
     )
   eos = text.get("eos_token_id", 49407)
+  channels = vision.get("num_channels", 3)
   return clip.CLIPConfig(
       image_size=vision["image_size"],
       patch_size=vision["patch_size"],
-      channels=vision.get("num_channels", 3),
+      channels=channels,
+      **_pixels(hf, channels, where),
       vision_width=vision["hidden_size"],
       vision_layers=vision["num_hidden_layers"],
       vision_heads=vision["num_attention_heads"],
@@ -469,6 +495,9 @@ def _architecture(
 ) -> tuple[pathlib.Path, dict, Architecture]:
   path = resolve(source)
   hf = json.loads((path / "config.json").read_text())
+  processor = path / PREPROCESSOR
+  if processor.is_file():  # how its images were prepared
+    hf[PREPROCESSOR] = json.loads(processor.read_text())
   kind = hf.get("model_type")
   arch = ARCHITECTURES.get(kind)
   if arch is None:

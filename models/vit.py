@@ -4,6 +4,7 @@ encoder, linear head."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,10 @@ class ViTConfig:
   param_dtype: str = "float32"
   remat: bool = False  # recompute each block's activations in the backward
   stacked: bool = False  # blocks as one stacked Block (the layer-wise step's)
+  # per-channel (pixel - mean) / std, as a pretrained checkpoint's image
+  # processor applies it to pixels in [0, 1]; empty: pixels enter as given
+  pixel_mean: tuple[float, ...] = ()
+  pixel_std: tuple[float, ...] = ()
 
   @property
   def num_patches(self) -> int:
@@ -58,6 +63,17 @@ PRESETS = {
     ),
     "b16": ViTConfig(),  # ViT-B/16
 }
+
+
+def normalise(
+    images: jax.Array, mean: Sequence[float], std: Sequence[float]
+) -> jax.Array:
+  """(b, H, W, C) pixels -> ``(pixels - mean) / std`` per channel; the pixels
+  unchanged when ``mean`` is empty."""
+  if not mean:
+    return images
+  mean, std = (jnp.asarray(v, images.dtype) for v in (mean, std))
+  return (images - mean) / std
 
 
 def patchify(
@@ -144,6 +160,7 @@ class ViT(nnx.Module):
 
   def patchify(self, images: jax.Array) -> jax.Array:
     cfg = self.config
+    images = normalise(images, cfg.pixel_mean, cfg.pixel_std)
     return patchify(images, cfg.image_size, cfg.channels, cfg.patch_size)
 
   def embed(self, images: jax.Array) -> jax.Array:

@@ -188,6 +188,42 @@ def test_a_classifier_on_a_pretrained_encoder_gets_a_fresh_head(saved):
   )
 
 
+@pytest.mark.parametrize("name", ["vit", "clip"])
+def test_pixels_are_normalised_as_the_checkpoints_image_processor_does(
+    saved, tmp_path, name
+):
+  theirs, path = saved[name]
+  mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+  processor = transformers.CLIPImageProcessor(image_mean=mean, image_std=std)
+  local = tmp_path / name
+  _copy(path, local)
+  processor.save_pretrained(local)
+  ours, report = hf.load(str(local))
+  assert report.config.pixel_mean == tuple(mean)
+  # ours takes pixels in [0, 1]; theirs, the processor's output
+  pixels = (IMAGES - IMAGES.min()) / (IMAGES.max() - IMAGES.min())
+  normalised = (pixels - np.reshape(mean, (3, 1, 1))) / np.reshape(
+      std, (3, 1, 1)
+  )
+  with torch.no_grad():
+    if name == "vit":
+      want = theirs(torch.tensor(normalised, dtype=torch.float32)).logits
+      got = ours(jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+    else:
+      want = theirs(
+          input_ids=torch.tensor(CAPTIONS),
+          pixel_values=torch.tensor(normalised, dtype=torch.float32),
+      ).logits_per_image
+      got = ours(jnp.asarray(pixels.transpose(0, 2, 3, 1)), CAPTIONS)
+  want = want.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max() + 1e-6)
+  # a processor for other channels than the model's is refused
+  grey = transformers.CLIPImageProcessor(image_mean=[0.5], image_std=[0.5])
+  grey.save_pretrained(local)
+  with pytest.raises(hf.CheckpointMismatch, match="1 channel.*takes 3"):
+    hf.load(str(local))
+
+
 def test_a_checkpoint_of_another_architecture_is_refused(saved):
   with pytest.raises(hf.CheckpointMismatch, match="'bert'.*'gpt2' task"):
     hf.load(str(saved["bert-mlm"][1]), expect_task="gpt2")
