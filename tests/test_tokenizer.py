@@ -11,6 +11,7 @@ import pytest
 from train import corpus
 from train import data as data_lib
 from train import loop
+from train import tasks
 from train import tokenizer as tokenizer_lib
 from train.config import TrainConfig
 
@@ -27,9 +28,15 @@ def test_bpe_training_is_deterministic_and_resumes(tmp_path):
   assert a.get_vocab_size() == 300
   first = tokenizer_lib.load("bpe:300", TEXT, str(tmp_path))
   assert (tmp_path / "tokenizer.json").is_file()
-  # a resumed run reads its own tokenizer back, whatever text it is given
+  # a resumed run reads its own tokenizer back, whatever text it is given,
+  # and text given as a callable is not even read
   again = tokenizer_lib.load("bpe:300", b"other text " * 100, str(tmp_path))
   assert again.identity == first.identity
+  unread = lambda: pytest.fail("read the text of a saved tokenizer")
+  assert tokenizer_lib.load("bpe:300", unread, str(tmp_path)).identity == (
+      first.identity
+  )
+  assert tokenizer_lib.load("bpe:300", lambda: TEXT).identity == first.identity
   assert first.eot == first.backend.token_to_id(tokenizer_lib.EOT)
   # another size is trained anew
   assert tokenizer_lib.load("bpe:280", TEXT, str(tmp_path)).vocab_size == 280
@@ -227,6 +234,13 @@ def test_gpt2_trains_and_resumes_on_token_files(tmp_path):
 def test_memmap_is_refused_for_data_read_in_memory(tmp_path):
   with pytest.raises(data_lib.DataError, match="--memmap reads local files"):
     corpus.open_tokens("stdlib", tokenizer_lib.load("bytes"))
+  # from the CLI's loader, before a bpe tokenizer is trained on anything
+  cfg = TrainConfig(
+      task="gpt2", memmap=True, tokenizer="bpe:300", out=str(tmp_path / "run")
+  )
+  with pytest.raises(data_lib.DataError, match="--memmap reads local files"):
+    tasks.load_tokens(cfg)
+  assert not (tmp_path / "run" / tokenizer_lib.FILE).exists()
 
 
 def test_bert_reads_any_tokenizer_with_its_special_tokens(tmp_path):

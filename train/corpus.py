@@ -37,7 +37,12 @@ MAX_VAL_BYTES = 2**26
 META = "meta.json"
 
 
-def _sources(spec: str) -> list[pathlib.Path]:
+def sources(spec: str) -> list[pathlib.Path]:
+  """The files ``--memmap`` tokenizes for ``--data spec``, sorted.
+
+  Raises:
+    DataError: for data read in memory only, a missing path or no files.
+  """
   path = pathlib.Path(spec)
   if spec.startswith("hf:") or spec == "stdlib":
     raise data_lib.DataError(
@@ -111,7 +116,7 @@ def _pieces(files, split: int) -> Iterator[tuple[bool, bytes]]:
 def build(spec: str, tok: tokenizer_lib.Tokenizer) -> pathlib.Path:
   """Tokenizes ``spec``'s files into :func:`cache_dir` unless a cache with the
   same stamp is there; returns the directory."""
-  files = _sources(spec)
+  files = sources(spec)
   out = cache_dir(spec, tok)
   stamp = _stamp(files, tok)
   if (out / META).is_file():

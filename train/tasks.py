@@ -164,10 +164,14 @@ def load_tokens(cfg) -> data_lib.TextData:
   """``--data`` as the tokens of ``--tokenizer`` (a ``bpe:N`` trained on the
   training split, at most ``--max-data-bytes`` of it, kept in the run
   directory); with ``--memmap``, all of it as memory-mapped token files."""
+  if cfg.memmap:
+    corpus.sources(cfg.data)  # what --memmap cannot read fails first
+    # the text is read only to train a bpe:N (on its first bytes)
+    train = lambda: data_lib.load_text(cfg.data, cfg.max_data_bytes).train
+    tok = tokenizer_lib.load(cfg.tokenizer, lambda: train().tobytes(), cfg.out)
+    return corpus.open_tokens(cfg.data, tok)
   text = data_lib.load_text(cfg.data, cfg.max_data_bytes)
   tok = tokenizer_lib.load(cfg.tokenizer, text.train.tobytes(), cfg.out)
-  if cfg.memmap:
-    return corpus.open_tokens(cfg.data, tok)
   return data_lib.tokenize(text, tok)
 
 

@@ -21,8 +21,10 @@ import dataclasses
 import hashlib
 import pathlib
 from typing import Any
+from typing import Callable
 from typing import Optional
 from typing import Sequence
+from typing import Union
 
 import numpy as np
 
@@ -139,13 +141,14 @@ def _eot(backend) -> Optional[int]:
 
 def load(
     spec: str,
-    text: bytes = b"",
+    text: Union[bytes, Callable[[], bytes]] = b"",
     run_dir: Optional[str] = None,
     specials: Sequence[str] = (),
 ) -> Tokenizer:
   """The tokenizer ``spec`` names. ``bpe:N`` reads ``run_dir/tokenizer.json``
   when it exists there with N tokens (a resumed run), else trains on
-  ``text`` (with the special tokens ``specials``) and writes it there."""
+  ``text`` (with the special tokens ``specials``; a callable is read only
+  then) and writes it there."""
   if spec == "bytes":
     return Tokenizer(spec, 256, None)
   if spec.startswith("bpe:"):
@@ -164,7 +167,7 @@ def load(
       ):
         backend = None  # another run's tokenizer: train this one's
     if backend is None:
-      backend = train_bpe(text, size, specials)
+      backend = train_bpe(text() if callable(text) else text, size, specials)
       if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)
         tmp = saved.with_suffix(".tmp")
