@@ -388,15 +388,19 @@ def _looped_refresh(
       lambda x: jnp.zeros((len(matrices), *x.shape), x.dtype), shapes
   )
   stacked = jax.lax.fori_loop(0, len(matrices), one, empty)
-  take = lambda t: lambda x: jax.lax.dynamic_index_in_dim(x, t, keepdims=False)
+
+  # The members' adoptions are one function of the same shapes: traced once,
+  # its equations then inlined for each member.
+  @functools.partial(jax.jit, inline=True)
+  def adopt(at, due, record):
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, at, keepdims=False)
+    candidate = jax.tree.map(take, stacked)
+    return _select(
+        due, adopt_basis(plan, config, count, *candidate, record), record
+    )
+
   return [
-      _select(
-          due[t],
-          adopt_basis(
-              plan, config, count, *jax.tree.map(take(at), stacked), records[t]
-          ),
-          records[t],
-      )
+      adopt(at, due[t], records[t])
       for t, at in enumerate(opaque_indices(count, len(matrices)))
   ]
 
