@@ -200,3 +200,9 @@ def test_compiled_kernels_grow_with_distinct_shapes_not_with_leaves(svd):
   assert _decompositions(programs[8, False]) == 4 * _decompositions(
       programs[2, False]
   )
+
+
+def test_opaque_indices_are_the_members_indices_at_any_step():
+  indices = jax.jit(lambda count: refresh_lib.opaque_indices(count, 5))
+  for count in (0, 7, 2**31 - 1):
+    assert [int(i) for i in indices(jnp.int32(count))] == [0, 1, 2, 3, 4]
