@@ -112,8 +112,10 @@ def saved(tmp_path_factory):
   return out
 
 
-def _logits(name, theirs, ours):
-  """Both models' logits on the same inputs; MLM logits at real tokens only."""
+def _logits(name, theirs, ours, processed=lambda pixels: pixels):
+  """Both models' logits on the same inputs; MLM logits at real tokens only.
+  Torch's image models see ``processed(pixels)`` where ours see the pixels
+  (as a checkpoint's image processor would prepare them)."""
   with torch.no_grad():
     if name in ("gpt2",):
       return (
@@ -124,13 +126,15 @@ def _logits(name, theirs, ours):
       images = np.concatenate([IMAGES, IMAGES[::-1] * 0.5])  # 4 images
       want = theirs(
           input_ids=torch.tensor(CAPTIONS),
-          pixel_values=torch.tensor(images),
+          pixel_values=torch.tensor(processed(images), dtype=torch.float32),
       ).logits_per_image.numpy()
       got = ours(jnp.asarray(images.transpose(0, 2, 3, 1)), CAPTIONS)
       return want, np.asarray(got)
     if name == "vit":
       return (
-          theirs(torch.tensor(IMAGES)).logits.numpy(),
+          theirs(
+              torch.tensor(processed(IMAGES), dtype=torch.float32)
+          ).logits.numpy(),
           np.asarray(ours(jnp.asarray(IMAGES.transpose(0, 2, 3, 1)))),
       )
     tokens, segments = _text_inputs(name.startswith("roberta"))
@@ -200,22 +204,13 @@ def test_pixels_are_normalised_as_the_checkpoints_image_processor_does(
   processor.save_pretrained(local)
   ours, report = hf.load(str(local))
   assert report.config.pixel_mean == tuple(mean)
-  # ours takes pixels in [0, 1]; theirs, the processor's output
-  pixels = (IMAGES - IMAGES.min()) / (IMAGES.max() - IMAGES.min())
-  normalised = (pixels - np.reshape(mean, (3, 1, 1))) / np.reshape(
-      std, (3, 1, 1)
+  shape = (3, 1, 1)  # channels first, as torch takes images
+  want, got = _logits(
+      name,
+      theirs,
+      ours,
+      lambda x: (x - np.reshape(mean, shape)) / np.reshape(std, shape),
   )
-  with torch.no_grad():
-    if name == "vit":
-      want = theirs(torch.tensor(normalised, dtype=torch.float32)).logits
-      got = ours(jnp.asarray(pixels.transpose(0, 2, 3, 1)))
-    else:
-      want = theirs(
-          input_ids=torch.tensor(CAPTIONS),
-          pixel_values=torch.tensor(normalised, dtype=torch.float32),
-      ).logits_per_image
-      got = ours(jnp.asarray(pixels.transpose(0, 2, 3, 1)), CAPTIONS)
-  want = want.numpy()
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max() + 1e-6)
   # a processor for other channels than the model's is refused
   grey = transformers.CLIPImageProcessor(image_mean=[0.5], image_std=[0.5])

@@ -167,8 +167,10 @@ def load_tokens(cfg) -> data_lib.TextData:
   if cfg.memmap:
     corpus.sources(cfg.data)  # what --memmap cannot read fails first
     # the text is read only to train a bpe:N (on its first bytes)
-    train = lambda: data_lib.load_text(cfg.data, cfg.max_data_bytes).train
-    tok = tokenizer_lib.load(cfg.tokenizer, lambda: train().tobytes(), cfg.out)
+    train_text = lambda: (
+        data_lib.load_text(cfg.data, cfg.max_data_bytes).train.tobytes()
+    )
+    tok = tokenizer_lib.load(cfg.tokenizer, train_text, cfg.out)
     return corpus.open_tokens(cfg.data, tok)
   text = data_lib.load_text(cfg.data, cfg.max_data_bytes)
   tok = tokenizer_lib.load(cfg.tokenizer, text.train.tobytes(), cfg.out)
