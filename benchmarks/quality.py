@@ -43,16 +43,27 @@ EXTENSIONS = 2  # ladder values a sweep may add beyond its ends
 
 # name -> (TrainConfig overrides, the sweep's first learning rate). Rows run in
 # this order, each to completion: the baselines first, then the d/4 rows, then
-# d/8. Low-rank rows use the paper's recipe (scale 0.25 for GaLore and Fira;
-# APOLLO's own scales), T = 50 for the short run, attention and MLP matrices.
+# d/8. The first rows use the paper's recipe (scale 0.25 for GaLore and Fira;
+# APOLLO's own scales), T = 50 for the short run, attention and MLP matrices;
+# the rows marked "rms" use the step-size rule (galore_optax.step_size), the
+# CLI's default since issue 27, and their sweeps start below AdamW's tuned rate.
 ROWS = {
     "optax.adamw": (dict(optimizer="adamw"), 1e-3),
-    "galore_adamw r=32 keep": (dict(optimizer="galore_adamw", rank=32), 2e-3),
-    "fira_adamw r=32": (dict(optimizer="fira_adamw", rank=32), 2e-3),
-    "apollo_adamw r=32": (dict(optimizer="apollo_adamw", rank=32), 2e-3),
-    "apollo_mini (r=1)": (dict(optimizer="apollo_mini", rank=1), 2e-3),
+    "galore_adamw r=32 keep": (
+        dict(optimizer="galore_adamw", rank=32, scale=0.25),
+        2e-3,
+    ),
+    "fira_adamw r=32": (
+        dict(optimizer="fira_adamw", rank=32, scale=0.25),
+        2e-3,
+    ),
+    "apollo_adamw r=32": (
+        dict(optimizer="apollo_adamw", rank=32, scale=1.0),
+        2e-3,
+    ),
+    "apollo_mini (r=1)": (dict(optimizer="apollo_mini", scale=128.0), 2e-3),
     "galore_adamw r=32 reset": (
-        dict(optimizer="galore_adamw", rank=32, moments="reset"),
+        dict(optimizer="galore_adamw", rank=32, scale=0.25, moments="reset"),
         2e-3,
     ),
     "optax.contrib.galore r=32": (
@@ -60,18 +71,54 @@ ROWS = {
         2e-3,
     ),
     "adamw8bit": (dict(optimizer="adamw8bit"), 1e-3),
-    "galore_adamw r=16 keep": (dict(optimizer="galore_adamw", rank=16), 2e-3),
+    "galore_adamw r=16 keep": (
+        dict(optimizer="galore_adamw", rank=16, scale=0.25),
+        2e-3,
+    ),
     # The d/8 rows below start one step up: every d/4 low-rank sweep was worst
     # at 2e-3 (galore r=16 keep's sweep had already run from it).
-    "fira_adamw r=16": (dict(optimizer="fira_adamw", rank=16), 5e-3),
-    "apollo_adamw r=16": (dict(optimizer="apollo_adamw", rank=16), 5e-3),
+    "fira_adamw r=16": (
+        dict(optimizer="fira_adamw", rank=16, scale=0.25),
+        5e-3,
+    ),
+    "apollo_adamw r=16": (
+        dict(optimizer="apollo_adamw", rank=16, scale=1.0),
+        5e-3,
+    ),
     "galore_adamw r=16 reset": (
-        dict(optimizer="galore_adamw", rank=16, moments="reset"),
+        dict(optimizer="galore_adamw", rank=16, scale=0.25, moments="reset"),
         5e-3,
     ),
     "optax.contrib.galore r=16": (
         dict(optimizer="contrib_galore", rank=16),
         5e-3,
+    ),
+    # The step-size rule (issue 27): at d/4 every matrix of this model gets
+    # 2 (Fira 1, APOLLO 4), at d/8 2.83 (APOLLO 8). apollo_mini's rule is its
+    # paper's 128 here (a 128-wide side at rank 1), so its row above stands.
+    "galore_adamw r=32 rms": (
+        dict(optimizer="galore_adamw", rank=32, scale="rms"),
+        2e-3,
+    ),
+    "fira_adamw r=32 rms": (
+        dict(optimizer="fira_adamw", rank=32, scale="rms"),
+        2e-3,
+    ),
+    "apollo_adamw r=32 rms": (
+        dict(optimizer="apollo_adamw", rank=32, scale="rms"),
+        2e-3,
+    ),
+    "galore_adamw r=16 rms": (
+        dict(optimizer="galore_adamw", rank=16, scale="rms"),
+        2e-3,
+    ),
+    "fira_adamw r=16 rms": (
+        dict(optimizer="fira_adamw", rank=16, scale="rms"),
+        2e-3,
+    ),
+    "apollo_adamw r=16 rms": (
+        dict(optimizer="apollo_adamw", rank=16, scale="rms"),
+        2e-3,
     ),
 }
 BASELINE = "optax.adamw"

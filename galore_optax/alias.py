@@ -29,6 +29,7 @@ from galore_optax import apollo as apollo_lib
 from galore_optax import inner as inner_lib
 from galore_optax import projection
 from galore_optax import quantization
+from galore_optax import step_size
 from galore_optax import subspace
 from galore_optax import targets as targets_lib
 from galore_optax.transform import scale_by_galore
@@ -64,7 +65,7 @@ def galore_adamw(
     *,
     rank: targets_lib.RankSpec = 128,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: step_size.ScaleSpec = 0.25,
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
@@ -104,7 +105,7 @@ def fira_adamw(
     *,
     rank: targets_lib.RankSpec = 128,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: step_size.ScaleSpec = 0.25,
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
@@ -152,7 +153,7 @@ def apollo_adamw(
     *,
     rank: targets_lib.RankSpec = 256,
     update_proj_gap: int = 200,
-    scale: float = 1.0,
+    scale: step_size.ScaleSpec = 1.0,
     scaling_type: str = "channel",
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
@@ -205,7 +206,7 @@ def apollo_mini(
     *,
     rank: targets_lib.RankSpec = 1,
     update_proj_gap: int = 200,
-    scale: float = 128.0,
+    scale: step_size.ScaleSpec = 128.0,
     scaling_type: str = "tensor",
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
@@ -226,7 +227,7 @@ def galore_adam(
     *,
     rank: targets_lib.RankSpec = 128,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: step_size.ScaleSpec = 0.25,
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
@@ -255,7 +256,7 @@ def galore_sgd(
     *,
     rank: targets_lib.RankSpec = 128,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: step_size.ScaleSpec = 0.25,
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
@@ -295,7 +296,7 @@ def galore_lion(
     *,
     rank: targets_lib.RankSpec = 128,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: step_size.ScaleSpec = 0.25,
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
@@ -343,7 +344,7 @@ def galore_adafactor(
     *,
     rank: targets_lib.RankSpec = 128,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: step_size.ScaleSpec = 0.25,
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
@@ -407,7 +408,7 @@ def galore_lamb(
     *,
     rank: targets_lib.RankSpec = 128,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: step_size.ScaleSpec = 0.25,
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,

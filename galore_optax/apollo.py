@@ -15,6 +15,7 @@ import optax
 from galore_optax import projection
 from galore_optax import scaling
 from galore_optax import sharding
+from galore_optax import step_size
 from galore_optax import targets as targets_lib
 from galore_optax.refresh import check_static_int
 
@@ -67,7 +68,7 @@ def scale_by_apollo(
     *,
     rank: targets_lib.RankSpec = 256,
     update_proj_gap: int = 200,
-    scale: float = 1.0,
+    scale: step_size.ScaleSpec = 1.0,
     scaling_type: str = "channel",
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
@@ -101,7 +102,9 @@ def scale_by_apollo(
     rank: as :func:`galore_optax.scale_by_galore`. Static.
     update_proj_gap: T, steps between new projections. Static.
     scale: multiplies the update by ``sqrt(scale)`` (the paper uses 1 for
-      APOLLO and 128 for APOLLO-Mini). May be injected.
+      APOLLO and 128 for APOLLO-Mini). May be injected. Or ``'rms'``: ``k /
+      r`` per matrix (``k`` the projected side's length), which restores a
+      full-rank update's RMS (see :mod:`galore_optax.step_size`); static.
     scaling_type: 'channel' or 'tensor': how the norm ratio is taken. Static.
     proj_type: 'std', 'reverse_std', 'left' or 'right' (one side only). Static.
     targets, matrix_axes: as :func:`galore_optax.scale_by_galore`.
@@ -119,6 +122,7 @@ def scale_by_apollo(
     check_static_int("rank", rank)
   check_static_int("update_proj_gap", update_proj_gap)
   check_static_int("seed", seed, minimum=0)
+  step_size.check_scale(scale, rules=("rms",))
   if scaling_type not in scaling.SCALINGS:
     raise ValueError(
         f"unknown scaling_type {scaling_type!r}; expected one of"
@@ -191,9 +195,8 @@ def scale_by_apollo(
           norms[i],
           state.count == 0,
       )
-      out[i] = p.view.from_matrix(jnp.sqrt(scale) * scaled).astype(
-          leaves[i].dtype
-      )
+      factor = jnp.sqrt(step_size.apollo_factor(scale, p))
+      out[i] = p.view.from_matrix(factor * scaled).astype(leaves[i].dtype)
     return treedef.unflatten(out), ApolloState(
         count=optax.safe_int32_increment(state.count),
         inner_state=inner_state,

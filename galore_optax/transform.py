@@ -19,6 +19,7 @@ from galore_optax import quantization
 from galore_optax import refresh as refresh_lib
 from galore_optax import scaling
 from galore_optax import sharding
+from galore_optax import step_size
 from galore_optax import subspace
 from galore_optax import targets as targets_lib
 from galore_optax.refresh import RefreshState
@@ -85,7 +86,7 @@ def scale_by_galore(
     *,
     rank: targets_lib.RankSpec = 128,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: step_size.ScaleSpec = 0.25,
     proj_type: str = "std",
     targets: targets_lib.TargetsSpec = None,
     matrix_axes: targets_lib.AxesSpec = None,
@@ -142,7 +143,15 @@ def scale_by_galore(
       untargeted leaves are ignored; see :func:`galore_optax.adaptive_ranks`),
       or ``fn(path, shape) -> int``. Clamped to ``min(m, n)``. Static.
     update_proj_gap: T, steps between refreshes of the bases. Static.
-    scale: alpha, multiplies the back-projected update. May be injected.
+    scale: alpha, multiplies the back-projected update: a number (0.25 is the
+      reference's; may be injected), or a rule that gives each matrix the
+      factor restoring a full-rank update's size (see
+      :mod:`galore_optax.step_size`), so that one learning rate suits targeted
+      and untargeted leaves: ``'rms'`` (``sqrt(k / r)`` for a side of length
+      ``k`` projected to rank ``r``; ``sqrt(m n) / r`` for 'full'; 1 under
+      ``residual='fira'``) for inner optimizers with normalised outputs (Adam,
+      Adafactor, Lion), ``'norm'`` (``||G|| / ||R||``, each step) for linear
+      ones (SGD, momentum). A rule is static.
     proj_type: 'std' (basis on the smaller side, moments along the larger),
       'reverse_std', 'left', 'right' or 'full'. Static.
     targets: which leaves are projected: a pytree of bools, a callable on
@@ -218,6 +227,13 @@ def scale_by_galore(
   if residual not in RESIDUALS:
     raise ValueError(
         f"unknown residual {residual!r}; expected one of {RESIDUALS}"
+    )
+  step_size.check_scale(scale)
+  if residual is not None and isinstance(scale, str) and scale == "norm":
+    raise ValueError(
+        "scale='norm' is the rule of linear inner optimizers; Fira's residual"
+        " restores the rest of the update itself: use scale='rms' (1) or a"
+        " number"
     )
   quantization.check_bits(
       "moment_bits", moment_bits, (None, *quantization.MOMENT_BITS)
@@ -429,11 +445,16 @@ def scale_by_galore(
     # 4. Project back (and add Fira's residual).
     for i, p in plans.items():
       sides = _sides(p, records[i])
-      back = scale * projection.project_back(
+      factor = (
+          step_size.norm_factor(matrices[i], low[i])
+          if isinstance(scale, str) and scale == "norm"
+          else step_size.galore_factor(scale, p, residual is not None)
+      )
+      back = factor * projection.project_back(
           out[i], *sides, precision=precision
       )
       if residual is not None:
-        outside = matrices[i] - scale * projection.project_back(
+        outside = matrices[i] - factor * projection.project_back(
             low[i], *sides, precision=precision
         )
         ratio = scaling.norm_ratio(

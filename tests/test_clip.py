@@ -5,6 +5,7 @@ CLI on the offline default (digits with generated captions)."""
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from train import image_text
 from train import loop
 from train import tokenizer as tokenizer_lib
 from train.config import TrainConfig
+from train.tasks import task_for
 
 
 def _numpy_infonce(logits, weights):
@@ -42,6 +44,55 @@ def test_contrastive_loss_matches_numpy():
   np.testing.assert_allclose(got, _numpy_infonce(logits, weights), rtol=1e-5)
   # matched pairs on the diagonal lower it
   assert image_text.contrastive_loss(jnp.eye(6) * 10) < 0.01
+
+
+def test_a_repeated_caption_is_no_false_negative_of_itself():
+  """With a caption (or an image) drawn twice, the diagonal InfoNCE has the
+  loss and the gradients of multi-positive targets (NumPy's statement: each
+  row's target spread over the pairs sharing its image or caption)."""
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)
+  captions = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
+  # (image, caption) of each pair: caption 0 twice, image 2 twice
+  groups = np.array([[0, 0], [1, 0], [2, 1], [2, 2], [3, 3], [4, 4]])
+  same = (groups[:, None, :] == groups[None, :, :]).any(-1)
+  targets = jnp.asarray(same / same.sum(1, keepdims=True), jnp.float32)
+
+  def multi_positive(x):
+    ce = lambda x, t: -(t * jax.nn.log_softmax(x, axis=1)).sum(1)
+    return jnp.mean(0.5 * (ce(x, targets) + ce(x.T, targets.T)))
+
+  def loss(fn, images, captions):
+    logits = images[groups[:, 0]] @ captions[groups[:, 1]].T
+    return fn(logits)
+
+  for argnums in (1, 2):
+    diagonal = jax.value_and_grad(loss, argnums)(
+        image_text.contrastive_loss, images, captions
+    )
+    multi = jax.value_and_grad(loss, argnums)(multi_positive, images, captions)
+    np.testing.assert_allclose(diagonal[0], multi[0], rtol=1e-5)
+    np.testing.assert_allclose(diagonal[1], multi[1], rtol=1e-4, atol=1e-6)
+
+
+def test_distinct_batches_repeat_no_image_and_no_caption():
+  data = image_text.load_digits()
+  pairs = data.train.pairs
+  rng = np.random.default_rng(0)
+  pick = image_text.distinct_pairs(pairs, 64, rng)
+  images, captions = pairs[pick].T
+  assert len(set(images)) == len(set(captions)) == 64
+  # what the CLI trains on with --contrastive-batches distinct
+  for batches, unique in (("distinct", 64), ("random", None)):
+    cfg = TrainConfig(task="clip", contrastive_batches=batches)
+    task = task_for(cfg)
+    _, tokens = task.batch(cfg, task.load_data(cfg), 3, slice(None))
+    n = len(np.unique(tokens, axis=0))
+    assert n == unique if unique else n < 64  # 80 captions: repeats
+  # fewer distinct captions than the batch: the rest is drawn freely
+  few = np.array([[0, 0], [1, 0], [2, 1]])
+  pick = image_text.distinct_pairs(few, 5, rng)
+  assert len(pick) == 5 and len(set(few[pick[:2]][:, 1])) == 2
 
 
 def test_recall_and_zero_shot_on_hand_made_embeddings():

@@ -70,6 +70,28 @@ def test_a_few_steps_with_each_optimizer(tmp_path, optimizer):
     )
 
 
+def test_low_rank_defaults_are_the_rule_at_the_full_rank_rate():
+  counterpart = {
+      "galore_adamw": "adamw",
+      "fira_adamw": "adamw",
+      "apollo_adamw": "adamw",
+      "apollo_mini": "adamw",
+      "galore_adam": "adam",
+      "galore_sgd": "sgd",
+      "galore_adafactor": "adafactor",
+      "galore_lion": "lion",
+      "galore_lamb": "lamb",
+  }
+  for task in ("gpt2", "bert", "clip"):
+    for low, full in counterpart.items():
+      cfg = config_lib.TrainConfig(task=task, optimizer=low)
+      assert cfg.lr == config_lib.TrainConfig(task=task, optimizer=full).lr
+      assert cfg.scale == ("norm" if low == "galore_sgd" else "rms")
+  assert config_lib.TrainConfig(optimizer="contrib_galore").scale == 0.25
+  # a number from the command line is the reference's alpha, exactly
+  assert config_lib.TrainConfig(scale="0.25").scale == 0.25
+
+
 def test_subspace_engine_flags(tmp_path):
   cfg = _cfg(
       tmp_path,
@@ -113,8 +135,10 @@ def test_gpt2_run_writes_metrics_summary_config_and_plot(tmp_path):
   ):
     assert summary[key] is not None
   assert summary["val_loss"] < summary["unigram_entropy"]
-  # d_model // 4
-  assert json.loads((out / "config.json").read_text())["rank"] == 16
+  # d_model // 4, and the step-size rule: sqrt(64 / 16) on every matrix
+  config = json.loads((out / "config.json").read_text())
+  assert (config["rank"], config["scale"]) == (16, "rms")
+  assert summary["scale"].startswith("rms (64x64 r16: 2, ")
   assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -220,6 +244,19 @@ def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
         (
             ["--scaling-type", "tensor"],
             "--scaling-type is an option of the apollo optimizers",
+        ),
+        (["--scale", "wide"], "--scale must be a number or one of"),
+        (
+            ["--optimizer", "contrib_galore", "--scale", "rms"],
+            "--scale rms is not a rule of --optimizer contrib_galore",
+        ),
+        (
+            ["--optimizer", "fira_adamw", "--scale", "norm"],
+            "not a rule of --optimizer fira_adamw (its rules: rms)",
+        ),
+        (
+            ["--contrastive-batches", "distinct"],
+            "--contrastive-batches is an option of clip, not of gpt2",
         ),
         (
             ["--optimizer", "apollo_adamw", "--scaling-type", "row"],

@@ -18,20 +18,23 @@ from train.tasks import TASKS
 # galore_optax's GaLore keywords, "apollo" APOLLO's (rank, update_proj_gap,
 # scale, scaling_type, proj_type, targets, seed), "contrib" the baseline
 # optax.contrib.galore's (rank, update_proj_gap, scale, targets), "full" none.
+# Under the step-size rule (the default --scale) a low-rank optimizer's update
+# has the size of its full-rank counterpart's, and so its default learning
+# rate is that counterpart's.
 OPTIMIZERS = {
-    "galore_adamw": (galore_optax.galore_adamw, 1e-2, "galore"),
-    "fira_adamw": (galore_optax.fira_adamw, 1e-2, "galore"),
-    "apollo_adamw": (galore_optax.apollo_adamw, 1e-2, "apollo"),
-    "apollo_mini": (galore_optax.apollo_mini, 1e-2, "apollo"),
-    "galore_adam": (galore_optax.galore_adam, 1e-2, "galore"),
+    "galore_adamw": (galore_optax.galore_adamw, 3e-3, "galore"),
+    "fira_adamw": (galore_optax.fira_adamw, 3e-3, "galore"),
+    "apollo_adamw": (galore_optax.apollo_adamw, 3e-3, "apollo"),
+    "apollo_mini": (galore_optax.apollo_mini, 3e-3, "apollo"),
+    "galore_adam": (galore_optax.galore_adam, 3e-3, "galore"),
     "galore_sgd": (
         lambda lr, **kw: galore_optax.galore_sgd(lr, momentum=0.9, **kw),
-        0.3,
+        0.1,
         "galore",
     ),
     "galore_adafactor": (galore_optax.galore_adafactor, 1e-2, "galore"),
-    "galore_lion": (galore_optax.galore_lion, 1e-3, "galore"),
-    "galore_lamb": (galore_optax.galore_lamb, 1e-2, "galore"),
+    "galore_lion": (galore_optax.galore_lion, 3e-4, "galore"),
+    "galore_lamb": (galore_optax.galore_lamb, 3e-3, "galore"),
     "contrib_galore": (optax.contrib.galore, 1e-2, "contrib"),
     "adamw": (optax.adamw, 3e-3, "full"),
     "adamw8bit": (galore_optax.adamw_8bit, 3e-3, "full"),
@@ -41,12 +44,16 @@ OPTIMIZERS = {
     "lion": (optax.lion, 3e-4, "full"),
     "lamb": (optax.lamb, 3e-3, "full"),
 }
-# Defaults that differ from the CLI's (rank d_model // 4, scale 0.25): the
-# APOLLO papers' own.
+# Defaults that differ from the CLI's (rank d_model // 4, --scale rms): the
+# APOLLO papers' own; SGD's linear update takes the 'norm' rule; contrib takes
+# one number for every matrix, so no per-matrix rule: the paper's 0.25.
 OWN_DEFAULTS = {
-    "apollo_adamw": dict(scale=1.0, scaling_type="channel"),
-    "apollo_mini": dict(rank=1, scale=128.0, scaling_type="tensor"),
+    "apollo_adamw": dict(scaling_type="channel"),
+    "apollo_mini": dict(rank=1, scaling_type="tensor"),
+    "galore_sgd": dict(scale="norm"),
+    "contrib_galore": dict(scale=0.25),
 }
+CONTRASTIVE_BATCHES = ("random", "distinct")
 WEIGHT_DECAY_KW = {
     "adam",
     "galore_adam",
@@ -97,10 +104,15 @@ class TrainConfig:
   update_proj_gap: int = _field(
       50, "GaLore T: steps between subspace refreshes"
   )
-  scale: Optional[float] = _field(
+  scale: Optional[str] = _field(
       None,
-      "GaLore alpha: scale of the back-projected update (default 0.25); APOLLO"
-      " multiplies its update by sqrt(scale) (default 1, 128 for apollo_mini)",
+      "GaLore alpha, the factor of the back-projected update: a number (0.25"
+      " with --lr 1e-2 is the paper's recipe) or a rule that restores a"
+      " full-rank update's size per matrix, so that the learning rate of"
+      " AdamW suits every leaf: rms (the default: sqrt(side / rank); 1 for"
+      " fira_adamw; side / rank for APOLLO, which multiplies by sqrt(scale))"
+      " or norm (||G|| / ||projected G||, for galore_sgd, its default)."
+      " contrib_galore takes a number (default 0.25)",
   )
   scaling_type: Optional[str] = _field(
       None,
@@ -196,6 +208,11 @@ class TrainConfig:
       " N tokens trained on the training split, kept in the run directory) or"
       " hf:NAME (a pretrained tokenizer: a Hub name or a local directory)",
   )
+  contrastive_batches: Optional[str] = _field(
+      None,
+      "clip: how training pairs are drawn: random (the default, with"
+      " replacement) or distinct (no image or caption twice in a batch)",
+  )
   seed: int = _field(0, "seed of the initialisation and of the batch order")
   out: Optional[str] = _field(
       None, "output directory (default: a new runs/<task>, runs/<task>-1, ...)"
@@ -252,6 +269,17 @@ class TrainConfig:
       )
     if self.tokenizer != "bytes" and self.task == "vit":
       raise ValueError("--tokenizer is an option of gpt2, bert and clip")
+    if self.task == "clip":
+      self.contrastive_batches = self.contrastive_batches or "random"
+      if self.contrastive_batches not in CONTRASTIVE_BATCHES:
+        raise ValueError(
+            f"unknown --contrastive-batches {self.contrastive_batches!r};"
+            f" choose one of {CONTRASTIVE_BATCHES}"
+        )
+    elif self.contrastive_batches is not None:
+      raise ValueError(
+          f"--contrastive-batches is an option of clip, not of {self.task}"
+      )
     if self.memmap and self.task != "gpt2":
       raise ValueError(f"--memmap is an option of gpt2, not of {self.task}")
     presets = TASKS[self.task].presets
@@ -318,8 +346,7 @@ class TrainConfig:
     for name, value in OWN_DEFAULTS.get(self.optimizer, {}).items():
       if getattr(self, name) is None:
         setattr(self, name, value)
-    if self.scale is None:
-      self.scale = 0.25
+    self.scale = self._scale(kind)
     if self.scaling_type is not None:
       if kind != "apollo":
         raise ValueError(
@@ -382,7 +409,7 @@ class TrainConfig:
           "--resume continues the run in --out and --overwrite replaces it:"
           " give one"
       )
-    for name in ("lr", "scale", "weight_decay", "clip"):
+    for name in ("lr", "weight_decay", "clip"):
       value = getattr(self, name)
       if value is not None and not (math.isfinite(value) and value >= 0):
         raise ValueError(
@@ -434,6 +461,35 @@ class TrainConfig:
     if self.warmup_steps is None:
       self.warmup_steps = max(self.steps // 10, 1)
 
+  def _scale(self, kind: str):
+    """``--scale`` as the optimizer takes it: a float, or the name of a rule
+    it accepts (default 'rms')."""
+    if self.scale is None:
+      # unused by full-rank optimizers; a number, as runs have always stored
+      return 0.25 if kind == "full" else "rms"
+    rules = galore_optax.step_size.SCALE_RULES
+    if self.scale in rules:
+      # Fira's residual restores the rest of the update itself (step_size)
+      takes = {"galore": rules, "apollo": ("rms",)}.get(kind, ())
+      takes = ("rms",) if self.optimizer == "fira_adamw" else takes
+      if self.scale not in takes:
+        raise ValueError(
+            f"--scale {self.scale} is not a rule of --optimizer"
+            f" {self.optimizer}"
+            + (f" (its rules: {', '.join(takes)})" if takes else "")
+            + "; give a number"
+        )
+      return self.scale
+    try:
+      scale = float(self.scale)
+    except ValueError:
+      raise ValueError(
+          f"--scale must be a number or one of {rules}, got {self.scale!r}"
+      ) from None
+    if not (math.isfinite(scale) and scale >= 0):
+      raise ValueError(f"--scale must be a finite number >= 0, got {scale}")
+    return scale
+
   @property
   def model_config(self):
     if self.init:
@@ -477,6 +533,7 @@ class TrainConfig:
         "data",
         "tokenizer",
         "memmap",
+        "contrastive_batches",
         "seed",
         "steps",
         "schedule",

@@ -302,7 +302,15 @@ def load(spec: str, image_size: int, channels: int) -> ImageText:
 def contrastive_loss(logits, weights=None):
   """Symmetric InfoNCE: the mean of the image->text and text->image
   cross-entropies of ``logits`` (n, n), pair i on the diagonal; rows and
-  columns of weight 0 take no part. Works on jax arrays."""
+  columns of weight 0 take no part. Works on jax arrays.
+
+  A caption drawn twice in a batch (or an image) is no false negative of
+  itself: its two columns are equal, and the loss and its gradients are those
+  of multi-positive targets (each row's target spread over the pairs sharing
+  its text), as tests/test_clip.py checks. What a batch of random pairs does
+  hold is pairs of one class under other captions, each a negative of the
+  others; ``--contrastive-batches distinct`` draws fewer of them.
+  """
   import jax
   import jax.numpy as jnp
 
@@ -317,6 +325,26 @@ def contrastive_loss(logits, weights=None):
 
   per_pair = 0.5 * (cross_entropy(masked) + cross_entropy(masked.T))
   return (per_pair * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def distinct_pairs(
+    pairs: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
+  """``n`` indices of ``pairs`` ((image, caption) rows) in random order, no two
+  of which share an image or a caption while such pairs remain; past that
+  (data with fewer than ``n`` distinct captions) the rest are drawn freely."""
+  order = rng.permutation(len(pairs))
+  images, captions, picked = set(), set(), []
+  for i in order:
+    image, caption = pairs[i]
+    if image not in images and caption not in captions:
+      images.add(image)
+      captions.add(caption)
+      picked.append(i)
+      if len(picked) == n:
+        return np.asarray(picked)
+  rest = rng.integers(0, len(pairs), n - len(picked))
+  return np.concatenate([np.asarray(picked, np.int64), rest])
 
 
 def recall_at(similarity: np.ndarray, positive: np.ndarray, k: int) -> float:

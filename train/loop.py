@@ -89,6 +89,25 @@ def matrices(params: Any, stacked: bool = False) -> Any:
   return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
+def effective_scale(cfg: TrainConfig, params: Any) -> Optional[str]:
+  """What ``cfg.scale`` multiplies each targeted matrix shape by, e.g.
+  ``'rms (128x512 r32: 2, 128x128 r32: 2)'``; None for optimizers without a
+  subspace. ``params``: unstacked, as :func:`build_optimizer` takes them."""
+  kind = OPTIMIZERS[cfg.optimizer][2]
+  if kind not in ("galore", "apollo"):
+    return None if kind == "full" else f"{cfg.scale:g}"
+  plans = galore_optax.plan_leaves(
+      params, rank=cfg.rank, proj_type=cfg.proj_type, targets=galore_targets()
+  )
+  factors = galore_optax.step_size.describe(
+      plans,
+      cfg.scale,
+      residual=cfg.optimizer == "fira_adamw",
+      apollo=kind == "apollo",
+  )
+  return f"{cfg.scale} ({factors})"
+
+
 def build_optimizer(
     cfg: TrainConfig, params: Any, axis_name: Any = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -425,6 +444,7 @@ def train(
       else tx
   )
   memory = galore_optax.memory_report(unstacked, unstacked_tx)
+  scale = effective_scale(cfg, unstacked)
   init = functools.partial(layerwise.init, tx) if cfg.layerwise else tx.init
   step_fn, eval_fn = make_steps(
       graphdef, tx, task.loss, gather=placement.gather_for_compute
@@ -513,7 +533,7 @@ def train(
     print(
         f"optimizer {cfg.optimizer}"
         + (
-            f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {cfg.scale}, "
+            f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {scale}, "
             f"{cfg.proj_type})"
             if OPTIMIZERS[cfg.optimizer][2] in ("galore", "apollo")
             else ""
@@ -619,6 +639,8 @@ def train(
       time.perf_counter() - t_begin,
       finished=end == cfg.steps,
   )
+  if scale is not None:
+    summary["scale"] = scale
   if cfg.lora_rank:
     summary["trainable_params"] = int(n_trainable)
   params = unpack(params)

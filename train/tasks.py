@@ -610,10 +610,12 @@ class ContrastiveLearning(Task):
 
   def batch(self, cfg, data, step, rows):
     train = data.source.train
-    pick = np.random.default_rng([cfg.seed, step]).integers(
-        0, len(train.pairs), cfg.batch_size
-    )[rows]
-    image, text = train.pairs[pick].T
+    rng = np.random.default_rng([cfg.seed, step])
+    if cfg.contrastive_batches == "distinct":
+      pick = image_text.distinct_pairs(train.pairs, cfg.batch_size, rng)
+    else:
+      pick = rng.integers(0, len(train.pairs), cfg.batch_size)
+    image, text = train.pairs[pick[rows]].T
     return train.images[image], data.train_tokens[text]
 
   def eval_batches(self, cfg, data):
