@@ -33,6 +33,8 @@ import pathlib
 import statistics
 import time
 
+import numpy as np
+
 from benchmarks.common import machine
 from train.config import TrainConfig
 from train.loop import train
@@ -122,6 +124,15 @@ ROWS = {
     ),
 }
 BASELINE = "optax.adamw"
+
+# The seed-0 grid of learning rate x scale for galore_adamw at rank d/4, around
+# the rule (2 on every matrix of this model at d/4): where the rule sits.
+GRID_SCALES = (0.25, 0.5, 1.0, "rms", 4.0)
+GRID_LRS = (2e-3, 5e-3, 1e-2, 2e-2)
+GRID_ROWS = {
+    f"scale {scale}": (dict(optimizer="galore_adamw", rank=32, scale=scale), 0)
+    for scale in GRID_SCALES
+}
 
 
 class OutOfTime(Exception):
@@ -293,6 +304,11 @@ def main(argv=None) -> None:
       ),
   )
   p.add_argument(
+      "--grid",
+      action="store_true",
+      help="galore_adamw's seed-0 grid of learning rate x scale (heat map)",
+  )
+  p.add_argument(
       "--runs",
       default=None,
       help=(
@@ -323,6 +339,9 @@ def main(argv=None) -> None:
       deadline=time.time() + 60 * args.max_minutes,
       dry=args.report,
   )
+  if args.grid:
+    grid(dataclasses.replace(runner, rows=GRID_ROWS), args)
+    return
   results = {}
   for name in args.rows:
     try:
@@ -348,6 +367,60 @@ def main(argv=None) -> None:
           long_runner.dry = True
           longer[name] = long_runner(name, results[name]["best"], SEEDS[0])
   write(results, longer, args)
+
+
+def grid(runner: Runner, args) -> None:
+  """Runs (or reads) every cell of the grid; writes its table and heat map."""
+  values = {}
+  for name in GRID_ROWS:
+    for lr in GRID_LRS:
+      try:
+        entry = runner(name, lr, SEEDS[0])
+      except OutOfTime:
+        runner.dry, entry = True, None
+      values[name, lr] = None if entry is None else entry["val"]
+  out = pathlib.Path(args.out + "-grid")
+  lines = [
+      f"`python -m benchmarks.quality --grid` — {machine()}",
+      "",
+      (
+          "galore_adamw, rank 32 of d_model 128, seed 0, the main job's 800"
+          " steps: final validation loss by learning rate and scale (the"
+          " rule, rms, is 2 on every matrix here):"
+      ),
+      "",
+      "| scale | " + " | ".join(f"lr {lr:g}" for lr in GRID_LRS) + " |",
+      "|---|" + "---|" * len(GRID_LRS),
+  ]
+  for name in GRID_ROWS:
+    cells = (values[name, lr] for lr in GRID_LRS)
+    lines.append(
+        f"| {name[len('scale ') :]} | "
+        + " | ".join("pending" if v is None else f"{v:.4f}" for v in cells)
+        + " |"
+    )
+  text = "\n".join(lines) + "\n"
+  print(text)
+  out.with_suffix(".md").write_text(text)
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  table = np.array([
+      [np.nan if values[n, lr] is None else values[n, lr] for lr in GRID_LRS]
+      for n in GRID_ROWS
+  ])
+  image = ax.imshow(table, cmap="viridis_r", aspect="auto")
+  for (i, j), v in np.ndenumerate(table):
+    if np.isfinite(v):
+      ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w")
+  ax.set_xticks(range(len(GRID_LRS)), [f"{lr:g}" for lr in GRID_LRS])
+  ax.set_yticks(range(len(GRID_ROWS)), [n[len("scale ") :] for n in GRID_ROWS])
+  ax.set_xlabel("learning rate")
+  ax.set_ylabel("scale")
+  ax.set_title("galore_adamw r=32, seed 0: final validation loss")
+  fig.colorbar(image)
+  fig.tight_layout()
+  fig.savefig(out.parent / f"{out.name}.png", dpi=100)
+  plt.close(fig)
 
 
 def _cell(values: list[float]) -> str:

@@ -148,10 +148,11 @@ def scale_by_galore(
       factor restoring a full-rank update's size (see
       :mod:`galore_optax.step_size`), so that one learning rate suits targeted
       and untargeted leaves: ``'rms'`` (``sqrt(k / r)`` for a side of length
-      ``k`` projected to rank ``r``; ``sqrt(m n) / r`` for 'full'; 1 under
-      ``residual='fira'``) for inner optimizers with normalised outputs (Adam,
-      Adafactor, Lion), ``'norm'`` (``||G|| / ||R||``, each step) for linear
-      ones (SGD, momentum). A rule is static.
+      ``k`` projected to rank ``r``; ``sqrt(m n) / r`` for 'full') for inner
+      optimizers with normalised outputs (Adam, Adafactor, Lion), ``'norm'``
+      (``||G|| / ||R||``, each step) for linear ones (SGD, momentum). A rule
+      multiplies the whole update, Fira's residual included (whose
+      subtraction is then the true ``G - P R``). A rule is static.
     proj_type: 'std' (basis on the smaller side, moments along the larger),
       'reverse_std', 'left', 'right' or 'full'. Static.
     targets: which leaves are projected: a pytree of bools, a callable on
@@ -445,16 +446,12 @@ def scale_by_galore(
     # 4. Project back (and add Fira's residual).
     for i, p in plans.items():
       sides = _sides(p, records[i])
-      factor = (
-          step_size.norm_factor(matrices[i], low[i])
-          if isinstance(scale, str) and scale == "norm"
-          else step_size.galore_factor(scale, p, residual is not None)
-      )
-      back = factor * projection.project_back(
+      alpha, factor = step_size.galore_factors(scale, p, matrices[i], low[i])
+      back = alpha * projection.project_back(
           out[i], *sides, precision=precision
       )
       if residual is not None:
-        outside = matrices[i] - factor * projection.project_back(
+        outside = matrices[i] - alpha * projection.project_back(
             low[i], *sides, precision=precision
         )
         ratio = scaling.norm_ratio(
@@ -466,6 +463,7 @@ def scale_by_galore(
             state.count == 0,
         )
         back = back + limited
+      back = factor * back
       out[i] = p.view.from_matrix(back).astype(leaves[i].dtype)
 
     if projector_bits is None:

@@ -194,16 +194,19 @@ def test_lamb_trust_ratio_cancels_the_scale():
   np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-7)
 
 
-def test_fira_rule_is_one_and_apollo_rule_is_k_over_r():
+def test_fira_rule_scales_its_whole_update_and_apollo_rule_is_k_over_r():
   grads = {"w": jax.random.normal(jax.random.PRNGKey(0), (M, N))}
   params = {"w": jnp.zeros((M, N))}
 
   def first_update(tx):
     return tx.update(grads, tx.init(params), params)[0]["w"]
 
-  np.testing.assert_array_equal(
+  # the subspace step and the true residual (alpha 1), both times sqrt(k / r)
+  np.testing.assert_allclose(
       first_update(galore_optax.fira_adamw(1.0, rank=RANK, scale="rms")),
-      first_update(galore_optax.fira_adamw(1.0, rank=RANK, scale=1.0)),
+      math.sqrt(M / RANK)
+      * first_update(galore_optax.fira_adamw(1.0, rank=RANK, scale=1.0)),
+      rtol=1e-6,
   )
   np.testing.assert_allclose(
       first_update(galore_optax.apollo_adamw(1.0, rank=RANK, scale="rms")),

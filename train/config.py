@@ -109,8 +109,8 @@ class TrainConfig:
       "GaLore alpha, the factor of the back-projected update: a number (0.25"
       " with --lr 1e-2 is the paper's recipe) or a rule that restores a"
       " full-rank update's size per matrix, so that the learning rate of"
-      " AdamW suits every leaf: rms (the default: sqrt(side / rank); 1 for"
-      " fira_adamw; side / rank for APOLLO, which multiplies by sqrt(scale))"
+      " AdamW suits every leaf: rms (the default: sqrt(side / rank); side /"
+      " rank for APOLLO, which multiplies by sqrt(scale))"
       " or norm (||G|| / ||projected G||, for galore_sgd, its default)."
       " contrib_galore takes a number (default 0.25)",
   )

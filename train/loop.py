@@ -100,10 +100,7 @@ def effective_scale(cfg: TrainConfig, params: Any) -> Optional[str]:
       params, rank=cfg.rank, proj_type=cfg.proj_type, targets=galore_targets()
   )
   factors = galore_optax.step_size.describe(
-      plans,
-      cfg.scale,
-      residual=cfg.optimizer == "fira_adamw",
-      apollo=kind == "apollo",
+      plans, cfg.scale, apollo=kind == "apollo"
   )
   return f"{cfg.scale} ({factors})"
 
