@@ -79,6 +79,16 @@ ROWS = {
     ),
     "LoRA r=4, adamw": (dict(optimizer="adamw", lora_rank=4), 1e-4),
     "LoRA r=8, adamw": (dict(optimizer="adamw", lora_rank=8), 1e-4),
+    # the step-size rule (issue 27): sqrt(128 / r) on the cpu encoder's
+    # matrices, 5.66 at r=4 and 4 at r=8
+    "galore_adamw r=4, rule": (
+        dict(optimizer="galore_adamw", rank=4, scale="rms"),
+        1e-4,
+    ),
+    "galore_adamw r=8, rule": (
+        dict(optimizer="galore_adamw", rank=8, scale="rms"),
+        1e-4,
+    ),
 }
 TASKS = {"stdlib:next": "val_accuracy", "stdlib:order": "val_matthews"}
 PRETRAIN = dict(task="bert", preset="cpu", optimizer="adamw", steps=1600)

@@ -14,6 +14,7 @@ import pytest
 
 from train import config as config_lib
 from train.__main__ import main
+from train import loop
 from train.loop import train
 
 TINY = dict(
@@ -90,6 +91,32 @@ def test_low_rank_defaults_are_the_rule_at_the_full_rank_rate():
   assert config_lib.TrainConfig(optimizer="contrib_galore").scale == 0.25
   # a number from the command line is the reference's alpha, exactly
   assert config_lib.TrainConfig(scale="0.25").scale == 0.25
+
+
+def test_the_banner_names_each_shape_s_factor():
+  params = {
+      "blocks": {
+          "0": {
+              "attn": {"query": {"kernel": np.zeros((64, 64))}},
+              "mlp": {"fc": {"kernel": np.zeros((64, 256))}},
+          }
+      },
+      "embed": np.zeros((300, 64)),
+  }
+  scale = lambda **kw: loop.effective_scale(
+      config_lib.TrainConfig(**{"rank": 16, **kw}), params
+  )
+  assert scale() == "rms (64x64 r16: 2, 64x256 r16: 2)"
+  assert scale(optimizer="fira_adamw") == scale()
+  assert scale(optimizer="apollo_adamw") == "rms (64x64 r16: 4, 64x256 r16: 4)"
+  assert scale(optimizer="apollo_mini", rank=None) == (
+      "rms (64x64 r1: 64, 64x256 r1: 64)"
+  )
+  assert scale(proj_type="full") == "rms (64x64 r16: 4, 64x256 r16: 8)"
+  assert scale(scale="0.25") == "0.25 (64x64 r16: 0.25, 64x256 r16: 0.25)"
+  assert scale(optimizer="galore_sgd").startswith("norm (||G|| / ||R||")
+  assert scale(optimizer="contrib_galore") == "0.25"
+  assert scale(optimizer="adamw") is None
 
 
 def test_subspace_engine_flags(tmp_path):
