@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from train import config as config_lib
-from train.__main__ import main
 from train import loop
+from train.__main__ import main
 from train.loop import train
 
 TINY = dict(
