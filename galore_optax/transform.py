@@ -232,9 +232,8 @@ def scale_by_galore(
   step_size.check_scale(scale)
   if residual is not None and isinstance(scale, str) and scale == "norm":
     raise ValueError(
-        "scale='norm' is the rule of linear inner optimizers; Fira's residual"
-        " restores the rest of the update itself: use scale='rms' (1) or a"
-        " number"
+        "scale='norm' is the rule of linear inner optimizers such as SGD;"
+        " under Fira's residual use scale='rms' or a number"
     )
   quantization.check_bits(
       "moment_bits", moment_bits, (None, *quantization.MOMENT_BITS)

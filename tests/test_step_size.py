@@ -248,7 +248,7 @@ def test_rule_survives_inject_hyperparams_as_a_static_argument():
         ),
         (
             lambda: galore_optax.fira_adamw(1.0, scale="norm"),
-            "Fira's residual restores the rest",
+            "under Fira's residual use scale='rms'",
         ),
         (
             lambda: galore_optax.apollo_adamw(1.0, scale="norm"),

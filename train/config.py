@@ -469,7 +469,7 @@ class TrainConfig:
       return 0.25 if kind == "full" else "rms"
     rules = galore_optax.step_size.SCALE_RULES
     if self.scale in rules:
-      # Fira's residual restores the rest of the update itself (step_size)
+      # 'norm' is for linear inner optimizers; Fira's is Adam
       takes = {"galore": rules, "apollo": ("rms",)}.get(kind, ())
       takes = ("rms",) if self.optimizer == "fira_adamw" else takes
       if self.scale not in takes:
