@@ -36,9 +36,9 @@ per channel by ``||N|| / ||R||`` and limited in growth; its column norms are
 ``rho sqrt(r) ||G_col|| / ||R_col||``, a full-rank update's when the gradient is
 spread over every direction and ``sqrt(r / k)`` of it when the gradient lies in
 the subspace, as real gradients nearly do (benchmarks/step_size.py measures
-0.51 to 0.56 on GPT-2's, Fira at scale 1). So Fira takes the same ``'rms'`` factor, on ``back(N) + S``;
-only a number ``scale`` also weighs the subtracted projection, as Fira's
-reference does.
+0.51 to 0.56 on GPT-2's, Fira at scale 1). So Fira takes the same ``'rms'``
+factor, on ``back(N) + S``; only a number ``scale`` also weighs the subtracted
+projection, as Fira's reference does.
 
 APOLLO scales the raw gradient by ``||N|| / ||R||`` with a Gaussian ``R`` of
 about ``G``'s norm, so its update has ``sqrt(r / k)`` of a full update's RMS,
