@@ -80,17 +80,7 @@ def tuned(args) -> dict:
       score=SCORE,
       higher_is_better=True,
   )
-  results = {}
-  for name in args.rows:
-    try:
-      results[name] = quality_lib.tune(name, runner)
-    except quality_lib.OutOfTime:
-      runner.dry = True
-      results[name] = quality_lib.tune(name, runner)
-  runner.dry = True  # the table shows every row whose runs exist
-  for name in ROWS:
-    results.setdefault(name, quality_lib.tune(name, runner))
-  return {name: results[name] for name in ROWS}
+  return quality_lib.tune_rows(runner, args.rows)
 
 
 def costs(repeats: int) -> dict:

@@ -124,12 +124,7 @@ def quality(args) -> dict:
         score=score,
         higher_is_better=True,
     )
-    for name in ROWS:
-      try:
-        results.setdefault(task, {})[name] = quality_lib.tune(name, runner)
-      except quality_lib.OutOfTime:
-        runner.dry = True
-        results[task][name] = quality_lib.tune(name, runner)
+    results[task] = quality_lib.tune_rows(runner, ROWS)
   return results
 
 

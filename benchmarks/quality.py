@@ -96,7 +96,7 @@ ROWS = {
         5e-3,
     ),
     # The step-size rule (issue 27): at d/4 every matrix of this model gets
-    # 2 (Fira 1, APOLLO 4), at d/8 2.83 (APOLLO 8). apollo_mini's rule is its
+    # 2 (APOLLO 4), at d/8 2.83 (APOLLO 8). apollo_mini's rule is its
     # paper's 128 here (a 128-wide side at rank 1), so its row above stands.
     "galore_adamw r=32 rms": (
         dict(optimizer="galore_adamw", rank=32, scale="rms"),
@@ -246,6 +246,25 @@ def same_run(saved: dict, cfg: TrainConfig) -> bool:
   )
 
 
+def tune_rows(runner: Runner, names) -> dict:
+  """:func:`tune` of each of ``names`` while the runner's time lasts (then
+  only what its ledger holds), and of every other row of ``runner.rows`` from
+  the ledger alone, so the report covers runs of other sittings too; in
+  ``runner.rows`` order."""
+  results = {}
+  for name in names:
+    try:
+      results[name] = tune(name, runner)
+    except OutOfTime:
+      runner.dry = True
+      results[name] = tune(name, runner)
+  runner.dry = True
+  return {
+      name: results[name] if name in results else tune(name, runner)
+      for name in runner.rows
+  }
+
+
 def tune(name: str, runner: Runner) -> dict:
   """Row ``name``'s sweep at seed 0 and its best learning rate's seeds; fields
   are missing where runs are pending."""
@@ -342,17 +361,7 @@ def main(argv=None) -> None:
   if args.grid:
     grid(dataclasses.replace(runner, rows=GRID_ROWS), args)
     return
-  results = {}
-  for name in args.rows:
-    try:
-      results[name] = tune(name, runner)
-    except OutOfTime:
-      runner.dry = True
-      results[name] = tune(name, runner)
-  # the report covers every row whose runs exist, also those of other sittings
-  runner.dry = True
-  for name in ROWS:
-    results.setdefault(name, tune(name, runner))
+  results = tune_rows(runner, args.rows)
   longer = {}
   if args.longer:
     long_runner = dataclasses.replace(
