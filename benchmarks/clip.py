@@ -54,6 +54,14 @@ ROWS = {
         dict(optimizer="galore_adamw", contrastive_batches="distinct"),
         2e-4,
     ),
+    "fira_adamw, distinct batches": (
+        dict(optimizer="fira_adamw", contrastive_batches="distinct"),
+        2e-4,
+    ),
+    "apollo_adamw, distinct batches": (
+        dict(optimizer="apollo_adamw", contrastive_batches="distinct"),
+        2e-4,
+    ),
     "galore_adamw scale 0.25": (
         dict(optimizer="galore_adamw", scale=0.25),
         5e-4,

@@ -21,6 +21,8 @@ pending. ``--report`` only writes the tables. The runs' own directories under
 
     python -m benchmarks.quality [--steps 800] [--rows NAME ...]
         [--max-minutes M] [--report] [--longer STEPS]
+    python -m benchmarks.quality --grid
+    python -m benchmarks.quality --data PATH   # untuned defaults elsewhere
 """
 
 from __future__ import annotations
@@ -124,6 +126,14 @@ ROWS = {
     ),
 }
 BASELINE = "optax.adamw"
+
+# Transfer (--data): the rows as a user runs them on a corpus of their own,
+# at the CLI's defaults (rank d/4, the rule, the default learning rate), against
+# AdamW tuned on that corpus.
+TRANSFER_ROWS = {
+    BASELINE: ROWS[BASELINE],
+    "galore_adamw, CLI defaults": (dict(optimizer="galore_adamw"), None),
+}
 
 # The seed-0 grid of learning rate x scale for galore_adamw at rank d/4, around
 # the rule (2 on every matrix of this model at d/4): where the rule sits.
@@ -328,6 +338,14 @@ def main(argv=None) -> None:
       help="galore_adamw's seed-0 grid of learning rate x scale (heat map)",
   )
   p.add_argument(
+      "--data",
+      metavar="PATH",
+      help=(
+          "transfer: AdamW tuned on this corpus (a local file or directory of"
+          " text) against galore_adamw at the CLI's defaults, untuned"
+      ),
+  )
+  p.add_argument(
       "--runs",
       default=None,
       help=(
@@ -361,6 +379,10 @@ def main(argv=None) -> None:
   if args.grid:
     grid(dataclasses.replace(runner, rows=GRID_ROWS), args)
     return
+  if args.data:
+    base = dict(runner.base, data=args.data)
+    transfer(dataclasses.replace(runner, base=base, rows=TRANSFER_ROWS), args)
+    return
   results = tune_rows(runner, args.rows)
   longer = {}
   if args.longer:
@@ -376,6 +398,27 @@ def main(argv=None) -> None:
           long_runner.dry = True
           longer[name] = long_runner(name, results[name]["best"], SEEDS[0])
   write(results, longer, args)
+
+
+def transfer(runner: Runner, args) -> None:
+  """Tuned AdamW on ``runner.base["data"]`` against each low-rank row at the
+  CLI's default learning rate and scale, 3 seeds, no tuning of its own."""
+  results = {BASELINE: tune(BASELINE, runner)}
+  for name in TRANSFER_ROWS:
+    if name == BASELINE:
+      continue
+    lr = TrainConfig(**runner.base, **TRANSFER_ROWS[name][0]).lr
+    seeds = []
+    for seed in SEEDS:
+      try:
+        entry = runner(name, lr, seed)
+      except OutOfTime:
+        runner.dry, entry = True, None
+      if entry is not None:
+        seeds.append(entry)
+    results[name] = dict(sweep={}, best=lr, seeds=seeds)
+  args.out += "-transfer"
+  write(results, {}, args)
 
 
 def grid(runner: Runner, args) -> None:
@@ -453,14 +496,19 @@ def write(results: dict, longer: dict, args) -> None:
       "python -m benchmarks.quality"
       + (f" --steps {args.steps}" if args.steps != 800 else "")
       + (f" --longer {args.longer}" if args.longer else "")
+      + (f" --data {args.data}" if args.data else "")
+  )
+  corpus = (
+      f"of `{args.data}`" if args.data else "of the standard library's source"
   )
   lines = [
       f"`{command}` — {machine()}",
       "",
       (
           f"GPT-2 `cpu` preset (d_model 128), {args.steps} steps of 16 x 128"
-          " tokens; each row at its best learning rate of a seed-0 sweep, then"
-          f" seeds {list(SEEDS)}; final validation loss:"
+          f" tokens {corpus}; each row at its best learning rate of a seed-0"
+          " sweep (rows without a sweep at the CLI's default), then seeds"
+          f" {list(SEEDS)}; final validation loss:"
       ),
       "",
       (

@@ -475,7 +475,7 @@ def _path(key: tuple) -> str:
   return "/".join(str(k) for k in key)
 
 
-def _stack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def stack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """``[tower/]blocks/<i>/rest`` -> ``[tower/]blocks/rest`` with a leading
   layer axis."""
   out, layers = {}, {}
@@ -487,6 +487,18 @@ def _stack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       out[k] = v
   for path, by_layer in layers.items():
     out[path] = np.stack([by_layer[i] for i in sorted(by_layer)])
+  return out
+
+
+def unstack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Inverse of :func:`stack_layers`; unstacked entries pass as they are."""
+  out = {}
+  for k, v in flat.items():
+    m = re.match(r"(.*?blocks)/(\D[^/]*/.*)", k)
+    if m:
+      out.update({f"{m[1]}/{i}/{m[2]}": layer for i, layer in enumerate(v)})
+    else:
+      out[k] = v
   return out
 
 
@@ -630,7 +642,7 @@ def load(
         f"{source} ({kind}) does not fit: " + "; ".join(problems[:12])
     )
   if config.stacked:
-    values = _stack_layers(values)
+    values = stack_layers(values)
     model = arch.model(config, rngs=nnx.Rngs(seed))
   set_params(model, values)
   report = LoadReport(

@@ -224,6 +224,12 @@ def test_lora_freezes_the_base_and_trains_the_adapters_and_head(tmp_path):
   assert result.summary["optimizer_state_bytes"] < 2 * 4 * trainable + 64
 
 
+def test_lora_defaults_to_a_full_rank_optimizer():
+  cfg = TrainConfig(task="bert", finetune="stdlib:next", lora_rank=2)
+  assert cfg.optimizer == "adamw"
+  assert TrainConfig(task="bert").optimizer == "galore_adamw"
+
+
 def test_lora_flags_are_checked(tmp_path):
   with pytest.raises(ValueError, match="full-rank optimizer"):
     _run(tmp_path, "a", lora_rank=2, optimizer="galore_adamw")

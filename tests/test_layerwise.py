@@ -155,6 +155,20 @@ def test_bfloat16_layerwise_run_resumes_exactly(tmp_path):
       strict=True,
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # --init takes the packed, stacked blocks into any other layout
+  saved = flat_params(whole.params)
+  for layout in (dict(), dict(remat="block"), dict(layerwise=True)):
+    cfg = tiny_config(tmp_path / "next", init=str(tmp_path / "whole"), **layout)
+    task = tasks.task_for(cfg)
+    model = task.build_model(cfg, task.load_data(cfg))
+    loaded = flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    if not cfg.stacked:
+      loaded = stacked_blocks(loaded)
+    assert loaded.keys() == saved.keys(), layout
+    for path, value in saved.items():
+      np.testing.assert_array_equal(
+          loaded[path], value.astype(np.float32), err_msg=path
+      )
 
 
 def test_pack_round_trips_16_bit_leaves_only():

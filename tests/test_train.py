@@ -3,6 +3,7 @@ and bad input."""
 
 import dataclasses
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from train import config as config_lib
 from train import loop
+from train import report
 from train.__main__ import main
 from train.loop import train
 
@@ -187,13 +189,17 @@ def test_vit_run_reports_accuracy(tmp_path):
   assert "img_per_s" in s
 
 
-def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path):
+def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, capsys):
   whole = train(
       _cfg(tmp_path, out=str(tmp_path / "whole"), steps=6), verbose=False
   )
   cfg = _cfg(tmp_path, out=str(tmp_path / "parts"), steps=6)
-  first = train(cfg, stop_after=3, verbose=False)
-  assert not first.summary["finished"]
+  # stopped before its first evaluation (step 4), as a preempted job is
+  first = train(cfg, stop_after=3)
+  assert not first.summary["finished"] and "val_loss" not in first.summary
+  out = capsys.readouterr().out
+  assert "stopped early (continue with --resume): 3 steps" in out
+  assert "no validation yet" in out
   metrics = tmp_path / "parts" / "metrics.jsonl"
   with open(metrics, "a") as f:
     f.write('{"step": 4, "lo')  # a crash in mid-line
@@ -207,6 +213,12 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path):
   # the log continues where it stopped, without the torn line
   rows = [json.loads(line) for line in metrics.read_text().splitlines()]
   assert [r["step"] for r in rows] == [2, 3, 4, 6]
+  # every output gets the umask's mode, as any file the user writes
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("config.json", "summary.json", "metrics.jsonl", "loss.png"):
+    mode = (tmp_path / "parts" / name).stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask, (name, oct(mode))
 
 
 def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
@@ -496,3 +508,13 @@ def test_refresh_steps_are_timed_where_bases_were_computed(tmp_path):
   refresh = train(cfg, verbose=False).summary["refresh"]
   assert refresh["refresh_steps_timed"] == 2
   assert refresh["bases_computed"] == 3 * 8
+
+
+def test_compare_table_of_runs_stopped_before_their_first_evaluation():
+  stopped = dict(
+      optimizer_state_bytes=2048,
+      optimizer_state_vs_adamw=0.5,
+      median_step_ms=3.0,
+  )
+  table = report.compare_table({"adamw": stopped, "galore_adamw": stopped})
+  assert "| adamw | - | - | 2.00K | 50% | 3.0 |" in table

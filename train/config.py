@@ -91,7 +91,13 @@ class TrainConfig:
           "const": "stdlib:next",
       },
   )
-  optimizer: str = _field("galore_adamw", "one of " + ", ".join(OPTIMIZERS))
+  optimizer: Optional[str] = _field(
+      None,
+      "one of "
+      + ", ".join(OPTIMIZERS)
+      + " (default: galore_adamw; adamw with --lora-rank, whose adapters take"
+      " a full-rank optimizer)",
+  )
   rank: Optional[int] = _field(
       None, "GaLore rank r (default: d_model // 4; 1 for apollo_mini)"
   )
@@ -288,6 +294,8 @@ class TrainConfig:
           f"unknown {self.task} preset {self.preset!r}; choose one of"
           f" {sorted(presets)}"
       )
+    if self.optimizer is None:
+      self.optimizer = "adamw" if self.lora_rank is not None else "galore_adamw"
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(
           f"unknown optimizer {self.optimizer!r}; choose one of"

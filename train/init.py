@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -58,10 +60,28 @@ def _newest_params(source: str) -> dict[str, np.ndarray]:
   params = manager.restore(
       step, args=ocp.args.Composite(params=ocp.args.StandardRestore())
   ).params
-  return {
+  flat = {
       galore_optax.targets.path_str(key): np.asarray(leaf)
       for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
   }
+  saved = run_config(source)
+  if saved.get("layerwise"):
+    flat = _unpacked(flat, jnp.dtype(saved.get("param_dtype") or "float32"))
+  return hf.unstack_layers(flat)
+
+
+def _unpacked(flat: dict, dtype: np.dtype) -> dict:
+  """A layer-wise run keeps its blocks' 16-bit parameters as raw bits
+  (``train.layerwise.Bits``, saved as one uint16 child ``.../0``): their
+  values, under the parameter's own path."""
+  if dtype.itemsize != 2:
+    return flat
+  return dict(
+      (k[: -len("/0")], v.view(dtype))
+      if v.dtype == np.uint16 and k.endswith("/0")
+      else (k, v)
+      for k, v in flat.items()
+  )
 
 
 def load_run(source: str, model: nnx.Module, heads: tuple[str, ...]) -> list:
@@ -74,6 +94,9 @@ def load_run(source: str, model: nnx.Module, heads: tuple[str, ...]) -> list:
   """
   saved = _newest_params(source)
   flat = hf.flat_params(model)
+  if not any(re.search(r"blocks/\d+/", k) for k in flat):
+    # the model's blocks are stacked (--remat block, --layerwise)
+    saved = hf.stack_layers(saved)
   values, fresh, problems = hf.fit_params(flat, saved, heads)
   unknown = [k for k in saved if k not in flat and not k.startswith(heads)]
   if unknown:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import os
 import pathlib
-import tempfile
+import uuid
 from typing import Optional
 
 import matplotlib
@@ -21,7 +21,10 @@ def write_atomic(path: pathlib.Path, content: str | bytes) -> None:
   """Writes ``content`` to ``path`` through a temporary file and a rename, so
   that a crash leaves the old file or the new one, never a torn one."""
   path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+  # os.open applies the umask to 0o666, as any file the user writes gets
+  # (mkstemp would leave 0o600)
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(content.encode() if isinstance(content, str) else content)
@@ -84,10 +87,19 @@ def entropy_line(summary: dict) -> Optional[tuple[str, float]]:
 
 def describe_summary(s: dict) -> str:
   lines = [
-      f"done: {s['steps']} steps of {s['optimizer']} in {s['wall_time_s']:.0f}s"
+      (
+          "done: "
+          if s["finished"]
+          else "stopped early (continue with --resume): "
+      )
+      + f"{s['steps']} steps of {s['optimizer']} in {s['wall_time_s']:.0f}s"
       f" ({s['median_step_ms']:.1f} ms/step)"
   ]
-  if "val_ppl" in s:
+  if "val_loss" not in s:
+    lines.append(
+        "no validation yet: the run stopped before its first evaluation"
+    )
+  elif "val_ppl" in s:
     lines.append(
         f"validation loss {s['val_loss']:.4f} nats per token (perplexity"
         f" {s['val_ppl']:.2f}), {s['val_bpb']:.4f} bits per byte; unigram"
@@ -137,23 +149,27 @@ def compare_table(summaries: dict[str, dict]) -> str:
   time."""
   first = next(iter(summaries.values()))
   metric = next(
-      k
-      for k in (
-          "val_ppl",
-          "val_accuracy",
-          "val_masked_accuracy",
-          "val_zero_shot_accuracy",
-          *first,
-      )
-      if k in first and k.startswith("val_") and k != "val_loss"
+      (
+          k
+          for k in (
+              "val_ppl",
+              "val_accuracy",
+              "val_masked_accuracy",
+              "val_zero_shot_accuracy",
+              *first,
+          )
+          if k in first and k.startswith("val_") and k != "val_loss"
+      ),
+      "val_metric",  # runs stopped before their first evaluation
   )
   head = (
       "| optimizer | final val loss | "
       + metric.replace("_", " ")
       + " | optimizer state | vs AdamW | ms/step |\n|---|---|---|---|---|---|"
   )
+  cell = lambda s, key, spec: format(s[key], spec) if key in s else "-"
   rows = [
-      f"| {name} | {s['val_loss']:.4f} | {s[metric]:.4g} |"
+      f"| {name} | {cell(s, 'val_loss', '.4f')} | {cell(s, metric, '.4g')} |"
       f" {human_bytes(s['optimizer_state_bytes'])} |"
       f" {s['optimizer_state_vs_adamw']:.0%} | {s['median_step_ms']:.1f} |"
       for name, s in summaries.items()
