@@ -82,7 +82,8 @@ def test_distinct_batches_repeat_no_image_and_no_caption():
   pick = image_text.distinct_pairs(pairs, 64, rng)
   images, captions = pairs[pick].T
   assert len(set(images)) == len(set(captions)) == 64
-  # what the CLI trains on with --contrastive-batches distinct
+  # what the CLI trains on: distinct by default
+  assert TrainConfig(task="clip").contrastive_batches == "distinct"
   for batches, unique in (("distinct", 64), ("random", None)):
     cfg = TrainConfig(task="clip", contrastive_batches=batches)
     task = task_for(cfg)

@@ -216,8 +216,8 @@ class TrainConfig:
   )
   contrastive_batches: Optional[str] = _field(
       None,
-      "clip: how training pairs are drawn: random (the default, with"
-      " replacement) or distinct (no image or caption twice in a batch)",
+      "clip: how training pairs are drawn: distinct (the default: no image"
+      " or caption twice in a batch) or random (with replacement)",
   )
   seed: int = _field(0, "seed of the initialisation and of the batch order")
   out: Optional[str] = _field(
@@ -276,7 +276,7 @@ class TrainConfig:
     if self.tokenizer != "bytes" and self.task == "vit":
       raise ValueError("--tokenizer is an option of gpt2, bert and clip")
     if self.task == "clip":
-      self.contrastive_batches = self.contrastive_batches or "random"
+      self.contrastive_batches = self.contrastive_batches or "distinct"
       if self.contrastive_batches not in CONTRASTIVE_BATCHES:
         raise ValueError(
             f"unknown --contrastive-batches {self.contrastive_batches!r};"
