@@ -670,7 +670,7 @@ def _plot_validation(curves: dict, path: pathlib.Path, title: str) -> None:
 def _style(name: str) -> dict:
   """One colour per optimizer, the same at both ranks; d/8 rows dashed."""
   family = lambda row: row.replace(" r=16", "").replace(" r=32", "")
-  families = list(dict.fromkeys(map(family, ROWS)))
+  families = list(dict.fromkeys(map(family, [*ROWS, *TRANSFER_ROWS])))
   color = _pyplot().colormaps["tab10"](families.index(family(name)) % 10)
   return dict(color=color, linestyle="--" if "r=16" in name else "-")
 
