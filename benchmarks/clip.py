@@ -23,7 +23,6 @@ import json
 import math
 import pathlib
 import statistics
-import time
 
 from flax import nnx
 
@@ -83,12 +82,10 @@ OUT = pathlib.Path("benchmarks/results/clip")
 
 
 def tuned(args) -> dict:
-  runner = quality_lib.Runner(
-      pathlib.Path(args.runs),
+  runner = quality_lib.Runner.for_sitting(
+      args,
       STEPS,
       ledger=LEDGER,
-      deadline=time.time() + 60 * args.max_minutes,
-      dry=args.report,
       rows=ROWS,
       base=BASE,
       score=SCORE,

@@ -168,6 +168,18 @@ class Runner:
   score: str = "val_loss"  # a validation metric of the run's summary
   higher_is_better: bool = False
 
+  @classmethod
+  def for_sitting(cls, args, steps: int, **fields) -> Runner:
+    """The runner of one sitting of a benchmark's CLI: its ``--runs``,
+    ``--max-minutes`` and ``--report``."""
+    return cls(
+        pathlib.Path(args.runs),
+        steps,
+        deadline=time.time() + 60 * args.max_minutes,
+        dry=args.report,
+        **fields,
+    )
+
   def value(self, entry: dict) -> float:
     """The run's score; the quantity the sweep optimises."""
     return (
@@ -230,6 +242,15 @@ class Runner:
         flush=True,
     )
     return entry
+
+  def attempt(self, name: str, lr: float, seed: int) -> dict | None:
+    """:meth:`__call__`; past the deadline the runner turns dry (reads the
+    ledger only) and the run is pending (None)."""
+    try:
+      return self(name, lr, seed)
+    except OutOfTime:
+      self.dry = True
+      return None
 
 
 def read_ledger(path: pathlib.Path) -> list[dict]:
@@ -369,13 +390,7 @@ def main(argv=None) -> None:
   suffix = "" if args.steps == 800 else f"-{args.steps}"
   args.runs = args.runs or f"runs/benchmarks/quality{suffix}"
   args.out = args.out or f"benchmarks/results/quality{suffix}"
-  runner = Runner(
-      pathlib.Path(args.runs),
-      args.steps,
-      ledger=args.ledger,
-      deadline=time.time() + 60 * args.max_minutes,
-      dry=args.report,
-  )
+  runner = Runner.for_sitting(args, args.steps, ledger=args.ledger)
   if args.grid:
     grid(dataclasses.replace(runner, rows=GRID_ROWS), args)
     return
@@ -392,11 +407,9 @@ def main(argv=None) -> None:
     long_runner.dry = args.report
     for name in args.rows:
       if "best" in results[name]:  # None where its run is pending
-        try:
-          longer[name] = long_runner(name, results[name]["best"], SEEDS[0])
-        except OutOfTime:
-          long_runner.dry = True
-          longer[name] = long_runner(name, results[name]["best"], SEEDS[0])
+        longer[name] = long_runner.attempt(
+            name, results[name]["best"], SEEDS[0]
+        )
   write(results, longer, args)
 
 
@@ -408,15 +421,10 @@ def transfer(runner: Runner, args) -> None:
     if name == BASELINE:
       continue
     lr = TrainConfig(**runner.base, **TRANSFER_ROWS[name][0]).lr
-    seeds = []
-    for seed in SEEDS:
-      try:
-        entry = runner(name, lr, seed)
-      except OutOfTime:
-        runner.dry, entry = True, None
-      if entry is not None:
-        seeds.append(entry)
-    results[name] = dict(sweep={}, best=lr, seeds=seeds)
+    seeds = [runner.attempt(name, lr, seed) for seed in SEEDS]
+    results[name] = dict(
+        sweep={}, best=lr, seeds=[e for e in seeds if e is not None]
+    )
   args.out += "-transfer"
   write(results, {}, args)
 
@@ -428,10 +436,7 @@ def grid(runner: Runner, args) -> None:
   # sitting cut short has measured what matters most
   for lr in sorted(GRID_LRS, key=lambda lr: abs(math.log(lr / 1e-2))):
     for name in GRID_ROWS:
-      try:
-        entry = runner(name, lr, SEEDS[0])
-      except OutOfTime:
-        runner.dry, entry = True, None
+      entry = runner.attempt(name, lr, SEEDS[0])
       values[name, lr] = None if entry is None else entry["val"]
   out = pathlib.Path(args.out + "-grid")
   lines = [

@@ -17,7 +17,6 @@ import argparse
 import math
 import pathlib
 import statistics
-import time
 
 from benchmarks import quality as quality_lib
 from benchmarks.common import machine
@@ -100,12 +99,10 @@ def main(argv=None) -> None:
   )
   p.add_argument("--runs", default="runs/benchmarks/vit")
   args = p.parse_args(argv)
-  runner = quality_lib.Runner(
-      pathlib.Path(args.runs),
+  runner = quality_lib.Runner.for_sitting(
+      args,
       TrainConfig(**BASE).steps,
       ledger=LEDGER,
-      deadline=time.time() + 60 * args.max_minutes,
-      dry=args.report,
       rows=ROWS,
       base=BASE,
       score=SCORE,
