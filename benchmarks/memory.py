@@ -41,6 +41,7 @@ from models import ViT
 from models import gpt2
 from models import vit
 from train import loop
+from train import optimizers as optimizers_lib
 from train import parallel
 from train.tasks import TASKS
 
@@ -101,7 +102,7 @@ def trees() -> dict:
 
 
 # the training CLI's rule: attention and MLP matrices
-targeted = loop.galore_targets()
+targeted = optimizers_lib.galore_targets()
 
 
 def only_targets(params):
@@ -120,7 +121,9 @@ def only_targets(params):
 
 def contrib_galore(rank: int):
   return optax.contrib.galore(
-      1e-3, rank=rank, weight_dimension_numbers=loop.contrib_dimension_numbers
+      1e-3,
+      rank=rank,
+      weight_dimension_numbers=optimizers_lib.contrib_dimension_numbers,
   )
 
 

@@ -74,7 +74,7 @@ def _run(args) -> None:
   from galore_optax import sharding
   from models import GPT2
   from models import gpt2
-  from train.loop import galore_targets
+  from train.optimizers import galore_targets
   from train.parallel import MeshPlacement
   from train.parallel import bytes_per_device
   from train.parallel import compiled_memory

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import pathlib
@@ -40,6 +41,7 @@ import numpy as np
 from benchmarks.common import machine
 from train.config import TrainConfig
 from train.loop import train
+from train.optimizers import OPTIMIZERS
 
 LADDER = tuple(float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 2, 5))
 SEEDS = (0, 1, 2)
@@ -130,9 +132,12 @@ BASELINE = "optax.adamw"
 # Transfer (--data): the rows as a user runs them on a corpus of their own,
 # at the CLI's defaults (rank d/4, the rule, the default learning rate), against
 # AdamW tuned on that corpus.
+# GaLore tuned there too, to tell the default rate's share of a gap from the
+# subspace's.
 TRANSFER_ROWS = {
     BASELINE: ROWS[BASELINE],
     "galore_adamw, CLI defaults": (dict(optimizer="galore_adamw"), None),
+    "galore_adamw r=32 rms, tuned": ROWS["galore_adamw r=32 rms"],
 }
 
 # The seed-0 grid of learning rate x scale for galore_adamw at rank d/4, around
@@ -143,6 +148,20 @@ GRID_ROWS = {
     f"scale {scale}": (dict(optimizer="galore_adamw", rank=32, scale=scale), 0)
     for scale in GRID_SCALES
 }
+# At another length, the cells that tell the matrices' rate from the untargeted
+# leaves' (the second table of the grid's report), most telling first; the
+# last three are the longer configuration's runs.
+LONG_GRID_CELLS = (
+    ("scale 0.5", 2e-2),
+    ("scale 1.0", 5e-3),
+    ("scale 0.5", 1e-2),
+    ("scale 1.0", 1e-2),
+    ("scale 0.25", 1e-2),
+    ("scale 1.0", 2e-2),
+    ("scale rms", 1e-2),
+    ("scale rms", 5e-3),
+    ("scale 0.25", 2e-2),
+)
 
 
 class OutOfTime(Exception):
@@ -267,10 +286,17 @@ def _as_json(config: dict) -> dict:
 def same_run(saved: dict, cfg: TrainConfig) -> bool:
   """Whether the ledger's ``saved`` configuration is a run of ``cfg``. Fields
   added to TrainConfig after the run was made count as equal at their
-  defaults."""
-  saved = _as_json(saved)
-  wanted = _as_json(dataclasses.asdict(cfg))
-  defaults = _as_json(dataclasses.asdict(TrainConfig()))
+  defaults; flags the optimizer does not take are not compared."""
+  # runs made before a config left out the flags its optimizer does not take
+  unused = set(OPTIMIZERS[cfg.optimizer].unused_flags)
+  saved, wanted, defaults = (
+      {k: v for k, v in _as_json(c).items() if k not in unused}
+      for c in (
+          saved,
+          dataclasses.asdict(cfg),
+          dataclasses.asdict(TrainConfig()),
+      )
+  )
   return set(saved) <= set(wanted) and all(
       saved[k] == v if k in saved else v == defaults[k]
       for k, v in wanted.items()
@@ -282,18 +308,21 @@ def tune_rows(runner: Runner, names) -> dict:
   only what its ledger holds), and of every other row of ``runner.rows`` from
   the ledger alone, so the report covers runs of other sittings too; in
   ``runner.rows`` order."""
-  results = {}
-  for name in names:
-    try:
-      results[name] = tune(name, runner)
-    except OutOfTime:
-      runner.dry = True
-      results[name] = tune(name, runner)
+  results = {name: tune_within(name, runner) for name in names}
   runner.dry = True
   return {
       name: results[name] if name in results else tune(name, runner)
       for name in runner.rows
   }
+
+
+def tune_within(name: str, runner: Runner) -> dict:
+  """:func:`tune` while the runner's time lasts, then what its ledger holds."""
+  try:
+    return tune(name, runner)
+  except OutOfTime:
+    runner.dry = True
+    return tune(name, runner)
 
 
 def tune(name: str, runner: Runner) -> dict:
@@ -414,13 +443,14 @@ def main(argv=None) -> None:
 
 
 def transfer(runner: Runner, args) -> None:
-  """Tuned AdamW on ``runner.base["data"]`` against each low-rank row at the
-  CLI's default learning rate and scale, 3 seeds, no tuning of its own."""
-  results = {BASELINE: tune(BASELINE, runner)}
-  for name in TRANSFER_ROWS:
-    if name == BASELINE:
+  """Tuned AdamW on ``runner.base["data"]`` against galore_adamw at the CLI's
+  defaults (3 seeds, no tuning of its own) and tuned there."""
+  results = {}
+  for name, (overrides, first_lr) in TRANSFER_ROWS.items():
+    if first_lr is not None:
+      results[name] = tune_within(name, runner)
       continue
-    lr = TrainConfig(**runner.base, **TRANSFER_ROWS[name][0]).lr
+    lr = TrainConfig(**runner.base, **overrides).lr
     seeds = [runner.attempt(name, lr, seed) for seed in SEEDS]
     results[name] = dict(
         sweep={}, best=lr, seeds=[e for e in seeds if e is not None]
@@ -430,32 +460,69 @@ def transfer(runner: Runner, args) -> None:
 
 
 def grid(runner: Runner, args) -> None:
-  """Runs (or reads) every cell of the grid; writes its table and heat map."""
-  values = {}
-  # the cells at the rates where both sweeps were best first, so that a
-  # sitting cut short has measured what matters most
-  for lr in sorted(GRID_LRS, key=lambda lr: abs(math.log(lr / 1e-2))):
-    for name in GRID_ROWS:
-      entry = runner.attempt(name, lr, SEEDS[0])
-      values[name, lr] = None if entry is None else entry["val"]
+  """Runs (or reads) the grid's cells: all of them at the main job's length,
+  :data:`LONG_GRID_CELLS` at any other; writes its tables and heat map."""
+  if runner.steps == 800:
+    # the rates where both sweeps were best first, so that a sitting cut
+    # short has measured what matters most
+    cells = [
+        (name, lr)
+        for lr in sorted(GRID_LRS, key=lambda lr: abs(math.log(lr / 1e-2)))
+        for name in GRID_ROWS
+    ]
+  else:
+    cells = LONG_GRID_CELLS
+  values = dict.fromkeys(itertools.product(GRID_ROWS, GRID_LRS), "-")
+  for name, lr in cells:
+    entry = runner.attempt(name, lr, SEEDS[0])
+    values[name, lr] = "pending" if entry is None else entry["val"]
+  show = lambda v: v if isinstance(v, str) else f"{v:.4f}"
+  suffix = "" if runner.steps == 800 else f" --steps {runner.steps}"
   out = pathlib.Path(args.out + "-grid")
   lines = [
-      f"`python -m benchmarks.quality --grid` — {machine()}",
+      f"`python -m benchmarks.quality --grid{suffix}` — {machine()}",
       "",
       (
-          "galore_adamw, rank 32 of d_model 128, seed 0, the main job's 800"
-          " steps: final validation loss by learning rate and scale (the"
-          " rule, rms, is 2 on every matrix here):"
+          f"galore_adamw, rank 32 of d_model 128, seed 0, {runner.steps}"
+          " steps of the main job: final validation loss by learning rate"
+          " and scale (the rule, rms, is 2 on every matrix here; '-': not a"
+          " cell of this length's grid):"
       ),
       "",
       "| scale | " + " | ".join(f"lr {lr:g}" for lr in GRID_LRS) + " |",
       "|---|" + "---|" * len(GRID_LRS),
   ]
   for name in GRID_ROWS:
-    cells = (values[name, lr] for lr in GRID_LRS)
     lines.append(
         f"| {name[len('scale ') :]} | "
-        + " | ".join("pending" if v is None else f"{v:.4f}" for v in cells)
+        + " | ".join(show(values[name, lr]) for lr in GRID_LRS)
+        + " |"
+    )
+  # The same cells by the two rates they set: the matrices move as AdamW
+  # would at lr * scale * sqrt(r / k), the untargeted leaves at lr.
+  by_rates = {}
+  for (name, lr), v in values.items():
+    scale = GRID_ROWS[name][0]["scale"]
+    factor = 2.0 if scale == "rms" else scale
+    by_rates[lr * factor * math.sqrt(32 / 128), lr] = v
+  matrix_rates = sorted({m for (m, _), v in by_rates.items() if v != "-"})
+  lines += [
+      "",
+      (
+          "The same cells by the two rates they set, in AdamW's terms: the"
+          " attention and MLP matrices' (rows: lr x scale x sqrt(r / k)) and"
+          " every other leaf's (columns: lr):"
+      ),
+      "",
+      "| matrices \\ other leaves | "
+      + " | ".join(f"{lr:g}" for lr in GRID_LRS)
+      + " |",
+      "|---|" + "---|" * len(GRID_LRS),
+  ]
+  for m in matrix_rates:
+    lines.append(
+        f"| {m:g} | "
+        + " | ".join(show(by_rates.get((m, lr), "-")) for lr in GRID_LRS)
         + " |"
     )
   text = "\n".join(lines) + "\n"
@@ -464,8 +531,8 @@ def grid(runner: Runner, args) -> None:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   table = np.array([
-      [np.nan if values[n, lr] is None else values[n, lr] for lr in GRID_LRS]
-      for n in GRID_ROWS
+      [v if isinstance(v, float) else np.nan for v in row]
+      for row in ([values[n, lr] for lr in GRID_LRS] for n in GRID_ROWS)
   ])
   image = ax.imshow(table, cmap="viridis_r", aspect="auto")
   for (i, j), v in np.ndenumerate(table):
@@ -475,7 +542,9 @@ def grid(runner: Runner, args) -> None:
   ax.set_yticks(range(len(GRID_ROWS)), [n[len("scale ") :] for n in GRID_ROWS])
   ax.set_xlabel("learning rate")
   ax.set_ylabel("scale")
-  ax.set_title("galore_adamw r=32, seed 0: final validation loss")
+  ax.set_title(
+      f"galore_adamw r=32, seed 0, {runner.steps} steps: final validation loss"
+  )
   fig.colorbar(image)
   fig.tight_layout()
   fig.savefig(out.parent / f"{out.name}.png", dpi=100)

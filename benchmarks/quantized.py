@@ -25,6 +25,7 @@ or INT4 basis adds on gradient-like matrices.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -35,7 +36,7 @@ import numpy as np
 
 import galore_optax
 from benchmarks.common import machine
-from train.config import OPTIMIZERS
+from train import optimizers
 
 RESULTS = pathlib.Path("benchmarks/results")
 
@@ -63,10 +64,14 @@ QUALITY = {  # name -> (TrainConfig overrides, the baseline it is compared to)
 # the token and position embeddings (256 x 128) and the attention output
 # matrices (128 x 128). bitsandbytes' recipe keeps the embeddings' state in 32
 # bits (its StableEmbedding); this asks what that is worth here.
-OPTIMIZERS["adamw8bit_min40k"] = (
-    lambda lr, **kw: galore_optax.adamw_8bit(lr, min_size=40_000, **kw),
-    OPTIMIZERS["adamw8bit"][1],
-    "full",
+optimizers.register(
+    "adamw8bit_min40k",
+    dataclasses.replace(
+        optimizers.OPTIMIZERS["adamw8bit"],
+        factory=lambda lr, **kw: galore_optax.adamw_8bit(
+            lr, min_size=40_000, **kw
+        ),
+    ),
 )
 
 

@@ -25,7 +25,7 @@ from flax import nnx
 
 import galore_optax
 from benchmarks.common import machine
-from train import loop
+from train import optimizers as optimizers_lib
 from train.config import TrainConfig
 from train.tasks import task_for
 
@@ -34,7 +34,9 @@ OUT = pathlib.Path("benchmarks/results/step_size")
 
 def rows(rank: int, gap: int) -> dict:
   """name -> an optimizer at learning rate 1 (eps as galore-torch's)."""
-  kw = dict(rank=rank, update_proj_gap=gap, targets=loop.galore_targets())
+  kw = dict(
+      rank=rank, update_proj_gap=gap, targets=optimizers_lib.galore_targets()
+  )
   return {
       "galore_adamw, scale 0.25 (paper)": galore_optax.galore_adamw(
           1.0, scale=0.25, **kw
@@ -57,7 +59,7 @@ def rows(rank: int, gap: int) -> dict:
           1.0, scale="rms", **kw
       ),
       "apollo_mini, scale 128 = rule": galore_optax.apollo_mini(
-          1.0, update_proj_gap=gap, targets=loop.galore_targets()
+          1.0, update_proj_gap=gap, targets=optimizers_lib.galore_targets()
       ),
   }
 
@@ -71,7 +73,10 @@ def measure(steps: int, rank: int, gap: int) -> dict:
   targeted = [
       p is not None
       for p in galore_optax.plan_leaves(
-          params, rank=rank, proj_type="std", targets=loop.galore_targets()
+          params,
+          rank=rank,
+          proj_type="std",
+          targets=optimizers_lib.galore_targets(),
       )
   ]
 

@@ -38,7 +38,7 @@ from benchmarks.common import median_seconds
 from benchmarks.common import train_step_times as common_train_step_times
 from models import GPT2
 from models import gpt2
-from train import loop
+from train import optimizers as optimizers_lib
 from train.tasks import TASKS
 
 GAP = 200
@@ -49,7 +49,7 @@ def galore(rank: int, **options):
       1e-3,
       rank=rank,
       update_proj_gap=GAP,
-      targets=loop.galore_targets(),
+      targets=optimizers_lib.galore_targets(),
       **options,
   )
 

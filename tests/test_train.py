@@ -15,6 +15,7 @@ import pytest
 
 from train import config as config_lib
 from train import loop
+from train import optimizers
 from train import report
 from train.__main__ import main
 from train.loop import train
@@ -29,7 +30,6 @@ TINY = dict(
     eval_every=4,
     eval_batches=2,
     checkpoint_every=2,
-    update_proj_gap=2,
 )
 
 
@@ -53,12 +53,15 @@ SMALL = [
 
 
 def _cfg(tmp_path, **kw):
+  """A tiny GPT-2 config; low-rank optimizers refresh every 2 steps."""
+  spec = optimizers.OPTIMIZERS[kw.get("optimizer", "galore_adamw")]
+  gap = {"update_proj_gap": 2} if "update_proj_gap" in spec.flags else {}
   return config_lib.TrainConfig(
-      **{"task": "gpt2", "out": str(tmp_path / "run"), **TINY, **kw}
+      **{"task": "gpt2", "out": str(tmp_path / "run"), **TINY, **gap, **kw}
   )
 
 
-@pytest.mark.parametrize("optimizer", sorted(config_lib.OPTIMIZERS))
+@pytest.mark.parametrize("optimizer", sorted(optimizers.OPTIMIZERS))
 def test_a_few_steps_with_each_optimizer(tmp_path, optimizer):
   result = train(
       _cfg(tmp_path, optimizer=optimizer, steps=3, eval_every=3), verbose=False
@@ -95,6 +98,22 @@ def test_low_rank_defaults_are_the_rule_at_the_full_rank_rate():
   assert config_lib.TrainConfig(scale="0.25").scale == 0.25
 
 
+def test_a_registered_optimizer_is_offered_and_names_stay_unique():
+  spec = optimizers.OPTIMIZERS["adamw"]
+  optimizers.register("adamw_again", spec)
+  try:
+    cfg = config_lib.TrainConfig(optimizer="adamw_again")
+    assert cfg.lr == spec.lr and cfg.rank is None
+    with pytest.raises(ValueError, match="--optimizer adamw_again is taken"):
+      optimizers.register("adamw_again", spec)
+  finally:
+    del optimizers.OPTIMIZERS["adamw_again"]
+  # a checkpoint is matched on the flags its optimizer takes: runs saved
+  # before unused flags were left out (svd "exact" for adamw) still resume
+  assert "svd" not in config_lib.TrainConfig(optimizer="adamw").identity()
+  assert "svd" in config_lib.TrainConfig().identity()
+
+
 def test_the_banner_names_each_shape_s_factor():
   params = {
       "blocks": {
@@ -118,7 +137,7 @@ def test_the_banner_names_each_shape_s_factor():
   assert scale(scale="0.25") == "0.25 (64x64 r16: 0.25, 64x256 r16: 0.25)"
   assert scale(optimizer="galore_sgd").startswith("norm (||G|| / ||R||")
   assert scale(optimizer="contrib_galore") == "0.25"
-  assert scale(optimizer="adamw") is None
+  assert scale(optimizer="adamw", rank=None) is None
 
 
 def test_subspace_engine_flags(tmp_path):
@@ -225,8 +244,16 @@ def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
   out = tmp_path / "cmp"
   # SMALL with 3 steps, evaluated at the end (argparse keeps the last value)
   args = [*SMALL, "--steps", "3", "--eval-every", "3", "--out", str(out)]
-  args += ["--compare", "galore_adamw,adamw"]
+  # each optimizer takes the flags it has: --svd goes to GaLore alone
+  args += ["--compare", "galore_adamw,adamw", "--svd", "randomized"]
   assert main(args) == 0
+  saved = {
+      n: json.loads((out / n / "config.json").read_text())
+      for n in ("galore_adamw", "adamw")
+  }
+  assert saved["galore_adamw"]["svd"] == "randomized"
+  # a run records only what it used
+  assert saved["adamw"]["svd"] is None and saved["adamw"]["rank"] is None
   table = (out / "compare.md").read_text()
   assert "| galore_adamw |" in table and "| adamw |" in table
   assert (out / "compare.png").exists() and (
@@ -263,7 +290,11 @@ def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
         ),
         (
             ["--optimizer", "adamw", "--moment-bits", "8"],
-            "--moment-bits is an option of the galore_* optimizers",
+            (
+                "--moment-bits is not an option of --optimizer adamw, which"
+                " takes none of the low-rank flags (for 8-bit AdamW use"
+                " --optimizer adamw8bit)"
+            ),
         ),
         (
             ["--optimizer", "contrib_galore", "--resume"],
@@ -272,8 +303,9 @@ def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
         (
             ["--optimizer", "apollo_mini", "--svd", "gram"],
             (
-                "--svd is an option of the galore_* optimizers, not of"
-                " --optimizer apollo_mini"
+                "--svd is not an option of --optimizer apollo_mini, which takes"
+                " --rank, --update-proj-gap, --scale, --proj-type,"
+                " --scaling-type"
             ),
         ),
         (
@@ -282,9 +314,36 @@ def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
         ),
         (
             ["--scaling-type", "tensor"],
-            "--scaling-type is an option of the apollo optimizers",
+            "--scaling-type is not an option of --optimizer galore_adamw",
         ),
         (["--scale", "wide"], "--scale must be a number or one of"),
+        # flags an optimizer does not take are refused, not ignored
+        (
+            ["--optimizer", "adamw", "--svd", "randomized"],
+            "--svd is not an option of --optimizer adamw",
+        ),
+        (
+            ["--optimizer", "adamw", "--rank", "8"],
+            "--rank is not an option of --optimizer adamw",
+        ),
+        (
+            ["--optimizer", "contrib_galore", "--proj-type", "left"],
+            (
+                "--proj-type is not an option of --optimizer contrib_galore,"
+                " which takes --rank, --update-proj-gap, --scale"
+            ),
+        ),
+        (
+            ["--lazy-patience", "3"],
+            "--lazy-patience is an option of --lazy-threshold",
+        ),
+        (
+            ["--compare", "galore_adamw,adamw", "--scaling-type", "tensor"],
+            (
+                "--scaling-type is an option of none of the compared optimizers"
+                " (galore_adamw, adamw)"
+            ),
+        ),
         (
             ["--optimizer", "contrib_galore", "--scale", "rms"],
             "--scale rms is not a rule of --optimizer contrib_galore",

@@ -17,6 +17,8 @@ from train.loop import ConfigError
 from train.loop import TrainingDiverged
 from train.loop import first_free
 from train.loop import train
+from train.optimizers import OPTIMIZER_FLAGS
+from train.optimizers import OPTIMIZERS
 from train.parallel import ParallelError
 
 
@@ -67,6 +69,33 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def compared_configs(args: dict, names: list[str]) -> dict:
+  """``--compare``'s configs, every one checked before anything trains. Each
+  optimizer takes the flags it has (``--svd`` goes to galore_adamw, not to
+  adamw); a flag none of them has is refused."""
+  defaults = {
+      f.name: f.default for f in dataclasses.fields(config_lib.TrainConfig)
+  }
+  given = {k for k in OPTIMIZER_FLAGS if args[k] != defaults[k]}
+  if not names:
+    raise ValueError("--compare needs optimizer names, e.g. galore_adamw,adamw")
+  configs = {}
+  for name in names:
+    spec = OPTIMIZERS.get(name)
+    unused = () if spec is None else spec.unused_flags
+    kept = {k: v for k, v in args.items() if k not in unused}
+    configs[name] = config_lib.TrainConfig(**{**kept, "optimizer": name})
+    given -= set(spec.flags if spec else ())
+  if given:
+    raise ValueError(
+        ", ".join(f"--{k.replace('_', '-')}" for k in sorted(given))
+        + " is an option of none of the compared optimizers ("
+        + ", ".join(names)
+        + ")"
+    )
+  return configs
+
+
 def main(argv=None) -> int:
   args = vars(parser().parse_args(argv))
   compare, stop_after = args.pop("compare"), args.pop("stop_after")
@@ -75,7 +104,8 @@ def main(argv=None) -> int:
       train(config_lib.TrainConfig(**args), stop_after=stop_after)
       return 0
     names = [n.strip() for n in compare.split(",") if n.strip()]
-    base = config_lib.TrainConfig(**args)
+    configs = compared_configs(args, names)
+    base = next(iter(configs.values()))
     out = (
         pathlib.Path(base.out)
         if base.out
@@ -84,11 +114,9 @@ def main(argv=None) -> int:
         )
     )
     configs = {
-        n: config_lib.TrainConfig(
-            **{**args, "optimizer": n, "out": str(out / n)}
-        )
-        for n in names
-    }  # every config is checked before anything trains
+        n: dataclasses.replace(cfg, out=str(out / n))
+        for n, cfg in configs.items()
+    }
     summaries, histories = {}, {}
     for name, cfg in configs.items():
       print(f"\n=== {name} ===")

@@ -1,5 +1,5 @@
-"""Training configuration: one dataclass, with per-task defaults and the
-optimizer registry."""
+"""Training configuration: one dataclass, with per-task and per-optimizer
+defaults, checked in one place."""
 
 from __future__ import annotations
 
@@ -7,58 +7,17 @@ import dataclasses
 import math
 from typing import Optional
 
-import optax
-
 import galore_optax
 from models.transformer import DTYPES
 from train import init as init_lib
+from train.optimizers import OPTIMIZERS
 from train.tasks import TASKS
 
-# name -> (factory, default peak learning rate, kind): kind "galore" takes
-# galore_optax's GaLore keywords, "apollo" APOLLO's (rank, update_proj_gap,
-# scale, scaling_type, proj_type, targets, seed), "contrib" the baseline
-# optax.contrib.galore's (rank, update_proj_gap, scale, targets), "full" none.
-# Under the step-size rule (the default --scale) a low-rank optimizer's update
-# has the size of its full-rank counterpart's, and so its default learning
-# rate is that counterpart's.
-OPTIMIZERS = {
-    "galore_adamw": (galore_optax.galore_adamw, 3e-3, "galore"),
-    "fira_adamw": (galore_optax.fira_adamw, 3e-3, "galore"),
-    "apollo_adamw": (galore_optax.apollo_adamw, 3e-3, "apollo"),
-    "apollo_mini": (galore_optax.apollo_mini, 3e-3, "apollo"),
-    "galore_adam": (galore_optax.galore_adam, 3e-3, "galore"),
-    "galore_sgd": (
-        lambda lr, **kw: galore_optax.galore_sgd(lr, momentum=0.9, **kw),
-        0.1,
-        "galore",
-    ),
-    "galore_adafactor": (galore_optax.galore_adafactor, 1e-2, "galore"),
-    "galore_lion": (galore_optax.galore_lion, 3e-4, "galore"),
-    "galore_lamb": (galore_optax.galore_lamb, 3e-3, "galore"),
-    "contrib_galore": (optax.contrib.galore, 1e-2, "contrib"),
-    "adamw": (optax.adamw, 3e-3, "full"),
-    "adamw8bit": (galore_optax.adamw_8bit, 3e-3, "full"),
-    "adam": (optax.adam, 3e-3, "full"),
-    "sgd": (lambda lr, **kw: optax.sgd(lr, momentum=0.9, **kw), 0.1, "full"),
-    "adafactor": (optax.adafactor, 1e-2, "full"),
-    "lion": (optax.lion, 3e-4, "full"),
-    "lamb": (optax.lamb, 3e-3, "full"),
-}
-# Defaults that differ from the CLI's (rank d_model // 4, --scale rms): the
-# APOLLO papers' own; SGD's linear update takes the 'norm' rule; contrib takes
-# one number for every matrix, so no per-matrix rule: the paper's 0.25.
-OWN_DEFAULTS = {
-    "apollo_adamw": dict(scaling_type="channel"),
-    "apollo_mini": dict(rank=1, scaling_type="tensor"),
-    "galore_sgd": dict(scale="norm"),
-    "contrib_galore": dict(scale=0.25),
-}
 CONTRASTIVE_BATCHES = ("random", "distinct")
-WEIGHT_DECAY_KW = {
-    "adam",
-    "galore_adam",
-    "adafactor",
-}  # these take no weight_decay keyword
+
+
+def _flag(name: str) -> str:
+  return name.replace("_", "-")
 
 
 def _field(default, help_text: str):
@@ -301,71 +260,68 @@ class TrainConfig:
           f"unknown optimizer {self.optimizer!r}; choose one of"
           f" {sorted(OPTIMIZERS)}"
       )
-    if self.proj_type not in galore_optax.PROJ_TYPES:
-      raise ValueError(
-          f"unknown proj_type {self.proj_type!r}; choose one of"
-          f" {galore_optax.PROJ_TYPES}"
-      )
-    if self.svd not in galore_optax.SVD_METHODS:
-      raise ValueError(
-          f"unknown svd {self.svd!r}; choose one of {galore_optax.SVD_METHODS}"
-      )
-    if self.moments not in galore_optax.MOMENT_POLICIES:
-      raise ValueError(
-          f"unknown moments policy {self.moments!r}; choose one of"
-          f" {galore_optax.MOMENT_POLICIES}"
-      )
+    spec = OPTIMIZERS[self.optimizer]
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for name in spec.unused_flags:
+      # None: left out by an earlier check of this config
+      if getattr(self, name) not in (None, defaults[name]):
+        hint = (
+            " (for 8-bit AdamW use --optimizer adamw8bit)"
+            if name == "moment_bits"
+            else ""
+        )
+        raise ValueError(
+            f"--{_flag(name)} is not an option of --optimizer"
+            f" {self.optimizer}, which takes "
+            + (
+                ", ".join(f"--{_flag(f)}" for f in spec.flags)
+                if spec.flags
+                else "none of the low-rank flags"
+            )
+            + hint
+        )
+      setattr(self, name, None)  # config.json records only what the run uses
+    for name, choices in (
+        ("proj_type", galore_optax.PROJ_TYPES),
+        ("svd", galore_optax.SVD_METHODS),
+        ("moments", galore_optax.MOMENT_POLICIES),
+    ):
+      if name in spec.flags and getattr(self, name) not in choices:
+        raise ValueError(
+            f"unknown --{_flag(name)} {getattr(self, name)!r}; choose one of"
+            f" {choices}"
+        )
+    if self.lazy_threshold is None and self.lazy_patience not in (
+        None,
+        defaults["lazy_patience"],
+    ):
+      raise ValueError("--lazy-patience is an option of --lazy-threshold")
     for name, allowed in (
         ("moment_bits", galore_optax.quantization.MOMENT_BITS),
         ("projector_bits", galore_optax.quantization.PROJECTOR_BITS),
     ):
       value = getattr(self, name)
-      if value is None:
-        continue
-      if value not in allowed:
+      if value is not None and value not in allowed:
         raise ValueError(
-            f"--{name.replace('_', '-')} must be one of {allowed}, got {value}"
+            f"--{_flag(name)} must be one of {allowed}, got {value}"
         )
-      if not self.uses_galore:
-        raise ValueError(
-            f"--{name.replace('_', '-')} is an option of the galore_*"
-            f" optimizers, not of --optimizer {self.optimizer} (for 8-bit"
-            " AdamW use --optimizer adamw8bit)"
-        )
-    kind = OPTIMIZERS[self.optimizer][2]
-    if kind == "apollo":
-      # APOLLO draws random projections: no SVD, no refresh policy (the bit
-      # widths are refused above, as for every optimizer but galore_*)
-      for name, default in (
-          ("svd", "exact"),
-          ("moments", "keep"),
-          ("lazy_threshold", None),
-      ):
-        if getattr(self, name) != default:
-          raise ValueError(
-              f"--{name.replace('_', '-')} is an option of the galore_*"
-              f" optimizers, not of --optimizer {self.optimizer}"
-          )
-      if self.proj_type == "full":
-        raise ValueError(
-            f"--optimizer {self.optimizer} projects one side: --proj-type full"
-            " is not one of its projections"
-        )
-    for name, value in OWN_DEFAULTS.get(self.optimizer, {}).items():
+    if spec.family == "apollo" and self.proj_type == "full":
+      raise ValueError(
+          f"--optimizer {self.optimizer} projects one side: --proj-type full"
+          " is not one of its projections"
+      )
+    for name, value in spec.defaults.items():
       if getattr(self, name) is None:
         setattr(self, name, value)
-    self.scale = self._scale(kind)
-    if self.scaling_type is not None:
-      if kind != "apollo":
-        raise ValueError(
-            "--scaling-type is an option of the apollo optimizers, not of"
-            f" --optimizer {self.optimizer}"
-        )
-      if self.scaling_type not in galore_optax.scaling.SCALINGS:
-        raise ValueError(
-            f"unknown --scaling-type {self.scaling_type!r}; choose one of"
-            f" {galore_optax.scaling.SCALINGS}"
-        )
+    self.scale = self._scale(spec)
+    if (
+        self.scaling_type is not None
+        and self.scaling_type not in galore_optax.scaling.SCALINGS
+    ):
+      raise ValueError(
+          f"unknown --scaling-type {self.scaling_type!r}; choose one of"
+          f" {galore_optax.scaling.SCALINGS}"
+      )
     if self.mesh_axes not in ("explicit", "auto"):
       raise ValueError(
           f"unknown --mesh-axes {self.mesh_axes!r}; choose 'explicit' or 'auto'"
@@ -440,7 +396,7 @@ class TrainConfig:
         "eval_batches",
         "keep_checkpoints",
     ):
-      if getattr(self, name) <= 0:
+      if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ValueError(
             f"--{name.replace('_', '-')} must be positive, got"
             f" {getattr(self, name)}"
@@ -450,7 +406,7 @@ class TrainConfig:
     if self.lora_rank is not None:
       if self.lora_rank <= 0:
         raise ValueError(f"--lora-rank must be positive, got {self.lora_rank}")
-      if kind != "full":
+      if spec.family != "full":
         raise ValueError(
             "--lora-rank trains adapters with a full-rank optimizer such as"
             f" adamw, not --optimizer {self.optimizer}"
@@ -462,29 +418,30 @@ class TrainConfig:
         )
     if self.rank is not None and self.rank <= 0:
       raise ValueError(f"--rank must be positive, got {self.rank}")
-    self.rank = self.rank or self.model_config.d_model // 4
-    self.lr = self.lr or (
-        OPTIMIZERS[self.optimizer][1] * TASKS[self.task].lr_multiplier
-    )
+    if "rank" in spec.flags:
+      self.rank = self.rank or self.model_config.d_model // 4
+    self.lr = self.lr or spec.lr * TASKS[self.task].lr_multiplier
     if self.warmup_steps is None:
       self.warmup_steps = max(self.steps // 10, 1)
 
-  def _scale(self, kind: str):
-    """``--scale`` as the optimizer takes it: a float, or the name of a rule
-    it accepts (default 'rms')."""
+  def _scale(self, spec):
+    """``--scale`` as the optimizer takes it: a float, the name of a rule it
+    accepts (default 'rms'), or None where it takes no scale."""
+    if "scale" not in spec.flags:
+      return None
     if self.scale is None:
-      # unused by full-rank optimizers; a number, as runs have always stored
-      return 0.25 if kind == "full" else "rms"
+      return "rms"
     rules = galore_optax.step_size.SCALE_RULES
     if self.scale in rules:
-      # 'norm' is for linear inner optimizers; Fira's is Adam
-      takes = {"galore": rules, "apollo": ("rms",)}.get(kind, ())
-      takes = ("rms",) if self.optimizer == "fira_adamw" else takes
-      if self.scale not in takes:
+      if self.scale not in spec.scale_rules:
         raise ValueError(
             f"--scale {self.scale} is not a rule of --optimizer"
             f" {self.optimizer}"
-            + (f" (its rules: {', '.join(takes)})" if takes else "")
+            + (
+                f" (its rules: {', '.join(spec.scale_rules)})"
+                if spec.scale_rules
+                else ""
+            )
             + "; give a number"
         )
       return self.scale
@@ -515,7 +472,7 @@ class TrainConfig:
   def uses_galore(self) -> bool:
     """Whether the optimizer is one of galore_optax's (its state then has
     refresh statistics)."""
-    return OPTIMIZERS[self.optimizer][2] == "galore"
+    return OPTIMIZERS[self.optimizer].family == "galore"
 
   def identity(self) -> dict:
     """The fields a checkpoint must agree on to be resumed."""
@@ -557,4 +514,5 @@ class TrainConfig:
         "param_dtype",
         "compute_dtype",
     )
-    return {k: getattr(self, k) for k in keep}
+    unused = OPTIMIZERS[self.optimizer].unused_flags
+    return {k: getattr(self, k) for k in keep if k not in unused}

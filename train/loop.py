@@ -25,15 +25,14 @@ import optax
 from flax import nnx
 
 import galore_optax
-from models import GALORE_TARGETS
 from models import lora
 from train import layerwise
 from train import parallel
 from train import report
 from train.checkpoint import Checkpointer
-from train.config import OPTIMIZERS
-from train.config import WEIGHT_DECAY_KW
 from train.config import TrainConfig
+from train.optimizers import OPTIMIZERS
+from train.optimizers import galore_targets
 from train.tasks import Task
 from train.tasks import task_for
 
@@ -58,24 +57,6 @@ class TrainingDiverged(RuntimeError):
 # building
 
 
-def galore_targets():
-  return galore_optax.match_paths(GALORE_TARGETS)
-
-
-def contrib_dimension_numbers(params: Any) -> Any:
-  """optax.contrib.galore's ``weight_dimension_numbers`` for the matrices
-  :func:`galore_targets` picks."""
-  return jax.tree.map(
-      lambda t: optax.contrib.GaLoreDimensionNumbers() if t else None,
-      galore_targets()(params),
-  )
-
-
-# optimizers whose update of a leaf is element by element: stacking leaves
-# changes nothing they compute
-ELEMENTWISE = {"adamw", "adam", "sgd", "lion"}
-
-
 def matrices(params: Any, stacked: bool = False) -> Any:
   """True for the leaves weight decay applies to: matrices (not biases or
   norms); ``stacked`` blocks' leading layer axis does not count."""
@@ -93,14 +74,14 @@ def effective_scale(cfg: TrainConfig, params: Any) -> Optional[str]:
   """What ``cfg.scale`` multiplies each targeted matrix shape by, e.g.
   ``'rms (128x512 r32: 2, 128x128 r32: 2)'``; None for optimizers without a
   subspace. ``params``: unstacked, as :func:`build_optimizer` takes them."""
-  kind = OPTIMIZERS[cfg.optimizer][2]
-  if kind not in ("galore", "apollo"):
-    return None if kind == "full" else f"{cfg.scale:g}"
+  spec = OPTIMIZERS[cfg.optimizer]
+  if not spec.per_matrix:
+    return None if cfg.scale is None else f"{cfg.scale:g}"
   plans = galore_optax.plan_leaves(
       params, rank=cfg.rank, proj_type=cfg.proj_type, targets=galore_targets()
   )
   factors = galore_optax.step_size.describe(
-      plans, cfg.scale, apollo=kind == "apollo"
+      plans, cfg.scale, apollo=spec.family == "apollo"
   )
   return f"{cfg.scale} ({factors})"
 
@@ -134,15 +115,13 @@ def build_optimizer(
     )
   else:
     lr = optax.constant_schedule(cfg.lr)
-  factory, _, kind = OPTIMIZERS[cfg.optimizer]
+  spec = OPTIMIZERS[cfg.optimizer]
   # An element-wise optimizer runs on stacked blocks as it is; any other runs
   # block by block (layerwise.per_block), as the layer-wise step runs it.
-  whole_stack = (
-      cfg.stacked and not cfg.layerwise and cfg.optimizer in ELEMENTWISE
-  )
-  kwargs: dict[str, Any] = {}
+  whole_stack = cfg.stacked and not cfg.layerwise and spec.elementwise
+  kwargs = spec.keywords(cfg, axis_name)
   if cfg.weight_decay:
-    if cfg.optimizer in WEIGHT_DECAY_KW:
+    if not spec.weight_decay:
       raise ConfigError(
           f"--optimizer {cfg.optimizer} takes no weight decay; use its 'w'"
           " variant"
@@ -151,16 +130,7 @@ def build_optimizer(
         weight_decay=cfg.weight_decay,
         mask=functools.partial(matrices, stacked=whole_stack),
     )
-  if (
-      kind == "contrib"
-  ):  # the baseline, on the same matrices and with the same recipe
-    kwargs.update(
-        rank=cfg.rank,
-        update_proj_gap=cfg.update_proj_gap,
-        scale=cfg.scale,
-        weight_dimension_numbers=contrib_dimension_numbers,
-    )
-  if kind in ("galore", "apollo"):
+  if spec.per_matrix:
     plans = galore_optax.plan_leaves(
         params, rank=cfg.rank, proj_type=cfg.proj_type, targets=galore_targets()
     )
@@ -171,36 +141,7 @@ def build_optimizer(
             f" ({plan.view.m} x {plan.view.n}); choose at most"
             f" {min(plan.view.m, plan.view.n)}"
         )
-  if kind == "apollo":
-    kwargs.update(
-        rank=cfg.rank,
-        update_proj_gap=cfg.update_proj_gap,
-        scale=cfg.scale,
-        scaling_type=cfg.scaling_type,
-        proj_type=cfg.proj_type,
-        targets=galore_targets(),
-        seed=cfg.seed,
-    )
-  if kind == "galore":
-    lazy = (
-        None
-        if cfg.lazy_threshold is None
-        else galore_optax.LazyRefresh(cfg.lazy_threshold, cfg.lazy_patience)
-    )
-    kwargs.update(
-        rank=cfg.rank,
-        update_proj_gap=cfg.update_proj_gap,
-        scale=cfg.scale,
-        proj_type=cfg.proj_type,
-        targets=galore_targets(),
-        svd=cfg.svd,
-        moments=cfg.moments,
-        lazy_refresh=lazy,
-        axis_name=axis_name,
-        moment_bits=cfg.moment_bits,
-        projector_bits=cfg.projector_bits,
-    )
-  tx = factory(lr, **kwargs)
+  tx = spec.factory(lr, **kwargs)
   if cfg.stacked and not cfg.layerwise and not whole_stack:
     tx = layerwise.per_block(tx)
   if cfg.clip and not cfg.layerwise:
@@ -532,7 +473,7 @@ def train(
         + (
             f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {scale}, "
             f"{cfg.proj_type})"
-            if OPTIMIZERS[cfg.optimizer][2] in ("galore", "apollo")
+            if OPTIMIZERS[cfg.optimizer].per_matrix
             else ""
         )
         + f": state {report.human_bytes(memory.state_bytes)} vs AdamW's "
