@@ -126,7 +126,7 @@ def train_step_times(
   out = {}
   for name, (step, carry, times) in runs.items():
     refresh = None
-    if galore_optax.transform.galore_states(carry[1]):
+    if galore_optax.find_states(carry[1], galore_optax.GaLoreState):
       refresh_times = []
       for _ in range(max(2, repeats // 2)):
         carry[1] = set_next_refresh(carry[1], lambda s: s.count)

@@ -162,6 +162,15 @@ LONG_GRID_CELLS = (
     ("scale rms", 5e-3),
     ("scale 0.25", 2e-2),
 )
+# At another length, each of these also at seeds 1 and 2 (seed 0 is a cell
+# above, or AdamW's longer run): the paper's recipe, the rule at AdamW's rate,
+# and the grid's best cell, against AdamW at its tuned rate.
+LONG_GRID_SEEDED = (
+    (BASELINE, 5e-3),
+    ("scale 0.25", 2e-2),
+    ("scale rms", 5e-3),
+    ("scale 1.0", 1e-2),
+)
 
 
 class OutOfTime(Exception):
@@ -525,6 +534,12 @@ def grid(runner: Runner, args) -> None:
         + " | ".join(show(by_rates.get((m, lr), "-")) for lr in GRID_LRS)
         + " |"
     )
+  if runner.steps != 800:
+    lines += _seeded_cells(
+        dataclasses.replace(
+            runner, rows={**GRID_ROWS, BASELINE: ROWS[BASELINE]}
+        )
+    )
   text = "\n".join(lines) + "\n"
   print(text)
   out.with_suffix(".md").write_text(text)
@@ -549,6 +564,43 @@ def grid(runner: Runner, args) -> None:
   fig.tight_layout()
   fig.savefig(out.parent / f"{out.name}.png", dpi=100)
   plt.close(fig)
+
+
+def _seeded_cells(runner: Runner) -> list[str]:
+  """Runs (or reads) :data:`LONG_GRID_SEEDED` at every seed, seed by seed so
+  that a sitting cut short leaves comparable rows; their table's lines."""
+  runs = {
+      (name, seed): runner.attempt(name, lr, seed)
+      for seed in SEEDS
+      for name, lr in LONG_GRID_SEEDED
+  }
+  vals = {
+      name: [runs[name, s]["val"] for s in SEEDS if runs[name, s]]
+      for name, _ in LONG_GRID_SEEDED
+  }
+  base = vals[BASELINE]
+  lines = [
+      "",
+      (
+          f"Seeds {', '.join(map(str, SEEDS))} of some cells, against AdamW at"
+          " its tuned rate:"
+      ),
+      "",
+      "| cell | lr | val loss by seed | mean ± std | vs AdamW |",
+      "|---|---|---|---|---|",
+  ]
+  for name, lr in LONG_GRID_SEEDED:
+    v = vals[name]
+    versus = (
+        f"{statistics.mean(v) / statistics.mean(base) - 1:+.2%}"
+        if len(v) == len(base) == len(SEEDS)
+        else "-"
+    )
+    lines.append(
+        f"| {name} | {lr:g} | {', '.join(f'{x:.4f}' for x in v)} |"
+        f" {_cell(v)} | {versus} |"
+    )
+  return lines
 
 
 def _cell(values: list[float]) -> str:

@@ -31,6 +31,7 @@ from galore_optax.rank import adaptive_ranks
 from galore_optax.refresh import ORTHONORMALITY_TOL
 from galore_optax.refresh import RefreshState
 from galore_optax.step_size import SCALE_RULES
+from galore_optax.steps import find_states
 from galore_optax.subspace import SVD_METHODS
 from galore_optax.subspace import LazyRefresh
 from galore_optax.subspace import RandomizedSVD

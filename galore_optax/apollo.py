@@ -4,7 +4,6 @@ random projection of it (APOLLO, arXiv 2412.05270)."""
 from __future__ import annotations
 
 import functools
-from typing import Any
 from typing import NamedTuple
 from typing import Optional
 
@@ -16,6 +15,7 @@ from galore_optax import projection
 from galore_optax import scaling
 from galore_optax import sharding
 from galore_optax import step_size
+from galore_optax import steps
 from galore_optax import targets as targets_lib
 from galore_optax.refresh import check_static_int
 
@@ -169,19 +169,20 @@ def scale_by_apollo(
     leaves, treedef = jax.tree.flatten(updates)
     plans = {i: p for i, p in enumerate(plan(updates)) if p is not None}
     matrices = {i: p.view.to_matrix(leaves[i]) for i, p in plans.items()}
-    low = list(leaves)
-    for i, p in plans.items():
-      key = projection_key(seed, i, state.count, update_proj_gap)
-      low[i] = projection.project(
-          matrices[i],
-          *random_bases(key, p, leaves[i].dtype),
-          spec=sharding.spec_of(matrices[i]),
-          precision=precision,
-      )
-    inner_updates, inner_state = inner.update(
-        treedef.unflatten(low), state.inner_state, None, **extra_args
+    low = steps.project(
+        leaves,
+        plans,
+        matrices,
+        lambda i: random_bases(
+            projection_key(seed, i, state.count, update_proj_gap),
+            plans[i],
+            leaves[i].dtype,
+        ),
+        precision,
     )
-    out = treedef.flatten_up_to(inner_updates)
+    out, inner_state = steps.inner_update(
+        inner, low, state.inner_state, treedef, extra_args
+    )
     norms = treedef.flatten_up_to(state.scaled_norm)
     for i, p in plans.items():
       axes = (
@@ -189,11 +190,8 @@ def scale_by_apollo(
           if scaling_type == "channel"
           else (-2, -1)
       )
-      ratio = scaling.norm_ratio(out[i], low[i], axes)
-      scaled, norms[i] = scaling.limit_growth(
-          matrices[i] * ratio.astype(matrices[i].dtype),
-          norms[i],
-          state.count == 0,
+      scaled, norms[i] = steps.rescale(
+          matrices[i], out[i], low[i], axes, norms[i], state.count == 0
       )
       factor = jnp.sqrt(step_size.apollo_factor(scale, p))
       out[i] = p.view.from_matrix(factor * scaled).astype(leaves[i].dtype)
@@ -204,11 +202,3 @@ def scale_by_apollo(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def apollo_states(opt_state: Any) -> list[ApolloState]:
-  """The :class:`ApolloState` s inside ``opt_state`` (any chain or wrapper)."""
-  is_apollo = lambda x: isinstance(x, ApolloState)
-  return [
-      x for x in jax.tree.leaves(opt_state, is_leaf=is_apollo) if is_apollo(x)
-  ]

@@ -116,10 +116,18 @@ def replicate(x: jax.Array) -> jax.Array:
   )
 
 
+# Whether refreshes are spread over the devices of the mesh set with
+# ``jax.set_mesh`` (True), or every device computes every due basis (False:
+# kept so benchmarks can compare the two).
+SPREAD_OVER_MESH = True
+
+
 def _context_axes() -> Optional[tuple[str, ...]]:
   """The axes of the mesh set with ``jax.set_mesh``, when they can host a
-  ``shard_map``."""
+  ``shard_map`` and :data:`SPREAD_OVER_MESH` is on."""
   mesh = jax.sharding.get_abstract_mesh()
+  if not SPREAD_OVER_MESH:
+    return None
   if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
     return None  # no mesh, one device, or already inside a shard_map
   return tuple(mesh.axis_names)

@@ -20,6 +20,7 @@ from galore_optax import refresh as refresh_lib
 from galore_optax import scaling
 from galore_optax import sharding
 from galore_optax import step_size
+from galore_optax import steps
 from galore_optax import subspace
 from galore_optax import targets as targets_lib
 from galore_optax.refresh import RefreshState
@@ -330,119 +331,101 @@ def scale_by_galore(
         residual_norm=() if residual is None else treedef.unflatten(norms),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del params  # the inner transform works on projected shapes
-    if state_plan is not None or projector_bits is not None:
-      # flax.nnx.Optimizer may hand quantized nodes back as bare mappings
-      state = quantization.restore_quantized(
-          state, jax.eval_shape(init_fn, updates)
+  def with_moments(inner_state, records, treedef):
+    """The inner state with each targeted leaf's moments from ``records``."""
+    for k, s in enumerate(config.slots):
+      column = treedef.flatten_up_to(moments_lib.get_at(inner_state, s.path))
+      for i, r in records.items():
+        column[i] = r.moments[k]
+      inner_state = moments_lib.set_at(
+          inner_state, s.path, treedef.unflatten(column)
       )
-    leaves, treedef = jax.tree.flatten(updates)
-    flat = treedef.flatten_up_to
-    plans = {i: p for i, p in enumerate(plan(updates)) if p is not None}
-    stored_lefts = flat(state.projector.left)
-    stored_rights = flat(state.projector.right)
-    lefts = [quantization.dequantize_tree(b) for b in stored_lefts]
-    rights = [quantization.dequantize_tree(b) for b in stored_rights]
+    return inner_state
+
+  def refresh_step(state, inner_state, plans, matrices, flat):
+    """1. Each targeted leaf's :class:`refresh_lib.LeafRecord`, with a new
+    basis (and its moments transported or reset) where it is due; and its
+    bases as stored (quantized codes under ``projector_bits``)."""
+    stored = {
+        i: (left, right)
+        for i, (left, right) in enumerate(
+            zip(flat(state.projector.left), flat(state.projector.right))
+        )
+        if i in plans
+    }
     books = [RefreshState(*b) for b in zip(*(flat(t) for t in state.refresh))]
-    inner_state = quantization.dequantize_tree(state.inner_state)
-    slot_leaves = [
+    slots = [
         flat(moments_lib.get_at(inner_state, s.path)) for s in config.slots
     ]
-    scalar_leaves = [flat(t) for t in state.leaf_scalars]
-    residual_norms = None if residual is None else flat(state.residual_norm)
-
-    # 1. Refresh the bases that are due.
-    matrices = {i: p.view.to_matrix(leaves[i]) for i, p in plans.items()}
+    scalars = [flat(t) for t in state.leaf_scalars]
     records = refresh_lib.refresh(
         state.count,
         plans,
         matrices,
         {
             i: refresh_lib.LeafRecord(
-                lefts[i],
-                rights[i],
+                *(quantization.dequantize_tree(b) for b in stored[i]),
                 books[i],
-                tuple(s[i] for s in slot_leaves),
-                tuple(s[i] for s in scalar_leaves),
+                tuple(column[i] for column in slots),
+                tuple(column[i] for column in scalars),
             )
             for i in plans
         },
         config,
     )
+    if projector_bits is None:
+      return records, {i: (r.left, r.right) for i, r in records.items()}
     for i, r in records.items():
-      if projector_bits is not None:
-        # A due leaf's new basis is quantized once; the others keep their
-        # codes, so a stored basis never drifts. What is stored is what the
-        # projections use.
-        due = state.count >= books[i].next_step
-        stored_lefts[i], stored_rights[i] = (
-            jax.tree.map(
-                lambda new, old, due=due: jnp.where(due, new, old),
-                store_basis(new),
-                old,
-            )
-            for new, old in (
-                (r.left, stored_lefts[i]),
-                (r.right, stored_rights[i]),
-            )
-        )
-        r = records[i] = r._replace(
-            left=quantization.dequantize_tree(stored_lefts[i]),
-            right=quantization.dequantize_tree(stored_rights[i]),
-        )
-      lefts[i], rights[i], books[i] = r.left, r.right, r.book
-      for column, value in zip(slot_leaves, r.moments):
-        column[i] = value
-      for column, value in zip(scalar_leaves, r.scalars):
-        column[i] = value
-
-    # 2. Project.
-    low = list(leaves)
-    for i, p in plans.items():
-      low[i] = projection.project(
-          matrices[i],
-          *_sides(p, records[i]),
-          spec=sharding.spec_of(matrices[i]),
-          precision=precision,
+      # A due leaf's new basis is quantized once; the others keep their
+      # codes, so a stored basis never drifts. What is stored is what the
+      # projections use.
+      due = state.count >= books[i].next_step
+      stored[i] = tuple(
+          jax.tree.map(
+              lambda new, old, due=due: jnp.where(due, new, old),
+              store_basis(new),
+              old,
+          )
+          for new, old in zip((r.left, r.right), stored[i])
       )
-
-    # 3. The inner transform, on low-rank and untargeted leaves alike.
-    for s, column in zip(config.slots, slot_leaves):
-      inner_state = moments_lib.set_at(
-          inner_state, s.path, treedef.unflatten(column)
+      records[i] = r._replace(
+          left=quantization.dequantize_tree(stored[i][0]),
+          right=quantization.dequantize_tree(stored[i][1]),
       )
-    inner_updates, inner_state = inner.update(
-        treedef.unflatten(low), inner_state, None, **extra_args
+    return records, stored
+
+  def inner_step(low, inner_state, plans, records, treedef, extra_args):
+    """3. ``inner`` on the low-rank and untargeted leaves alike. Under
+    ``moments='reset'`` each targeted leaf steps its own copy of the inner
+    state, whose step count restarted at its last refresh (what the shared
+    update computed for these leaves is discarded; XLA drops it)."""
+    inner_state = with_moments(inner_state, records, treedef)
+    out, inner_state = steps.inner_update(
+        inner, low, inner_state, treedef, extra_args
     )
-    out = flat(inner_updates)
-    if config.scalars is not None:
-      # moments='reset': each targeted leaf steps its own copy of the inner
-      # state, whose step count restarted at its last refresh. What the
-      # shared update computed for these leaves is discarded (XLA drops it).
-      new_slots = [
-          flat(moments_lib.get_at(inner_state, s.path)) for s in config.slots
-      ]
-      for i in plans:
-        out[i], own_scalars, own_moments = moments_lib.own_update(
-            inner,
-            config.scalars,
-            config.slots,
-            low[i],
-            [column[i] for column in scalar_leaves],
-            [column[i] for column in slot_leaves],
-            **extra_args,
-        )
-        for column, value in zip(scalar_leaves, own_scalars):
-          column[i] = value
-        for column, value in zip(new_slots, own_moments):
-          column[i] = value
-      for s, column in zip(config.slots, new_slots):
-        inner_state = moments_lib.set_at(
-            inner_state, s.path, treedef.unflatten(column)
-        )
+    if config.scalars is None:
+      return out, inner_state, records
+    for i in plans:
+      r = records[i]
+      out[i], own_scalars, own_moments = moments_lib.own_update(
+          inner,
+          config.scalars,
+          config.slots,
+          low[i],
+          r.scalars,
+          r.moments,
+          **extra_args,
+      )
+      records[i] = r._replace(
+          moments=tuple(own_moments), scalars=tuple(own_scalars)
+      )
+    return out, with_moments(inner_state, records, treedef), records
 
-    # 4. Project back (and add Fira's residual).
+  def back_project_step(
+      leaves, plans, matrices, records, low, out, norms, count
+  ):
+    """4. ``scale * project_back(N, P)``, plus Fira's residual; a rule's
+    factor multiplies the whole."""
     for i, p in plans.items():
       sides = _sides(p, records[i])
       alpha, factor = step_size.galore_factors(scale, p, matrices[i], low[i])
@@ -453,44 +436,79 @@ def scale_by_galore(
         outside = matrices[i] - alpha * projection.project_back(
             low[i], *sides, precision=precision
         )
-        ratio = scaling.norm_ratio(
-            out[i], low[i], scaling.projected_axes(p.use_left, p.use_right)
-        )
-        limited, residual_norms[i] = scaling.limit_growth(
-            outside * ratio.astype(outside.dtype),
-            residual_norms[i],
-            state.count == 0,
+        limited, norms[i] = steps.rescale(
+            outside,
+            out[i],
+            low[i],
+            scaling.projected_axes(p.use_left, p.use_right),
+            norms[i],
+            count == 0,
         )
         back = back + limited
-      back = factor * back
-      out[i] = p.view.from_matrix(back).astype(leaves[i].dtype)
+      out[i] = p.view.from_matrix(factor * back).astype(leaves[i].dtype)
+    return out, norms
 
-    if projector_bits is None:
-      stored_lefts, stored_rights = lefts, rights
-    new_state = GaLoreState(
+  def update_fn(updates, state, params=None, **extra_args):
+    del params  # the inner transform works on projected shapes
+    if state_plan is not None or projector_bits is not None:
+      # flax.nnx.Optimizer may hand quantized nodes back as bare mappings
+      state = quantization.restore_quantized(
+          state, jax.eval_shape(init_fn, updates)
+      )
+    leaves, treedef = jax.tree.flatten(updates)
+    flat = treedef.flatten_up_to
+    plans = {i: p for i, p in enumerate(plan(updates)) if p is not None}
+    matrices = {i: p.view.to_matrix(leaves[i]) for i, p in plans.items()}
+    inner_state = quantization.dequantize_tree(state.inner_state)
+
+    records, stored = refresh_step(state, inner_state, plans, matrices, flat)
+    low = steps.project(
+        leaves,
+        plans,
+        matrices,
+        lambda i: _sides(plans[i], records[i]),
+        precision,
+    )
+    out, inner_state, records = inner_step(
+        low, inner_state, plans, records, treedef, extra_args
+    )
+    out, norms = back_project_step(
+        leaves,
+        plans,
+        matrices,
+        records,
+        low,
+        out,
+        None if residual is None else flat(state.residual_norm),
+        state.count,
+    )
+
+    # The new state: the targeted leaves' entries from their records.
+    def column(tree, entry):
+      values = flat(tree)
+      for i, r in records.items():
+        values[i] = entry(i, r)
+      return treedef.unflatten(values)
+
+    return treedef.unflatten(out), GaLoreState(
         count=optax.safe_int32_increment(state.count),
         projector=GaLoreProjector(
-            treedef.unflatten(stored_lefts), treedef.unflatten(stored_rights)
+            column(state.projector.left, lambda i, r: stored[i][0]),
+            column(state.projector.right, lambda i, r: stored[i][1]),
         ),
         inner_state=store_inner(inner_state),
-        refresh=RefreshState(
-            *(treedef.unflatten(list(field)) for field in zip(*books))
+        refresh=RefreshState(*(
+            column(tree, lambda i, r, k=k: r.book[k])
+            for k, tree in enumerate(state.refresh)
+        )),
+        leaf_scalars=tuple(
+            column(tree, lambda i, r, k=k: r.scalars[k])
+            for k, tree in enumerate(state.leaf_scalars)
         ),
-        leaf_scalars=tuple(treedef.unflatten(c) for c in scalar_leaves),
-        residual_norm=(
-            () if residual is None else treedef.unflatten(residual_norms)
-        ),
+        residual_norm=() if residual is None else treedef.unflatten(norms),
     )
-    return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def galore_states(opt_state: Any) -> list[GaLoreState]:
-  """The :class:`GaLoreState` s inside ``opt_state`` (any chain or wrapper)."""
-  is_galore = lambda x: isinstance(x, GaLoreState)
-  leaves = jax.tree.leaves(opt_state, is_leaf=is_galore)
-  return [x for x in leaves if is_galore(x)]
 
 
 def bases_computed(opt_state: Any) -> jax.Array:
@@ -501,7 +519,7 @@ def bases_computed(opt_state: Any) -> jax.Array:
   them) count every entry.
   """
   total = jnp.zeros([], jnp.int32)
-  for state in galore_states(opt_state):
+  for state in steps.find_states(opt_state, GaLoreState):
     for computed in jax.tree.leaves(state.refresh.computed):
       total = total + jnp.sum(computed)
   return total
@@ -520,10 +538,10 @@ def refresh_stats(opt_state: Any, update_proj_gap: int) -> dict:
   totals = dict(
       steps=0, bases_computed=0, refreshes_skipped=0, fixed_schedule=0
   )
-  for state in galore_states(opt_state):
+  for state in steps.find_states(opt_state, GaLoreState):
     # np.sum / np.max: a stacked state (one per layer) counts every entry
-    steps = int(np.max(state.count))
-    totals["steps"] = max(totals["steps"], steps)
+    taken = int(np.max(state.count))
+    totals["steps"] = max(totals["steps"], taken)
     # an interval of 0 marks a leaf left alone
     intervals = jax.tree.leaves(state.refresh.interval)
     targeted = sum(int(np.sum(np.asarray(i) > 0)) for i in intervals)
@@ -531,6 +549,6 @@ def refresh_stats(opt_state: Any, update_proj_gap: int) -> dict:
     skipped = jax.tree.leaves(state.refresh.skipped)
     totals["bases_computed"] += sum(int(np.sum(c)) for c in computed)
     totals["refreshes_skipped"] += sum(int(np.sum(s)) for s in skipped)
-    totals["fixed_schedule"] += targeted * math.ceil(steps / update_proj_gap)
+    totals["fixed_schedule"] += targeted * math.ceil(taken / update_proj_gap)
   totals["svds_saved"] = totals["fixed_schedule"] - totals["bases_computed"]
   return totals

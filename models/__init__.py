@@ -10,6 +10,8 @@ from models.clip import CLIPConfig
 from models.gpt2 import GPT2
 from models.gpt2 import PRESETS as GPT2_PRESETS
 from models.gpt2 import GPT2Config
+from models.registry import MODELS
+from models.registry import ModelSpec
 from models.transformer import GALORE_TARGETS
 from models.vit import PRESETS as VIT_PRESETS
 from models.vit import ViT

@@ -32,6 +32,7 @@ from flax import nnx
 from models import bert
 from models import clip
 from models import gpt2
+from models import registry
 from models import vit
 
 
@@ -404,60 +405,45 @@ def clip_names(config: clip.CLIPConfig) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-  task: str  # the CLI task its models train under
+  """How a Hugging Face ``model_type``'s checkpoints become ours (its family
+  in :data:`models.registry.MODELS` gives the module and heads)."""
+
   prefix: str  # of the backbone's tensor names in a checkpoint with a head
   config: Callable[[dict, str], Any]
-  model: Callable[..., nnx.Module]
   names: Callable[[Any], dict]
-  heads: tuple[str, ...]  # our parameters that may be initialised afresh
   # their tensors that are never ours: buffers, tied copies, unbuilt heads
   ignorable: str = r"$^"
 
 
 ARCHITECTURES = {
     "gpt2": Architecture(
-        task="gpt2",
         prefix="transformer.",
         config=gpt2_config,
-        model=gpt2.GPT2,
         names=gpt2_names,
-        heads=(),
         ignorable=r"^(lm_head\.weight|h\.\d+\.attn\.(masked_)?bias)$",
     ),
     "vit": Architecture(
-        task="vit",
         prefix="vit.",
         config=vit_config,
-        model=vit.ViT,
         names=vit_names,
-        heads=("head/",),
         ignorable=r"^(pooler|classifier)\.",
     ),
     "bert": Architecture(
-        task="bert",
         prefix="bert.",
         config=bert_config,
-        model=bert.Bert,
         names=lambda c: bert_names(c, roberta=False),
-        heads=("pool/", "classifier/", "mlm_"),
         ignorable=r"^((cls|pooler|classifier)\.|embeddings\.position_ids$)",
     ),
     "roberta": Architecture(
-        task="bert",
         prefix="roberta.",
         config=bert_config,
-        model=bert.Bert,
         names=lambda c: bert_names(c, roberta=True),
-        heads=("pool/", "classifier/", "mlm_"),
         ignorable=r"^((lm_head|pooler|classifier)\.|embeddings\.position_ids$)",
     ),
     "clip": Architecture(
-        task="clip",
         prefix="",
         config=clip_config,
-        model=clip.CLIP,
         names=clip_names,
-        heads=(),
         ignorable=r"position_ids$",
     ),
 }
@@ -503,8 +489,8 @@ def unstack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _architecture(
-    source: str, expect_task: Optional[str]
-) -> tuple[pathlib.Path, dict, Architecture]:
+    source: str, expect_model: Optional[str]
+) -> tuple[pathlib.Path, dict, Architecture, registry.ModelSpec]:
   path = resolve(source)
   hf = json.loads((path / "config.json").read_text())
   processor = path / PREPROCESSOR
@@ -516,18 +502,19 @@ def _architecture(
     raise CheckpointMismatch(
         f"{source}: model_type {kind!r} is not one of {sorted(ARCHITECTURES)}"
     )
-  if expect_task is not None and arch.task != expect_task:
+  family = registry.family_of(kind)
+  if expect_model is not None and family != expect_model:
     raise CheckpointMismatch(
-        f"{source}: a {kind!r} checkpoint cannot initialise the"
-        f" {expect_task!r} task (it is a {arch.task!r} model)"
+        f"{source}: a {kind!r} checkpoint cannot initialise a"
+        f" {expect_model!r} model (it is a {family!r} model)"
     )
-  return path, hf, arch
+  return path, hf, arch, registry.MODELS[family]
 
 
-def checkpoint_config(source: str, expect_task: Optional[str] = None) -> Any:
+def checkpoint_config(source: str, expect_model: Optional[str] = None) -> Any:
   """The model config (:class:`models.GPT2Config`, ...) of checkpoint
   ``source``, from its ``config.json``."""
-  _, hf, arch = _architecture(source, expect_task)
+  _, hf, arch, _ = _architecture(source, expect_model)
   return arch.config(hf, source)
 
 
@@ -581,7 +568,7 @@ def set_params(model: nnx.Module, values: dict[str, np.ndarray]) -> None:
 def load(
     source: str,
     *,
-    expect_task: Optional[str] = None,
+    expect_model: Optional[str] = None,
     seed: int = 0,
     config: Optional[Any] = None,
     **overrides,
@@ -590,8 +577,8 @@ def load(
 
   Args:
     source: ``hf:NAME`` or a directory.
-    expect_task: the CLI task that will train it (``gpt2``, ``vit``, ``bert``):
-      a checkpoint of another architecture is refused.
+    expect_model: the family that will train it (a key of
+      :data:`models.registry.MODELS`): a checkpoint of another is refused.
     seed: initialises what the checkpoint does not hold (a new head).
     config: the model config to build, by default :func:`checkpoint_config`.
     overrides: fields of the model config to set (``num_labels`` for a
@@ -602,12 +589,12 @@ def load(
     CheckpointMismatch: naming the model type, tensor or shape that does not
       fit.
   """
-  path, hf, arch = _architecture(source, expect_task)
+  path, hf, arch, family = _architecture(source, expect_model)
   kind = hf["model_type"]
   config = dataclasses.replace(config or arch.config(hf, source), **overrides)
   tensors = _strip(read_tensors(path), arch.prefix)
   names = arch.names(config)
-  model = arch.model(
+  model = family.model(
       dataclasses.replace(config, stacked=False), rngs=nnx.Rngs(seed)
   )
   flat = flat_params(model)
@@ -625,7 +612,7 @@ def load(
   values, fresh, problems = fit_params(
       flat,
       converted,
-      arch.heads,
+      family.heads,
       named=lambda p: f"tensor {', '.join(sources[p])} (for {p})",
   )
   used = {t for p in converted if p not in fresh for t in sources[p]}
@@ -643,7 +630,7 @@ def load(
     )
   if config.stacked:
     values = stack_layers(values)
-    model = arch.model(config, rngs=nnx.Rngs(seed))
+    model = family.model(config, rngs=nnx.Rngs(seed))
   set_params(model, values)
   report = LoadReport(
       source=source,

@@ -162,6 +162,8 @@ TINY = dict(
     eval_batches=2,
     checkpoint_every=100,
     update_proj_gap=2,
+    # the rate the layouts' tolerances were set at
+    lr=3e-3,
 )
 LAYOUTS = {
     "data4": dict(mesh="data=4"),
@@ -197,9 +199,18 @@ RESUMED = (
 
 
 def tiny_config(out, **kw):
+  """:data:`TINY` with ``kw``; update_proj_gap only for optimizers that take
+  it."""
   from train import config as config_lib
+  from train import optimizers
 
-  return config_lib.TrainConfig(out=str(out), **{**TINY, **kw})
+  base = dict(TINY)
+  if (
+      "update_proj_gap"
+      not in optimizers.OPTIMIZERS[kw.get("optimizer", "galore_adamw")].flags
+  ):
+    del base["update_proj_gap"]
+  return config_lib.TrainConfig(out=str(out), **{**base, **kw})
 
 
 def flat_params(params) -> dict:

@@ -9,7 +9,7 @@ from sklearn import metrics as sk
 from train import finetune
 from train import loop
 from train.__main__ import main
-from train.__main__ import parser
+from train.__main__ import parse
 from train.config import TrainConfig
 from train.data import load_text
 
@@ -173,7 +173,7 @@ def test_bert_flags_are_checked(tmp_path, capsys):
   with pytest.raises(ValueError, match="--finetune is an option of bert"):
     TrainConfig(task="gpt2", finetune="stdlib:next")
   # plain --finetune picks the default task
-  args = vars(parser().parse_args(["bert", "--finetune"]))
+  args = parse(["bert", "--finetune"])
   del args["compare"], args["stop_after"]  # the CLI's own options
   assert TrainConfig(**args).finetune == finetune.DEFAULT_TASK
   capsys.readouterr()

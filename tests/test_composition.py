@@ -258,7 +258,7 @@ def test_every_alias_takes_every_galore_keyword(params, name):
   assert set(options) == set(galore) - {"inner"}
   tx = alias(1e-2, **options)
   full_state = tx.init(params)
-  state = galore_optax.transform.galore_states(full_state)[0]
+  state = galore_optax.find_states(full_state, galore_optax.GaLoreState)[0]
   # group_leaves=False: no group loop around the refresh
   update = jax.make_jaxpr(lambda s: tx.update(params, s, params))(full_state)
   assert "while" not in str(update)
@@ -347,3 +347,33 @@ def test_flax_nnx_optimizer():
   _, trained = nnx.split(model, nnx.Param)
   _allclose_trees(trained, params, atol=1e-5)
   assert state[0].projector.left["mlp"]["kernel"].shape == (8, 4)
+
+
+def test_find_states_reaches_through_wrappers():
+  params = {"w": jnp.ones((8, 4)), "b": jnp.ones(4)}
+  galore = galore_optax.scale_by_galore(
+      rank=2, targets=galore_optax.match_paths("w")
+  )
+  apollo = galore_optax.scale_by_apollo(
+      rank=2, targets=galore_optax.match_paths("w")
+  )
+  tx = optax.chain(
+      optax.masked(galore, {"w": True, "b": False}),
+      optax.MultiSteps(
+          optax.chain(apollo, optax.scale(-1.0)), 2
+      ).gradient_transformation(),
+      galore_optax.galore_adamw(1e-2, rank=2),
+  )
+  state = tx.init(params)
+  found = galore_optax.find_states(state, galore_optax.GaLoreState)
+  assert len(found) == 2 and all(
+      isinstance(s, galore_optax.GaLoreState) for s in found
+  )
+  (apollo_state,) = galore_optax.find_states(state, galore_optax.ApolloState)
+  assert apollo_state.scaled_norm["w"].shape == ()
+  assert (
+      galore_optax.find_states(
+          optax.adam(1e-3).init(params), galore_optax.GaLoreState
+      )
+      == []
+  )

@@ -27,7 +27,6 @@ with warnings.catch_warnings():
 
 import galore_optax
 from galore_optax import apollo as apollo_lib
-from galore_optax.transform import galore_states
 
 SHAPES = {"tall": (12, 7), "wide": (6, 11)}
 HP = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.1)
@@ -231,7 +230,9 @@ def test_fira_runs_with_every_option(options):
   )
   assert all(np.isfinite(p["w"]).all() for p in fira)
   assert np.abs(fira[-1]["w"] - galore[-1]["w"]).max() > 1e-3
-  norms = galore_states(state)[0].residual_norm["w"]
+  norms = galore_optax.find_states(state, galore_optax.GaLoreState)[
+      0
+  ].residual_norm["w"]
   assert float(norms) > 0
 
 
@@ -293,7 +294,7 @@ def test_apollo_matches_apollo_adamw(shape_name, scaling_type):
   ours, state = _run_ours(tx, p0, grads)
   _assert_same(ref, ours, p0)
   # nothing but low-rank moments, a count and one scalar per matrix
-  (s,) = apollo_lib.apollo_states(state)
+  (s,) = galore_optax.find_states(state, galore_optax.ApolloState)
   tall = shape[0] >= shape[1]
   low = (shape[0], rank) if tall else (rank, shape[1])
   assert s.inner_state.mu["w"].shape == low

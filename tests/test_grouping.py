@@ -14,7 +14,6 @@ from helpers import run
 import galore_optax
 from galore_optax import refresh as refresh_lib
 from galore_optax import targets as targets_lib
-from galore_optax.transform import galore_states
 
 # Three shapes, four leaves of each, and a batched leaf: three groups of four
 # and one of one.
@@ -73,7 +72,7 @@ def test_grouped_and_leaf_by_leaf_give_the_same_updates_and_state(options):
       for grouped in (True, False)
   ]
   assert _leaves_equal(results[0], results[1])
-  state = galore_states(results[0][1])[0]
+  state = galore_optax.find_states(results[0][1], galore_optax.GaLoreState)[0]
   skipped = state.refresh.skipped
   assert int(skipped["layer1"]["up"]) == 1
   assert int(skipped["layer0"]["up"]) == 0  # its group mate refreshed
@@ -97,7 +96,7 @@ def test_members_of_a_group_keep_their_own_lazy_schedules():
       lazy_refresh=galore_optax.LazyRefresh(threshold=0.9, patience=1),
   )
   _, state = run(tx, params, grads)
-  book = galore_states(state)[0].refresh
+  book = galore_optax.find_states(state, galore_optax.GaLoreState)[0].refresh
   interval = book.interval
   assert int(interval["layer2"]["q"]) == 2
   assert all(int(interval[f"layer{i}"]["q"]) > 2 for i in (0, 1, 3))

@@ -155,7 +155,7 @@ def _logits(name, theirs, ours, processed=lambda pixels: pixels):
 def test_loaded_model_gives_the_torch_models_logits(saved, name):
   theirs, path = saved[name]
   task = name.split("-")[0].replace("roberta", "bert")
-  ours, report = hf.load(str(path), expect_task=task)
+  ours, report = hf.load(str(path), expect_model=task)
   assert report.fresh == []  # every parameter came from the checkpoint
   want, got = _logits(name, theirs, ours)
   assert want.shape == got.shape
@@ -220,8 +220,8 @@ def test_pixels_are_normalised_as_the_checkpoints_image_processor_does(
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(saved):
-  with pytest.raises(hf.CheckpointMismatch, match="'bert'.*'gpt2' task"):
-    hf.load(str(saved["bert-mlm"][1]), expect_task="gpt2")
+  with pytest.raises(hf.CheckpointMismatch, match="'bert'.*'gpt2' model"):
+    hf.load(str(saved["bert-mlm"][1]), expect_model="gpt2")
 
 
 def _copy(src, dst, edit_tensors=None, edit_config=None):
@@ -283,6 +283,7 @@ def test_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
 def test_the_cli_trains_from_a_checkpoint(saved, tmp_path, capsys):
   from train import config as config_lib
   from train import loop
+  from train import tasks
   from train.__main__ import main
 
   theirs, path = saved["gpt2"]
@@ -298,7 +299,9 @@ def test_the_cli_trains_from_a_checkpoint(saved, tmp_path, capsys):
       out=str(out),
       optimizer="adamw",
   )
-  assert cfg.model_config.n_layers == 2  # the checkpoint's, not the preset's
+  assert (
+      tasks.base_model_config(cfg).n_layers == 2
+  )  # the checkpoint's, not the preset's
   before = loop.train(cfg).summary
   assert before["steps"] == 1
   # what trained was the checkpoint: its first loss is the torch model's
@@ -327,6 +330,6 @@ def test_the_cli_trains_from_a_checkpoint(saved, tmp_path, capsys):
       str(tmp_path / "bad"),
   ])
   assert code == 2
-  assert "'bert' checkpoint cannot initialise the 'gpt2' task" in (
+  assert "'bert' checkpoint cannot initialise a 'gpt2' model" in (
       capsys.readouterr().err
   )

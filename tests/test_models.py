@@ -99,3 +99,21 @@ def test_vit_forward_backward_and_presets():
   )
   # ViT-B/16, 1000 classes
   assert sum(x.size for x in jax.tree.leaves(nnx.split(b16)[1])) == 86_567_656
+
+
+def test_each_hugging_face_model_type_loads_into_one_registered_family():
+  from models import hf
+  from models import registry
+
+  claimed = [
+      t for spec in registry.MODELS.values() for t in spec.hf_model_types
+  ]
+  assert sorted(claimed) == sorted(
+      hf.ARCHITECTURES
+  )  # each once, none unconverted
+  assert registry.family_of("roberta") == "bert"
+  assert registry.family_of("llama") is None
+  for name, spec in registry.MODELS.items():
+    assert spec.presets and all(
+        isinstance(h, str) and h.endswith(("/", "_")) for h in spec.heads
+    ), name

@@ -229,7 +229,7 @@ def test_every_alias_quantizes_its_inner_state(name):
   extra = dict(momentum=0.9) if name == "galore_sgd" else {}
   alias = getattr(galore_optax, name)
   state = alias(1e-2, rank=16, moment_bits=8, **extra).init(_big_params())
-  galore = galore_optax.transform.galore_states(state)[0]
+  galore = galore_optax.find_states(state, galore_optax.GaLoreState)[0]
   codebooks = {
       x.codebook
       for x in jax.tree.leaves(

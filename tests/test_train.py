@@ -103,7 +103,8 @@ def test_a_registered_optimizer_is_offered_and_names_stay_unique():
   optimizers.register("adamw_again", spec)
   try:
     cfg = config_lib.TrainConfig(optimizer="adamw_again")
-    assert cfg.lr == spec.lr and cfg.rank is None
+    assert cfg.lr == config_lib.TrainConfig(optimizer="adamw").lr
+    assert cfg.rank is None
     with pytest.raises(ValueError, match="--optimizer adamw_again is taken"):
       optimizers.register("adamw_again", spec)
   finally:
@@ -577,3 +578,31 @@ def test_compare_table_of_runs_stopped_before_their_first_evaluation():
   )
   table = report.compare_table({"adamw": stopped, "galore_adamw": stopped})
   assert "| adamw | - | - | 2.00K | 50% | 3.0 |" in table
+
+
+def test_config_file_runs_a_run_again_and_flags_override_it(tmp_path, capsys):
+  first, again, other = (tmp_path / n for n in ("first", "again", "other"))
+  assert main([*SMALL, "--scale", "0.5", "--out", str(first)]) == 0
+  saved = str(first / "config.json")
+  assert main(["--config", saved, "--out", str(again)]) == 0
+  read = lambda run, name: json.loads((run / name).read_text())
+  a, b = read(first, "config.json"), read(again, "config.json")
+  assert {k for k in a if a[k] != b[k]} == {"out"}
+  assert (
+      read(first, "summary.json")["val_loss"]
+      == read(again, "summary.json")["val_loss"]
+  )
+  # a flag overrides the file; the file's low-rank flags do not follow
+  # another optimizer
+  assert (
+      main(["--config", saved, "--out", str(other), "--optimizer", "adamw"])
+      == 0
+  )
+  c = read(other, "config.json")
+  assert c["optimizer"] == "adamw" and c["rank"] is None and c["scale"] is None
+  assert c["steps"] == a["steps"] and c["preset"] == "tiny"
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("task: gpt2\npreset: tiny\nlearning_rate: 0.1\n")
+  capsys.readouterr()
+  assert main(["--config", str(bad)]) == 2
+  assert "'learning_rate' is not a field" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""``python -m train {gpt2,vit,bert} [flags]``: train with GaLore (or any listed
-optimizer)."""
+"""``python -m train {gpt2,vit,bert,clip} [flags]``: train with GaLore (or any
+listed optimizer). ``--config FILE`` starts from a run's ``config.json`` (or a
+YAML file of the same fields); the flags given override it."""
 
 from __future__ import annotations
 
@@ -24,7 +25,17 @@ from train.parallel import ParallelError
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-  p.add_argument("task", choices=sorted(config_lib.TASKS))
+  p.add_argument("task", nargs="?", choices=sorted(config_lib.TASKS))
+  p.add_argument(
+      "--config",
+      type=pathlib.Path,
+      default=None,
+      help=(
+          "a run's config.json, or a YAML file of the same fields: its values"
+          " are the defaults, the flags given override them (its out, resume"
+          " and overwrite are not taken: the run goes where these flags say)"
+      ),
+  )
   for field in dataclasses.fields(config_lib.TrainConfig):
     if field.name == "task":
       continue
@@ -96,8 +107,71 @@ def compared_configs(args: dict, names: list[str]) -> dict:
   return configs
 
 
+# Where a run goes is this invocation's business, not the file's.
+NOT_FROM_FILE = ("out", "resume", "overwrite")
+
+
+def file_defaults(path: pathlib.Path) -> dict:
+  """``--config``'s values: the TrainConfig fields of a JSON or YAML file,
+  without :data:`NOT_FROM_FILE` and without nulls (a null is a default left
+  to the model and optimizer)."""
+  try:
+    text = path.read_text()
+  except OSError as e:
+    raise ValueError(f"--config {path}: {e.strerror}") from e
+  try:
+    if path.suffix in (".yaml", ".yml"):
+      import yaml  # the train extra
+
+      values = yaml.safe_load(text)
+    else:
+      values = json.loads(text)
+  except ValueError as e:  # yaml.YAMLError and JSONDecodeError are ValueErrors
+    raise ValueError(
+        f"--config {path}: not valid {path.suffix[1:] or 'JSON'}: {e}"
+    ) from e
+  if not isinstance(values, dict):
+    raise ValueError(f"--config {path}: expected a mapping of flags to values")
+  fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(
+        f"--config {path}: {', '.join(map(repr, unknown))} is not a field of"
+        " the training config"
+    )
+  return {
+      k: v
+      for k, v in values.items()
+      if k not in NOT_FROM_FILE and v is not None
+  }
+
+
+def parse(argv=None) -> dict:
+  """The flags as TrainConfig fields (plus ``compare``, ``stop_after``):
+  ``--config``'s values, overridden by the flags given."""
+  p = parser()
+  config = p.parse_known_args(argv)[0].config
+  from_file = {} if config is None else file_defaults(config)
+  own_defaults = {k: p.get_default(k) for k in from_file}
+  p.set_defaults(**from_file)
+  args = vars(p.parse_args(argv))
+  del args["config"]
+  if args["task"] is None:
+    p.error("give the model to train (e.g. gpt2), or --config FILE")
+  if args["optimizer"] in OPTIMIZERS:  # an unknown one: TrainConfig says so
+    # the file's flags of another optimizer do not follow a new --optimizer
+    for name in OPTIMIZERS[args["optimizer"]].unused_flags:
+      if name in from_file and args[name] == from_file[name]:
+        args[name] = own_defaults[name]
+  return args
+
+
 def main(argv=None) -> int:
-  args = vars(parser().parse_args(argv))
+  try:
+    args = parse(argv)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   compare, stop_after = args.pop("compare"), args.pop("stop_after")
   try:
     if not compare:

@@ -9,7 +9,6 @@ from typing import Optional
 
 import galore_optax
 from models.transformer import DTYPES
-from train import init as init_lib
 from train.optimizers import OPTIMIZERS
 from train.tasks import TASKS
 
@@ -418,8 +417,10 @@ class TrainConfig:
         )
     if self.rank is not None and self.rank <= 0:
       raise ValueError(f"--rank must be positive, got {self.rank}")
-    if "rank" in spec.flags:
-      self.rank = self.rank or self.model_config.d_model // 4
+    if "rank" in spec.flags and self.rank is None and not self.init:
+      # with --init the checkpoint's width decides (with_model_width, when
+      # the run is set up: building a config reads nothing)
+      self.rank = TASKS[self.task].presets[self.preset].d_model // 4
     self.lr = self.lr or spec.lr * TASKS[self.task].lr_multiplier
     if self.warmup_steps is None:
       self.warmup_steps = max(self.steps // 10, 1)
@@ -455,11 +456,13 @@ class TrainConfig:
       raise ValueError(f"--scale must be a finite number >= 0, got {scale}")
     return scale
 
-  @property
-  def model_config(self):
-    if self.init:
-      return init_lib.model_config(self.init, self.task)
-    return TASKS[self.task].presets[self.preset]
+  def with_model_width(self, d_model: int) -> "TrainConfig":
+    """The config with the default rank (d_model // 4) filled in, where the
+    optimizer takes one and ``--rank`` was not given."""
+    spec = OPTIMIZERS[self.optimizer]
+    if "rank" not in spec.flags or self.rank is not None:
+      return self
+    return dataclasses.replace(self, rank=d_model // 4)
 
   @property
   def stacked(self) -> bool:

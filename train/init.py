@@ -12,6 +12,7 @@ import json
 import pathlib
 import re
 from typing import Any
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,21 +35,21 @@ def run_config(source: str) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def model_config(source: str, task: str) -> Any:
-  """The model config of checkpoint ``source`` for ``task``."""
+def model_origin(source: str, task: str) -> tuple[Any, Optional[str]]:
+  """What checkpoint ``source`` of ``task`` was built from: ``(its Hugging
+  Face model config, None)``, or ``(None, the preset of the run that started
+  from scratch)``, following ``--init`` from run to run."""
   if not is_run(source):
-    return hf.checkpoint_config(source, expect_task=task)
+    return hf.checkpoint_config(source, expect_model=task), None
   saved = run_config(source)
   if saved["task"] != task:
     raise hf.CheckpointMismatch(
         f"--init {source} is a {saved['task']} run; it cannot initialise the"
         f" {task!r} task"
     )
-  from train.tasks import TASKS  # the tasks import this module
-
   if saved.get("init"):
-    return model_config(saved["init"], task)
-  return TASKS[task].presets[saved["preset"]]
+    return model_origin(saved["init"], task)
+  return None, saved["preset"]
 
 
 def _newest_params(source: str) -> dict[str, np.ndarray]:

@@ -29,6 +29,7 @@ from models import lora
 from train import layerwise
 from train import parallel
 from train import report
+from train import tasks as tasks_lib
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.optimizers import OPTIMIZERS
@@ -337,6 +338,7 @@ def train(
       checkpoints).
   """
   task = task_for(cfg)
+  cfg = cfg.with_model_width(tasks_lib.base_model_config(cfg).d_model)
   parallel.initialize_processes(
       cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed
   )
