@@ -325,10 +325,410 @@ class RunResult(NamedTuple):
   opt_state: Any
 
 
+class Run:
+  """One training run, set up, stepped and summed up.
+
+  ``Run(cfg)`` sets up what a dry run and a real run share: the devices, the
+  data, the model and the optimizer. Then either :meth:`dry_run`, or
+  :meth:`start` (state on the devices, the checkpoint resumed, the step
+  compiled), :meth:`steps` and :meth:`finish`. :func:`train` does all of it.
+  """
+
+  def __init__(self, cfg: TrainConfig, verbose: bool = True):
+    self.task = task = task_for(cfg)
+    cfg = cfg.with_model_width(tasks_lib.base_model_config(cfg).d_model)
+    parallel.initialize_processes(
+        cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed
+    )
+    self.placement = (
+        parallel.PmapPlacement.create(cfg.mesh)
+        if cfg.parallel == "pmap"
+        else parallel.MeshPlacement.create(cfg.mesh, cfg.mesh_axes)
+    )
+    parallel.limit_blas_threads()
+    self.out = run_directory(cfg)
+    self.cfg = cfg = dataclasses.replace(cfg, out=str(self.out))
+    # the process that writes logs, metrics and plots
+    self.lead = jax.process_index() == 0
+    self.verbose = verbose and self.lead
+    self.data = data = task.load_data(cfg)
+
+    def build():
+      model = task.build_model(cfg, data)
+      if cfg.lora_rank:
+        lora.add_adapters(model, cfg.lora_rank, nnx.Rngs(cfg.seed + 1))
+      return model
+
+    # a dry run builds the model on abstract shapes: nothing is allocated
+    model = nnx.eval_shape(build) if cfg.dry_run else build()
+    graphdef, state = nnx.split(model)
+    self.params = params = nnx.to_pure_dict(state)
+    self.n_params = sum(x.size for x in jax.tree.leaves(params))
+    # what trains under --lora-rank: the adapters and the head
+    self.n_trainable = (
+        lora_trainable(params, task.heads) if cfg.lora_rank else None
+    )
+    unstacked = layerwise.unstacked(params) if cfg.stacked else params
+    self.tx, self.schedule = build_optimizer(
+        cfg,
+        unstacked,
+        axis_name=parallel.PMAP_AXIS if cfg.parallel == "pmap" else None,
+    )
+    # the state's bytes leaf by leaf, as the unstacked layout would hold them
+    unstacked_tx = (
+        build_optimizer(
+            dataclasses.replace(cfg, layerwise=False, remat="none"), unstacked
+        )[0]
+        if cfg.stacked
+        else self.tx
+    )
+    self.memory = galore_optax.memory_report(unstacked, unstacked_tx)
+    self.scale = effective_scale(cfg, unstacked)
+    self.init = (
+        functools.partial(layerwise.init, self.tx)
+        if cfg.layerwise
+        else self.tx.init
+    )
+    gather = self.placement.gather_for_compute
+    self.step_fn, eval_fn = make_steps(graphdef, self.tx, task.loss, gather)
+    if cfg.layerwise:
+      self.step_fn = layerwise.make_train_step(
+          graphdef,
+          nnx.graphdef(model.blocks),
+          self.tx,
+          task.head_loss,
+          clip=cfg.clip,
+          gather=gather,
+      )
+      # it keeps the blocks' 16-bit leaves packed (see layerwise.Bits)
+      self.pack, self.unpack = layerwise.pack_params, layerwise.unpack_params
+      self.eval_fn = lambda params, batch: eval_fn(self.unpack(params), batch)
+    else:
+      self.pack = self.unpack = lambda params: params
+      self.eval_fn = eval_fn
+
+  def _batch(self, step: int) -> Any:
+    cfg, placement = self.cfg, self.placement
+    rows = placement.local_rows(cfg.batch_size)
+    return placement.put_batch(
+        self.task.batch(cfg, self.data, step, rows), cfg.batch_size
+    )
+
+  def _write(self, name: str, text: str) -> None:
+    if self.lead:
+      report.write_atomic(self.out / name, text)
+
+  def dry_run(self) -> RunResult:
+    """Compiles the train step on abstract shapes, reports its per-device
+    bytes (printed and in ``DIR/summary.json``) and returns without
+    training."""
+    cfg, memory = self.cfg, self.memory
+    t0 = time.perf_counter()
+    params, opt_state = self.placement.abstract(self.params, self.init)
+    params = self.pack(params)
+    _, step_memory = self.placement.compile_step(
+        self.step_fn, params, opt_state, self._batch(0)
+    )
+    summary = {
+        "task": cfg.task,
+        "preset": cfg.preset,
+        "optimizer": cfg.optimizer,
+        "dry_run": True,
+        "batch_size": cfg.batch_size,
+        **({"seq_len": cfg.seq_len} if self.task.unit == "tok" else {}),
+        "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "param_bytes": memory.param_bytes,
+        "optimizer_state_bytes": memory.state_bytes,
+        "adamw_state_bytes": memory.adamw_bytes,
+        "compile_s": time.perf_counter() - t0,
+        "per_device": _per_device(
+            self.placement, params, opt_state, step_memory
+        ),
+    }
+    if self.lead:
+      self.out.mkdir(parents=True, exist_ok=True)
+    self._write("config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    self._write("summary.json", json.dumps(summary, indent=2))
+    if self.verbose:
+      print(report.describe_dry_run(summary))
+    return RunResult(summary, params, opt_state)
+
+  def start(self) -> None:
+    """Puts the params and the optimizer state on the devices, resumes the
+    checkpoint under ``--resume``, opens the logs and compiles the steps."""
+    cfg, placement, out = self.cfg, self.placement, self.out
+    params = placement.put_params(self.params)
+    opt_state = placement.init_state(self.init, params)
+    params = self.pack(params)
+    # orbax refuses zero-size arrays, which optax.contrib.galore's state
+    # holds: such runs keep no checkpoints.
+    savable = all(x.size for x in jax.tree.leaves(opt_state))
+    if not savable and cfg.resume:
+      raise ConfigError(
+          f"--resume: {cfg.optimizer}'s state holds zero-size arrays, which"
+          " orbax cannot save, so its runs keep no checkpoints"
+      )
+    if self.lead:
+      out.mkdir(parents=True, exist_ok=True)
+    if not savable and self.verbose:
+      print(
+          f"note: no checkpoints: {cfg.optimizer}'s state holds zero-size"
+          " arrays, which orbax cannot save"
+      )
+    self.checkpointer = Checkpointer(
+        out,
+        cfg.checkpoint_every,
+        cfg.keep_checkpoints,
+        fresh=cfg.overwrite,
+        enabled=savable,
+    )
+    self.start_step = 0
+    if cfg.resume:
+      params, opt_state, meta = self.checkpointer.restore(
+          placement.to_checkpoint(params),
+          placement.to_checkpoint(opt_state),
+          cfg.identity(),
+      )
+      params = placement.from_checkpoint(params)
+      opt_state = placement.from_checkpoint(opt_state)
+      self.start_step = meta["step"]
+    self.params, self.opt_state = params, opt_state
+    self.metrics_path = out / "metrics.jsonl"
+    self.history = (
+        _read_metrics(self.metrics_path, self.start_step) if cfg.resume else []
+    )
+    self._write("config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    self._write(
+        "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history)
+    )
+    self.train_step, self.step_memory = placement.compile_step(
+        self.step_fn, params, opt_state, self._batch(self.start_step)
+    )
+    self.eval_step = placement.jit_eval(self.eval_fn)
+    if self.verbose:
+      self._banner()
+
+  def _banner(self) -> None:
+    cfg, memory = self.cfg, self.memory
+    print(
+        f"{cfg.task} {model_name(cfg)}: {self.n_params / 1e6:.2f}M params;"
+        f" data: {self.data.description}"
+    )
+    print(
+        f"optimizer {cfg.optimizer}"
+        + (
+            f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {self.scale}, "
+            f"{cfg.proj_type})"
+            if OPTIMIZERS[cfg.optimizer].per_matrix
+            else ""
+        )
+        + f": state {report.human_bytes(memory.state_bytes)} vs AdamW's "
+        f"{report.human_bytes(memory.adamw_bytes)} ({memory.state_ratio:.0%})"
+        + (f"; resuming at step {self.start_step}" if self.start_step else "")
+    )
+    if self.placement.size > 1:
+      print(f"devices: {self.placement.describe()}")
+
+  def steps(self, stop_after: Optional[int] = None) -> None:
+    """Trains to ``--steps``, or ``stop_after`` steps more, logging,
+    evaluating and checkpointing on the way.
+
+    Raises:
+      TrainingDiverged: when the loss becomes non-finite (after closing logs
+        and checkpoints).
+    """
+    cfg, placement, task = self.cfg, self.placement, self.task
+    start = self.start_step
+    unit, per_step = task.unit, task.items_per_step(cfg)
+    progress = Progress(cfg.steps, unit)
+    self.end = end = (
+        cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    )
+    self.step_times, self.refresh_times = step_times, refresh_times = [], []
+    window = []
+    saved_step = start if cfg.resume else None
+    bases = None  # bases computed so far, as the last step returned it
+    t_begin = time.perf_counter()
+    params, opt_state, checkpointer = (
+        self.params,
+        self.opt_state,
+        self.checkpointer,
+    )
+    log = open(self.metrics_path, "a") if self.lead else None
+    try:
+      for step in range(start, end):
+        t0 = time.perf_counter()
+        params, opt_state, metrics = self.train_step(
+            params, opt_state, self._batch(step)
+        )
+        loss, computed = float(metrics["loss"]), int(metrics["bases_computed"])
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss):
+          kept = (
+              f"the last checkpoint kept is step {saved_step} in"
+              f" {checkpointer.path}"
+              if saved_step is not None
+              else "no checkpoint was kept"
+          )
+          raise TrainingDiverged(
+              f"the loss became {loss} at step {step + 1}; {kept}"
+          )
+        if step > start:  # the first step may still warm up
+          step_times.append(dt)
+          if bases is not None and computed > bases:
+            # a step that computed bases, whatever the schedule
+            refresh_times.append(dt)
+        bases = computed
+        window.append(loss)
+        done = step + 1
+        row = None
+        if (
+            done % cfg.log_every == 0
+            or done % cfg.eval_every == 0
+            or done == end
+        ):
+          median = float(np.median(step_times)) if step_times else 0.0
+          rate = per_step / median if median else 0.0
+          row = {
+              "step": done,
+              "loss": float(np.mean(window)),
+              "lr": float(self.schedule(step // cfg.grad_accum)),
+              f"{unit}_per_s": rate,
+          }
+          window = []
+          if self.verbose:
+            progress.show(
+                done, row["loss"], row["lr"], rate, (cfg.steps - done) * median
+            )
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+          row.update(
+              evaluate(task, cfg, self.eval_step, params, self.data, placement)
+          )
+          if self.verbose:
+            progress.note(
+                "  eval "
+                + "  ".join(
+                    f"{k} {v:.4f}"
+                    for k, v in row.items()
+                    if k.startswith("val")
+                )
+            )
+        if row:
+          self.history.append(row)
+          if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        # pmap's to_checkpoint copies: only when saving
+        if checkpointer.due(done, force=done == end):
+          meta = {
+              "step": done,
+              "config": cfg.identity(),
+              "rng": {"seed": cfg.seed, "data_position": done},
+          }
+          checkpointer.save(
+              done,
+              placement.to_checkpoint(params),
+              placement.to_checkpoint(opt_state),
+              meta,
+          )
+          saved_step = done
+    finally:
+      self.params, self.opt_state = params, opt_state
+      if log:
+        log.close()
+      checkpointer.close()
+      self.wall_s = time.perf_counter() - t_begin
+
+  def finish(self) -> RunResult:
+    """The summary (written to ``DIR/summary.json``, with the loss plot, and
+    printed), the params and the optimizer state, unpacked and unsharded."""
+    cfg, placement = self.cfg, self.placement
+    summary = self.summary()
+    params = placement.to_checkpoint(self.unpack(self.params))
+    opt_state = placement.to_checkpoint(self.opt_state)
+    summary["per_device"] = _per_device(
+        placement, params, opt_state, self.step_memory
+    )
+    if cfg.uses_galore:
+      summary["refresh"].update(
+          galore_optax.refresh_stats(opt_state, cfg.update_proj_gap)
+      )
+    self._write("summary.json", json.dumps(summary, indent=2))
+    if self.lead:
+      report.plot_losses(
+          {cfg.optimizer: self.history},
+          self.out / "loss.png",
+          f"{cfg.task} {cfg.preset}",
+          report.entropy_line(summary),
+      )
+    if self.verbose:
+      print(report.describe_summary(summary))
+    return RunResult(summary, params, opt_state)
+
+  def summary(self) -> dict:
+    """What the steps so far came to: losses, validation metrics, speed,
+    memory, refreshes."""
+    cfg, task, memory = self.cfg, self.task, self.memory
+    history, step_times = self.history, self.step_times
+    evals = [r for r in history if "val_loss" in r]
+    median = float(np.median(step_times)) if step_times else float("nan")
+    summary = {
+        "task": cfg.task,
+        "preset": cfg.preset,
+        "optimizer": cfg.optimizer,
+        "finished": self.end == cfg.steps,
+        "steps": history[-1]["step"] if history else 0,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        **(
+            {k: v for k, v in evals[-1].items() if k.startswith("val")}
+            if evals
+            else {}
+        ),
+        f"{task.unit}_per_s": (
+            task.items_per_step(cfg) / median if step_times else None
+        ),
+        "median_step_ms": 1000 * median,
+        "wall_time_s": self.wall_s,
+        "param_bytes": memory.param_bytes,
+        "optimizer_state_bytes": memory.state_bytes,
+        "adamw_state_bytes": memory.adamw_bytes,
+        "optimizer_state_vs_adamw": memory.state_ratio,
+        **task.summary_extras(self.data),
+    }
+    if cfg.uses_galore:
+      # Timed at the steps that computed bases; amortised over the timed
+      # steps.
+      refresh_times = self.refresh_times
+      refresh_ms = (
+          1000 * float(np.mean(refresh_times)) if refresh_times else None
+      )
+      summary["refresh"] = {
+          "every": cfg.update_proj_gap,
+          "svd": cfg.svd,
+          "moments": cfg.moments,
+          "refresh_steps_timed": len(refresh_times),
+          "mean_refresh_step_ms": refresh_ms,
+          "amortised_overhead": (
+              (refresh_ms / (1000 * median) - 1)
+              * len(refresh_times)
+              / len(step_times)
+              if refresh_times
+              else None
+          ),
+      }
+    if self.scale is not None:
+      summary["scale"] = self.scale
+    if cfg.lora_rank:
+      summary["trainable_params"] = int(self.n_trainable)
+    summary["out"] = str(self.out)
+    return summary
+
+
 def train(
     cfg: TrainConfig, stop_after: Optional[int] = None, verbose: bool = True
 ) -> RunResult:
-  """Runs (or resumes) the training ``cfg`` describes.
+  """Runs (or resumes) the training ``cfg`` describes: a :class:`Run`, set up,
+  stepped and summed up.
 
   ``stop_after`` ends this invocation after that many steps, with a checkpoint,
   as a preempted job would; ``--resume`` then continues it.
@@ -337,273 +737,12 @@ def train(
     TrainingDiverged: when the loss becomes non-finite (after closing logs and
       checkpoints).
   """
-  task = task_for(cfg)
-  cfg = cfg.with_model_width(tasks_lib.base_model_config(cfg).d_model)
-  parallel.initialize_processes(
-      cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed
-  )
-  placement = (
-      parallel.PmapPlacement.create(cfg.mesh)
-      if cfg.parallel == "pmap"
-      else parallel.MeshPlacement.create(cfg.mesh, cfg.mesh_axes)
-  )
-  parallel.limit_blas_threads()
-  out = run_directory(cfg)
-  cfg = dataclasses.replace(cfg, out=str(out))
-  # the process that writes logs, metrics and plots
-  lead = jax.process_index() == 0
-  verbose = verbose and lead
-  rows = placement.local_rows(cfg.batch_size)
-  data = task.load_data(cfg)
-
-  def build():
-    model = task.build_model(cfg, data)
-    if cfg.lora_rank:
-      lora.add_adapters(model, cfg.lora_rank, nnx.Rngs(cfg.seed + 1))
-    return model
-
-  # a dry run builds the model on abstract shapes: nothing is allocated
-  model = nnx.eval_shape(build) if cfg.dry_run else build()
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  if cfg.lora_rank:  # what trains: the adapters and the head
-    n_trainable = lora_trainable(params, task.heads)
-  unstacked = layerwise.unstacked(params) if cfg.stacked else params
-  tx, schedule = build_optimizer(
-      cfg,
-      unstacked,
-      axis_name=parallel.PMAP_AXIS if cfg.parallel == "pmap" else None,
-  )
-  # the state's bytes leaf by leaf, as the unstacked layout would hold them
-  unstacked_tx = (
-      build_optimizer(
-          dataclasses.replace(cfg, layerwise=False, remat="none"), unstacked
-      )[0]
-      if cfg.stacked
-      else tx
-  )
-  memory = galore_optax.memory_report(unstacked, unstacked_tx)
-  scale = effective_scale(cfg, unstacked)
-  init = functools.partial(layerwise.init, tx) if cfg.layerwise else tx.init
-  step_fn, eval_fn = make_steps(
-      graphdef, tx, task.loss, gather=placement.gather_for_compute
-  )
-  if cfg.layerwise:
-    step_fn = layerwise.make_train_step(
-        graphdef,
-        nnx.graphdef(model.blocks),
-        tx,
-        task.head_loss,
-        clip=cfg.clip,
-        gather=placement.gather_for_compute,
-    )
-    # it keeps the blocks' 16-bit leaves packed (see layerwise.Bits)
-    pack, unpack = layerwise.pack_params, layerwise.unpack_params
-    eval_fn = lambda params, batch, eval_fn=eval_fn: eval_fn(
-        unpack(params), batch
-    )
-  else:
-    pack = unpack = lambda params: params
-  if cfg.dry_run:
-    return _dry_run(
-        cfg, task, data, placement, params, init, pack, step_fn, memory, verbose
-    )
-  params = placement.put_params(params)
-  opt_state = placement.init_state(init, params)
-  params = pack(params)
-
-  # orbax refuses zero-size arrays, which optax.contrib.galore's state holds:
-  # such runs keep no checkpoints.
-  savable = all(x.size for x in jax.tree.leaves(opt_state))
-  if not savable and cfg.resume:
-    raise ConfigError(
-        f"--resume: {cfg.optimizer}'s state holds zero-size arrays, which orbax"
-        " cannot save, so its runs keep no checkpoints"
-    )
-  if lead:
-    out.mkdir(parents=True, exist_ok=True)
-  if not savable and verbose:
-    print(
-        f"note: no checkpoints: {cfg.optimizer}'s state holds zero-size arrays,"
-        " which orbax cannot save"
-    )
-  checkpointer = Checkpointer(
-      out,
-      cfg.checkpoint_every,
-      cfg.keep_checkpoints,
-      fresh=cfg.overwrite,
-      enabled=savable,
-  )
-  start = 0
-  if cfg.resume:
-    params, opt_state, meta = checkpointer.restore(
-        placement.to_checkpoint(params),
-        placement.to_checkpoint(opt_state),
-        cfg.identity(),
-    )
-    params, opt_state = placement.from_checkpoint(
-        params
-    ), placement.from_checkpoint(opt_state)
-    start = meta["step"]
-  metrics_path = out / "metrics.jsonl"
-  history = _read_metrics(metrics_path, start) if cfg.resume else []
-  if lead:
-    report.write_atomic(
-        out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2)
-    )
-    report.write_atomic(
-        metrics_path, "".join(json.dumps(r) + "\n" for r in history)
-    )
-
-  unit, per_step = task.unit, task.items_per_step(cfg)
-  train_step, step_memory = placement.compile_step(
-      step_fn,
-      params,
-      opt_state,
-      placement.put_batch(task.batch(cfg, data, start, rows), cfg.batch_size),
-  )
-  eval_step = placement.jit_eval(eval_fn)
-  progress = Progress(cfg.steps, unit)
-  if verbose:
-    print(
-        f"{cfg.task} {model_name(cfg)}: {n_params / 1e6:.2f}M params; data:"
-        f" {data.description}"
-    )
-    print(
-        f"optimizer {cfg.optimizer}"
-        + (
-            f" (rank {cfg.rank}, T {cfg.update_proj_gap}, scale {scale}, "
-            f"{cfg.proj_type})"
-            if OPTIMIZERS[cfg.optimizer].per_matrix
-            else ""
-        )
-        + f": state {report.human_bytes(memory.state_bytes)} vs AdamW's "
-        f"{report.human_bytes(memory.adamw_bytes)} ({memory.state_ratio:.0%})"
-        + (f"; resuming at step {start}" if start else "")
-    )
-    if placement.size > 1:
-      print(f"devices: {placement.describe()}")
-
-  end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-  step_times, refresh_times, window = [], [], []
-  saved_step = start if cfg.resume else None
-  bases = None  # bases computed so far, as the last step returned it
-  t_begin = time.perf_counter()
-  log = open(metrics_path, "a") if lead else None
-  try:
-    for step in range(start, end):
-      t0 = time.perf_counter()
-      batch = placement.put_batch(
-          task.batch(cfg, data, step, rows), cfg.batch_size
-      )
-      params, opt_state, metrics = train_step(params, opt_state, batch)
-      loss, computed = float(metrics["loss"]), int(metrics["bases_computed"])
-      dt = time.perf_counter() - t0
-      if not math.isfinite(loss):
-        kept = (
-            f"the last checkpoint kept is step {saved_step} in"
-            f" {checkpointer.path}"
-            if saved_step is not None
-            else "no checkpoint was kept"
-        )
-        raise TrainingDiverged(
-            f"the loss became {loss} at step {step + 1}; {kept}"
-        )
-      if step > start:  # the first step may still warm up
-        step_times.append(dt)
-        if (
-            bases is not None and computed > bases
-        ):  # a step that computed bases, whatever the schedule
-          refresh_times.append(dt)
-      bases = computed
-      window.append(loss)
-      done = step + 1
-      row = None
-      if done % cfg.log_every == 0 or done % cfg.eval_every == 0 or done == end:
-        median = float(np.median(step_times)) if step_times else 0.0
-        rate = per_step / median if median else 0.0
-        row = {
-            "step": done,
-            "loss": float(np.mean(window)),
-            "lr": float(schedule(step // cfg.grad_accum)),
-            f"{unit}_per_s": rate,
-        }
-        window = []
-        if verbose:
-          progress.show(
-              done, row["loss"], row["lr"], rate, (cfg.steps - done) * median
-          )
-      if done % cfg.eval_every == 0 or done == cfg.steps:
-        row.update(evaluate(task, cfg, eval_step, params, data, placement))
-        if verbose:
-          progress.note(
-              "  eval "
-              + "  ".join(
-                  f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val")
-              )
-          )
-      if row:
-        history.append(row)
-        if log:
-          log.write(json.dumps(row) + "\n")
-          log.flush()
-      if checkpointer.due(
-          done, force=done == end
-      ):  # pmap's to_checkpoint copies: only when saving
-        meta = {
-            "step": done,
-            "config": cfg.identity(),
-            "rng": {"seed": cfg.seed, "data_position": done},
-        }
-        checkpointer.save(
-            done,
-            placement.to_checkpoint(params),
-            placement.to_checkpoint(opt_state),
-            meta,
-        )
-        saved_step = done
-  finally:
-    if log:
-      log.close()
-    checkpointer.close()
-
-  summary = _summary(
-      cfg,
-      task,
-      data,
-      history,
-      memory,
-      step_times,
-      refresh_times,
-      time.perf_counter() - t_begin,
-      finished=end == cfg.steps,
-  )
-  if scale is not None:
-    summary["scale"] = scale
-  if cfg.lora_rank:
-    summary["trainable_params"] = int(n_trainable)
-  params = unpack(params)
-  params, opt_state = placement.to_checkpoint(params), placement.to_checkpoint(
-      opt_state
-  )
-  summary["out"] = str(out)
-  summary["per_device"] = _per_device(placement, params, opt_state, step_memory)
-  if cfg.uses_galore:
-    summary["refresh"].update(
-        galore_optax.refresh_stats(opt_state, cfg.update_proj_gap)
-    )
-  if lead:
-    report.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    report.plot_losses(
-        {cfg.optimizer: history},
-        out / "loss.png",
-        f"{cfg.task} {cfg.preset}",
-        report.entropy_line(summary),
-    )
-  if verbose:
-    print(report.describe_summary(summary))
-  return RunResult(summary, params, opt_state)
+  run = Run(cfg, verbose)
+  if run.cfg.dry_run:
+    return run.dry_run()
+  run.start()
+  run.steps(stop_after)
+  return run.finish()
 
 
 def _per_device(placement, params, opt_state, step_memory) -> dict:
@@ -615,88 +754,3 @@ def _per_device(placement, params, opt_state, step_memory) -> dict:
       "optimizer_state_bytes": parallel.bytes_per_device(opt_state),
       "xla_train_step": step_memory,
   }
-
-
-def _dry_run(
-    cfg, task, data, placement, params, init, pack, step_fn, memory, verbose
-):
-  """Compiles the train step on abstract shapes, reports its per-device bytes
-  (printed and in ``DIR/summary.json``) and returns without training."""
-  t0 = time.perf_counter()
-  params, opt_state = placement.abstract(params, init)
-  params = pack(params)
-  rows = placement.local_rows(cfg.batch_size)
-  batch = placement.put_batch(task.batch(cfg, data, 0, rows), cfg.batch_size)
-  _, step_memory = placement.compile_step(step_fn, params, opt_state, batch)
-  summary = {
-      "task": cfg.task,
-      "preset": cfg.preset,
-      "optimizer": cfg.optimizer,
-      "dry_run": True,
-      "batch_size": cfg.batch_size,
-      **({"seq_len": cfg.seq_len} if task.unit == "tok" else {}),
-      "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
-      "param_bytes": memory.param_bytes,
-      "optimizer_state_bytes": memory.state_bytes,
-      "adamw_state_bytes": memory.adamw_bytes,
-      "compile_s": time.perf_counter() - t0,
-      "per_device": _per_device(placement, params, opt_state, step_memory),
-  }
-  out = pathlib.Path(cfg.out)
-  if jax.process_index() == 0:
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_atomic(
-        out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2)
-    )
-    report.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-  if verbose:
-    print(report.describe_dry_run(summary))
-  return RunResult(summary, params, opt_state)
-
-
-def _summary(
-    cfg, task, data, history, memory, step_times, refresh_times, wall, finished
-):
-  evals = [r for r in history if "val_loss" in r]
-  median = float(np.median(step_times)) if step_times else float("nan")
-  summary = {
-      "task": cfg.task,
-      "preset": cfg.preset,
-      "optimizer": cfg.optimizer,
-      "finished": finished,
-      "steps": history[-1]["step"] if history else 0,
-      "final_train_loss": history[-1]["loss"] if history else None,
-      **(
-          {k: v for k, v in evals[-1].items() if k.startswith("val")}
-          if evals
-          else {}
-      ),
-      f"{task.unit}_per_s": (
-          task.items_per_step(cfg) / median if step_times else None
-      ),
-      "median_step_ms": 1000 * median,
-      "wall_time_s": wall,
-      "param_bytes": memory.param_bytes,
-      "optimizer_state_bytes": memory.state_bytes,
-      "adamw_state_bytes": memory.adamw_bytes,
-      "optimizer_state_vs_adamw": memory.state_ratio,
-      **task.summary_extras(data),
-  }
-  if cfg.uses_galore:
-    # Timed at the steps that computed bases; amortised over the timed steps.
-    refresh_ms = 1000 * float(np.mean(refresh_times)) if refresh_times else None
-    summary["refresh"] = {
-        "every": cfg.update_proj_gap,
-        "svd": cfg.svd,
-        "moments": cfg.moments,
-        "refresh_steps_timed": len(refresh_times),
-        "mean_refresh_step_ms": refresh_ms,
-        "amortised_overhead": (
-            (refresh_ms / (1000 * median) - 1)
-            * len(refresh_times)
-            / len(step_times)
-            if refresh_times
-            else None
-        ),
-    }
-  return summary
