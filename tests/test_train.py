@@ -239,6 +239,20 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, capsys):
   for name in ("config.json", "summary.json", "metrics.jsonl", "loss.png"):
     mode = (tmp_path / "parts" / name).stat().st_mode & 0o777
     assert mode == 0o666 & ~umask, (name, oct(mode))
+  # a Run taken step by step in one process is the same run
+  run = loop.Run(_cfg(tmp_path, out=str(tmp_path / "stepped"), steps=6), False)
+  run.start()
+  run.steps(3)
+  assert run.step == 3 and not run.summary()["finished"]
+  run.steps()
+  stepped = run.finish()
+  assert stepped.summary["finished"] and stepped.summary["steps"] == 6
+  assert stepped.summary["val_loss"] == whole.summary["val_loss"]
+  for a, b in zip(
+      jax.tree.leaves((whole.params, whole.opt_state)),
+      jax.tree.leaves((stepped.params, stepped.opt_state)),
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
@@ -361,6 +375,7 @@ def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
             ["--optimizer", "apollo_adamw", "--scaling-type", "row"],
             "unknown --scaling-type 'row'",
         ),
+        (["--log-to", "tensorboard,mlflow"], "unknown --log-to 'mlflow'"),
     ],
 )
 def test_bad_input_stops_before_training(tmp_path, capsys, args, message):
@@ -606,3 +621,45 @@ def test_config_file_runs_a_run_again_and_flags_override_it(tmp_path, capsys):
   capsys.readouterr()
   assert main(["--config", str(bad)]) == 2
   assert "'learning_rate' is not a field" in capsys.readouterr().err
+
+
+def _tensorboard_scalars(directory: pathlib.Path) -> dict:
+  """(tag, step) -> value of the scalars in a TFRecord event file."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  (path,) = directory.glob("events.out.tfevents.*")
+  data, at, scalars = path.read_bytes(), 0, {}
+  while at < len(data):
+    (length,) = struct.unpack("<Q", data[at : at + 8])
+    event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+    at += 12 + length + 4  # length, its CRC, the record, its CRC
+    for value in event.summary.value:
+      if value.HasField("simple_value"):
+        scalars[value.tag, event.step] = value.simple_value
+  return scalars
+
+
+def test_log_to_sends_every_metrics_row_to_tensorboard_and_wandb(tmp_path):
+  out = tmp_path / "run"
+  argv = [*SMALL, "--eval-every", "2", "--log-every", "1", "--out", str(out)]
+  assert main([*argv, "--log-to", "tensorboard,wandb"]) == 0
+  rows = [
+      json.loads(line)
+      for line in (out / "metrics.jsonl").read_text().splitlines()
+  ]
+  scalars = _tensorboard_scalars(out / "tensorboard")
+  expected = {
+      (k, r["step"]): v for r in rows for k, v in r.items() if k != "step"
+  }
+  assert expected.keys() == scalars.keys() and "val_loss" in rows[-1]
+  for key, value in expected.items():
+    assert scalars[key] == pytest.approx(value, rel=1e-6), key
+  # offline: the run's log holds each value as JSON (wandb sync uploads it)
+  (log,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+  recorded = log.read_bytes()
+  for row in rows:
+    for key in ("loss", "val_loss"):
+      if key in row:
+        assert json.dumps(row[key]).encode() in recorded, (key, row["step"])

@@ -193,8 +193,13 @@ class Checkpointer:
     return f"step {step} unreadable ({reason})"
 
   def close(self) -> None:
+    """Waits for the saves in flight and closes; closing again does
+    nothing."""
+    if self.manager is None:
+      return
     self.manager.wait_until_finished()
     self.manager.close()
+    self.manager = None
 
 
 def _leaf_types(tree: Any) -> dict[tuple[str, ...], tuple[tuple, np.dtype]]:

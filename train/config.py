@@ -9,6 +9,7 @@ from typing import Optional
 
 import galore_optax
 from models.transformer import DTYPES
+from train import trackers
 from train.optimizers import OPTIMIZERS
 from train.tasks import TASKS
 
@@ -194,6 +195,12 @@ class TrainConfig:
   eval_batches: int = _field(8, "validation batches per evaluation (gpt2)")
   checkpoint_every: int = _field(100, "steps between checkpoints")
   keep_checkpoints: int = _field(2, "checkpoints kept")
+  log_to: Optional[str] = _field(
+      None,
+      "also send the metrics to these trackers, comma-separated: tensorboard"
+      " (DIR/tensorboard), wandb (offline in DIR/wandb unless WANDB_MODE is"
+      " set)",
+  )
   mesh: Optional[str] = _field(
       None, "device mesh, e.g. data=2,fsdp=2 (default: data over all devices)"
   )
@@ -244,6 +251,8 @@ class TrainConfig:
       raise ValueError(
           f"--contrastive-batches is an option of clip, not of {self.task}"
       )
+    if self.log_to is not None:
+      self.log_to = ",".join(trackers.parse(self.log_to)) or None
     if self.memmap and self.task != "gpt2":
       raise ValueError(f"--memmap is an option of gpt2, not of {self.task}")
     presets = TASKS[self.task].presets

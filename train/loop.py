@@ -30,6 +30,7 @@ from train import layerwise
 from train import parallel
 from train import report
 from train import tasks as tasks_lib
+from train import trackers
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.optimizers import OPTIMIZERS
@@ -482,7 +483,7 @@ class Run:
         fresh=cfg.overwrite,
         enabled=savable,
     )
-    self.start_step = 0
+    self.start_step = 0  # where this invocation began
     if cfg.resume:
       params, opt_state, meta = self.checkpointer.restore(
           placement.to_checkpoint(params),
@@ -498,6 +499,11 @@ class Run:
         _read_metrics(self.metrics_path, self.start_step) if cfg.resume else []
     )
     self._write("config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    self.trackers = (
+        trackers.open_trackers(trackers.parse(cfg.log_to), out, cfg)
+        if self.lead
+        else []
+    )
     self._write(
         "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history)
     )
@@ -505,8 +511,18 @@ class Run:
         self.step_fn, params, opt_state, self._batch(self.start_step)
     )
     self.eval_step = placement.jit_eval(self.eval_fn)
+    # what steps() has done so far
+    self.step = self.start_step
+    self.saved_step = self.start_step if cfg.resume else None
+    self.step_times, self.refresh_times, self.wall_s = [], [], 0.0
     if self.verbose:
       self._banner()
+
+  def _close(self) -> None:
+    self.checkpointer.close()
+    for tracker in self.trackers:
+      tracker.close()
+    self.trackers = []
 
   def _banner(self) -> None:
     cfg, memory = self.cfg, self.memory
@@ -530,23 +546,22 @@ class Run:
       print(f"devices: {self.placement.describe()}")
 
   def steps(self, stop_after: Optional[int] = None) -> None:
-    """Trains to ``--steps``, or ``stop_after`` steps more, logging,
-    evaluating and checkpointing on the way.
+    """Trains on to ``--steps``, or ``stop_after`` steps more, logging,
+    evaluating and checkpointing on the way; a later call goes on from there.
 
     Raises:
       TrainingDiverged: when the loss becomes non-finite (after closing logs
         and checkpoints).
     """
     cfg, placement, task = self.cfg, self.placement, self.task
-    start = self.start_step
+    start = self.step
     unit, per_step = task.unit, task.items_per_step(cfg)
     progress = Progress(cfg.steps, unit)
-    self.end = end = (
+    end = (
         cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     )
-    self.step_times, self.refresh_times = step_times, refresh_times = [], []
+    step_times, refresh_times = self.step_times, self.refresh_times
     window = []
-    saved_step = start if cfg.resume else None
     bases = None  # bases computed so far, as the last step returned it
     t_begin = time.perf_counter()
     params, opt_state, checkpointer = (
@@ -565,22 +580,22 @@ class Run:
         dt = time.perf_counter() - t0
         if not math.isfinite(loss):
           kept = (
-              f"the last checkpoint kept is step {saved_step} in"
+              f"the last checkpoint kept is step {self.saved_step} in"
               f" {checkpointer.path}"
-              if saved_step is not None
+              if self.saved_step is not None
               else "no checkpoint was kept"
           )
           raise TrainingDiverged(
               f"the loss became {loss} at step {step + 1}; {kept}"
           )
-        if step > start:  # the first step may still warm up
+        if step > self.start_step:  # the first step may still warm up
           step_times.append(dt)
           if bases is not None and computed > bases:
             # a step that computed bases, whatever the schedule
             refresh_times.append(dt)
         bases = computed
         window.append(loss)
-        done = step + 1
+        self.step = done = step + 1
         row = None
         if (
             done % cfg.log_every == 0
@@ -618,6 +633,8 @@ class Run:
           if log:
             log.write(json.dumps(row) + "\n")
             log.flush()
+          for tracker in self.trackers:
+            tracker.log(done, row)
         # pmap's to_checkpoint copies: only when saving
         if checkpointer.due(done, force=done == end):
           meta = {
@@ -631,18 +648,23 @@ class Run:
               placement.to_checkpoint(opt_state),
               meta,
           )
-          saved_step = done
+          self.saved_step = done
+    except BaseException:
+      self._close()  # what was saved is kept; the run ends here
+      raise
     finally:
       self.params, self.opt_state = params, opt_state
       if log:
         log.close()
-      checkpointer.close()
-      self.wall_s = time.perf_counter() - t_begin
+      self.wall_s += time.perf_counter() - t_begin
 
   def finish(self) -> RunResult:
     """The summary (written to ``DIR/summary.json``, with the loss plot, and
     printed), the params and the optimizer state, unpacked and unsharded."""
     cfg, placement = self.cfg, self.placement
+    t0 = time.perf_counter()
+    self._close()  # the last save written out: part of the run
+    self.wall_s += time.perf_counter() - t0
     summary = self.summary()
     params = placement.to_checkpoint(self.unpack(self.params))
     opt_state = placement.to_checkpoint(self.opt_state)
@@ -676,7 +698,7 @@ class Run:
         "task": cfg.task,
         "preset": cfg.preset,
         "optimizer": cfg.optimizer,
-        "finished": self.end == cfg.steps,
+        "finished": self.step == cfg.steps,
         "steps": history[-1]["step"] if history else 0,
         "final_train_loss": history[-1]["loss"] if history else None,
         **(
