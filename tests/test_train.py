@@ -2,6 +2,7 @@
 and bad input."""
 
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -663,3 +664,34 @@ def test_log_to_sends_every_metrics_row_to_tensorboard_and_wandb(tmp_path):
     for key in ("loss", "val_loss"):
       if key in row:
         assert json.dumps(row[key]).encode() in recorded, (key, row["step"])
+
+
+def test_progress_is_one_line_per_report_in_a_pipe_and_a_bar_on_a_terminal():
+  class Terminal(io.StringIO):
+
+    def isatty(self):
+      return True
+
+  for stream in (io.StringIO(), Terminal()):
+    progress = loop.Progress(100, "tok", stream=stream)
+    progress.show(10, 2.5, 1e-3, 5000.0, 90.0)
+    progress.note("  eval val_loss 2.4000")
+    progress.show(20, 2.25, 1e-3, 5000.0, 80.0)
+    progress.close()
+    text = stream.getvalue()
+    if stream.isatty():  # redrawn in place; the note on a line of its own
+      assert "\r[####................]    20/100  loss 2.2500" in text
+      assert "\r[##................" in text
+      assert "\r  eval val_loss 2.4000\n" in text
+    else:
+      assert text.splitlines() == [
+          (
+              "[##..................]    10/100  loss 2.5000  lr 1.00e-03  5.0k"
+              " tok/s  ETA 1:30"
+          ),
+          "  eval val_loss 2.4000",
+          (
+              "[####................]    20/100  loss 2.2500  lr 1.00e-03  5.0k"
+              " tok/s  ETA 1:20"
+          ),
+      ]

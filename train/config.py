@@ -10,6 +10,7 @@ from typing import Optional
 import galore_optax
 from models.transformer import DTYPES
 from train import trackers
+from train.optimizers import OPTIMIZER_FLAGS
 from train.optimizers import OPTIMIZERS
 from train.tasks import TASKS
 
@@ -495,15 +496,7 @@ class TrainConfig:
         "finetune",
         "lora_rank",
         "optimizer",
-        "rank",
-        "update_proj_gap",
-        "proj_type",
-        "svd",
-        "moments",
-        "lazy_threshold",
-        "lazy_patience",
-        "moment_bits",
-        "projector_bits",
+        *OPTIMIZER_FLAGS,
         "batch_size",
         "seq_len",
         "vocab_size",
@@ -517,8 +510,6 @@ class TrainConfig:
         "lr",
         "warmup_steps",
         "weight_decay",
-        "scale",
-        "scaling_type",
         "clip",
         "grad_accum",
         "layerwise",

@@ -22,6 +22,7 @@ from typing import Optional
 import jax
 import numpy as np
 import optax
+import tqdm
 from flax import nnx
 
 import galore_optax
@@ -257,29 +258,51 @@ def run_directory(cfg: TrainConfig) -> pathlib.Path:
 
 
 class Progress:
-  """One line per log step: a bar, loss, lr, throughput and ETA (redrawn in
-  place on a TTY)."""
+  """One report per log step: loss, lr, throughput and ETA. On a terminal a
+  tqdm bar redrawn in place; to a file or a pipe one line per report."""
 
-  def __init__(self, total: int, unit: str):
-    self.total, self.unit, self.tty = total, unit, sys.stdout.isatty()
+  def __init__(self, total: int, unit: str, done: int = 0, stream=None):
+    self.total, self.unit = total, unit
+    self.stream = sys.stdout if stream is None else stream
+    self.bar = None
+    if self.stream.isatty():
+      self.bar = tqdm.tqdm(
+          total=total,
+          initial=done,
+          file=self.stream,
+          ascii=".#",
+          mininterval=0,  # a report per log step, not per tenth of a second
+          bar_format="[{bar:20}] {n_fmt:>5}/{total_fmt}  {desc}",
+      )
 
   def show(
       self, step: int, loss: float, lr: float, rate: float, eta_s: float
   ) -> None:
-    filled = int(20 * step / self.total)
-    line = (
-        f"[{'#' * filled}{'.' * (20 - filled)}] {step:>5}/{self.total}  loss"
-        f" {loss:.4f}  lr {lr:.2e}  {rate / 1000:.1f}k {self.unit}/s  ETA"
+    report = (
+        f"loss {loss:.4f}  lr {lr:.2e}  {rate / 1000:.1f}k {self.unit}/s  ETA"
         f" {int(eta_s) // 60}:{int(eta_s) % 60:02d}"
     )
+    if self.bar is not None:
+      self.bar.set_description_str(report, refresh=False)
+      self.bar.update(step - self.bar.n)
+      return
+    filled = int(20 * step / self.total)
     print(
-        ("\r" + line) if self.tty else line,
-        end="" if self.tty else "\n",
+        f"[{'#' * filled}{'.' * (20 - filled)}] {step:>5}/{self.total} "
+        f" {report}",
+        file=self.stream,
         flush=True,
     )
 
   def note(self, text: str) -> None:
-    print(("\n" if self.tty else "") + text, flush=True)
+    if self.bar is not None:
+      self.bar.write(text, file=self.stream)
+    else:
+      print(text, file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 def evaluate(
@@ -556,7 +579,7 @@ class Run:
     cfg, placement, task = self.cfg, self.placement, self.task
     start = self.step
     unit, per_step = task.unit, task.items_per_step(cfg)
-    progress = Progress(cfg.steps, unit)
+    progress = Progress(cfg.steps, unit, start) if self.verbose else None
     end = (
         cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     )
@@ -654,6 +677,8 @@ class Run:
       raise
     finally:
       self.params, self.opt_state = params, opt_state
+      if progress is not None:
+        progress.close()
       if log:
         log.close()
       self.wall_s += time.perf_counter() - t_begin
