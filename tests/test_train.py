@@ -695,3 +695,36 @@ def test_progress_is_one_line_per_report_in_a_pipe_and_a_bar_on_a_terminal():
               " tok/s  ETA 1:20"
           ),
       ]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            dict(task="vit", vocab_size=300),
+            "--vocab-size is an option of gpt2, not of vit",
+        ),
+        (
+            dict(task="clip", vocab_size=300),
+            "whose vocabulary is its tokenizer's",
+        ),
+        (
+            dict(vocab_size=300, init=str(pathlib.Path("no") / "such" / "run")),
+            "with --init the checkpoint's is used",
+        ),
+        (
+            dict(task="bert", layerwise=True),
+            "bert's blocks take a padding mask",
+        ),
+        (dict(task="clip", remat="block"), "clip has two towers"),
+        (
+            dict(optimizer="adam", weight_decay=0.1),
+            "adam takes no weight decay",
+        ),
+        (dict(resume=True), "--resume needs --out"),
+    ],
+)
+def test_flag_checks_are_made_by_the_config_itself(fields, message):
+  # before any data, model or file is touched
+  with pytest.raises(ValueError, match=re.escape(message)):
+    config_lib.TrainConfig(**fields)

@@ -270,6 +270,11 @@ class TrainConfig:
           f" {sorted(OPTIMIZERS)}"
       )
     spec = OPTIMIZERS[self.optimizer]
+    if self.weight_decay and not spec.weight_decay:
+      raise ValueError(
+          f"--optimizer {self.optimizer} takes no weight decay; use its 'w'"
+          " variant"
+      )
     defaults = {f.name: f.default for f in dataclasses.fields(self)}
     for name in spec.unused_flags:
       # None: left out by an earlier check of this config
@@ -376,6 +381,30 @@ class TrainConfig:
     if self.schedule not in ("cosine", "constant"):
       raise ValueError(
           f"unknown schedule {self.schedule!r}; choose 'cosine' or 'constant'"
+      )
+    if self.resume and not self.out:
+      raise ValueError(
+          "--resume needs --out: the directory of the run to continue"
+      )
+    if self.vocab_size is not None and self.task != "gpt2":
+      raise ValueError(
+          f"--vocab-size is an option of gpt2, not of {self.task}"
+          + (
+              ""
+              if self.task == "vit"
+              else ", whose vocabulary is its tokenizer's"
+          )
+      )
+    if self.vocab_size is not None and self.init:
+      raise ValueError("--vocab-size: with --init the checkpoint's is used")
+    if self.task == "bert" and self.layerwise:
+      raise ValueError(
+          "--layerwise runs gpt2 and vit; bert's blocks take a padding mask"
+      )
+    if self.task == "clip" and (self.layerwise or self.remat == "block"):
+      raise ValueError(
+          "--layerwise and --remat block run one stack of blocks; clip has"
+          " two towers"
       )
     if self.resume and self.overwrite:
       raise ValueError(

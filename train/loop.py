@@ -124,11 +124,6 @@ def build_optimizer(
   whole_stack = cfg.stacked and not cfg.layerwise and spec.elementwise
   kwargs = spec.keywords(cfg, axis_name)
   if cfg.weight_decay:
-    if not spec.weight_decay:
-      raise ConfigError(
-          f"--optimizer {cfg.optimizer} takes no weight decay; use its 'w'"
-          " variant"
-      )
     kwargs.update(
         weight_decay=cfg.weight_decay,
         mask=functools.partial(matrices, stacked=whole_stack),
@@ -234,10 +229,6 @@ def run_directory(cfg: TrainConfig) -> pathlib.Path:
   refused unless resumed or overwritten.
   """
   if cfg.out is None:
-    if cfg.resume:
-      raise ConfigError(
-          "--resume needs --out: the directory of the run to continue"
-      )
     if jax.process_count() > 1:
       raise ConfigError(
           "a multi-process run needs --out: every process must write to the"

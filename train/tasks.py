@@ -210,8 +210,6 @@ class LanguageModeling(Task):
 
   def build_model(self, cfg, data):
     if cfg.init:
-      if cfg.vocab_size is not None:
-        raise TaskError("--vocab-size: with --init the checkpoint's is used")
       tokenizer_lib.check_vocabulary(
           cfg.tokenizer,
           data.vocab_size,
@@ -314,8 +312,6 @@ class ImageClassification(Task):
     return data_lib.load_images(cfg.data, mc.image_size, mc.channels)
 
   def build_model(self, cfg, data):
-    if cfg.vocab_size is not None:
-      raise TaskError("--vocab-size is an option of gpt2, not of vit")
     mc = model_config(cfg, num_classes=data.num_classes)
     return build(cfg, self.family, mc)
 
@@ -376,12 +372,6 @@ class MaskedLanguageModeling(Task):
     )
 
   def model(self, cfg, vocab: finetune_lib.Vocabulary, **fields):
-    if cfg.layerwise:
-      raise TaskError(
-          "--layerwise runs GPT-2 and ViT; bert's blocks take a padding mask"
-      )
-    if cfg.vocab_size is not None:
-      raise TaskError("--vocab-size: bert's is its tokenizer's")
     if cfg.init:
       mc = model_config(cfg, **fields)
       tokenizer_lib.check_vocabulary(
@@ -568,11 +558,6 @@ class ContrastiveLearning(Task):
   lr_multiplier = 1 / 6
 
   def load_data(self, cfg):
-    if cfg.layerwise or cfg.remat == "block":
-      raise TaskError(
-          "--layerwise and --remat block run one stack of blocks; clip has"
-          " two towers"
-      )
     mc = base_model_config(cfg)
     source = image_text.load(cfg.data, mc.image_size, mc.channels)
     text = "\n".join(source.train.captions).encode()
@@ -600,8 +585,6 @@ class ContrastiveLearning(Task):
     )
 
   def build_model(self, cfg, data):
-    if cfg.vocab_size is not None:
-      raise TaskError("--vocab-size: clip's is its tokenizer's")
     if cfg.init:
       mc = model_config(cfg)
       tokenizer_lib.check_vocabulary(
