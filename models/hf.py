@@ -589,12 +589,12 @@ def load(
     CheckpointMismatch: naming the model type, tensor or shape that does not
       fit.
   """
-  path, hf, arch, family = _architecture(source, expect_model)
+  path, hf, arch, spec = _architecture(source, expect_model)
   kind = hf["model_type"]
   config = dataclasses.replace(config or arch.config(hf, source), **overrides)
   tensors = _strip(read_tensors(path), arch.prefix)
   names = arch.names(config)
-  model = family.model(
+  model = spec.model(
       dataclasses.replace(config, stacked=False), rngs=nnx.Rngs(seed)
   )
   flat = flat_params(model)
@@ -612,7 +612,7 @@ def load(
   values, fresh, problems = fit_params(
       flat,
       converted,
-      family.heads,
+      spec.heads,
       named=lambda p: f"tensor {', '.join(sources[p])} (for {p})",
   )
   used = {t for p in converted if p not in fresh for t in sources[p]}
@@ -630,7 +630,7 @@ def load(
     )
   if config.stacked:
     values = stack_layers(values)
-    model = family.model(config, rngs=nnx.Rngs(seed))
+    model = spec.model(config, rngs=nnx.Rngs(seed))
   set_params(model, values)
   report = LoadReport(
       source=source,

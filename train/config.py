@@ -21,6 +21,11 @@ def _flag(name: str) -> str:
   return name.replace("_", "-")
 
 
+def default_rank(d_model: int) -> int:
+  """The low-rank optimizers' default rank: d_model / 4, as the paper's."""
+  return d_model // 4
+
+
 def _field(default, help_text: str):
   return dataclasses.field(default=default, metadata={"help": help_text})
 
@@ -347,7 +352,7 @@ class TrainConfig:
     for name in ("param_dtype", "compute_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(
-            f"unknown --{name.replace('_', '-')} {getattr(self, name)!r};"
+            f"unknown --{_flag(name)} {getattr(self, name)!r};"
             f" choose one of {tuple(DTYPES)}"
         )
     if self.remat is None:
@@ -415,8 +420,7 @@ class TrainConfig:
       value = getattr(self, name)
       if value is not None and not (math.isfinite(value) and value >= 0):
         raise ValueError(
-            f"--{name.replace('_', '-')} must be a finite number >= 0, got"
-            f" {value}"
+            f"--{_flag(name)} must be a finite number >= 0, got {value}"
         )
     if self.lr is not None and self.lr <= 0:
       raise ValueError(f"--lr must be positive, got {self.lr}")
@@ -436,8 +440,7 @@ class TrainConfig:
     ):
       if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ValueError(
-            f"--{name.replace('_', '-')} must be positive, got"
-            f" {getattr(self, name)}"
+            f"--{_flag(name)} must be positive, got {getattr(self, name)}"
         )
     if self.vocab_size is not None and self.vocab_size <= 0:
       raise ValueError(f"--vocab-size must be positive, got {self.vocab_size}")
@@ -459,7 +462,7 @@ class TrainConfig:
     if "rank" in spec.flags and self.rank is None and not self.init:
       # with --init the checkpoint's width decides (with_model_width, when
       # the run is set up: building a config reads nothing)
-      self.rank = TASKS[self.task].presets[self.preset].d_model // 4
+      self.rank = default_rank(TASKS[self.task].presets[self.preset].d_model)
     self.lr = self.lr or spec.lr * TASKS[self.task].lr_multiplier
     if self.warmup_steps is None:
       self.warmup_steps = max(self.steps // 10, 1)
@@ -501,7 +504,7 @@ class TrainConfig:
     spec = OPTIMIZERS[self.optimizer]
     if "rank" not in spec.flags or self.rank is not None:
       return self
-    return dataclasses.replace(self, rank=d_model // 4)
+    return dataclasses.replace(self, rank=default_rank(d_model))
 
   @property
   def stacked(self) -> bool:

@@ -472,6 +472,13 @@ class Run:
     """Puts the params and the optimizer state on the devices, resumes the
     checkpoint under ``--resume``, opens the logs and compiles the steps."""
     cfg, placement, out = self.cfg, self.placement, self.out
+    # first: a tracker whose package is missing stops the run before it
+    # writes anything
+    self.trackers = (
+        trackers.open_trackers(trackers.parse(cfg.log_to), out, cfg)
+        if self.lead
+        else []
+    )
     params = placement.put_params(self.params)
     opt_state = placement.init_state(self.init, params)
     params = self.pack(params)
@@ -513,11 +520,6 @@ class Run:
         _read_metrics(self.metrics_path, self.start_step) if cfg.resume else []
     )
     self._write("config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    self.trackers = (
-        trackers.open_trackers(trackers.parse(cfg.log_to), out, cfg)
-        if self.lead
-        else []
-    )
     self._write(
         "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history)
     )

@@ -18,10 +18,6 @@ import pathlib
 from typing import Any
 from typing import Protocol
 
-TRACKERS = ("tensorboard", "wandb")
-# the module each needs, from the 'trackers' extra
-MODULES = {"tensorboard": "tensorboardX", "wandb": "wandb"}
-
 
 class Tracker(Protocol):
 
@@ -44,6 +40,8 @@ class TensorBoard:
   """Scalars under ``DIR/tensorboard`` (``tensorboard --logdir DIR``), the
   config as text."""
 
+  module = "tensorboardX"
+
   def __init__(self, out: pathlib.Path, config: Any):
     from tensorboardX import SummaryWriter
 
@@ -64,6 +62,8 @@ class Wandb:
   """A Weights & Biases run under ``DIR/wandb``, offline unless
   ``WANDB_MODE`` is set; project ``WANDB_PROJECT`` or ``galore-optax``."""
 
+  module = "wandb"
+
   def __init__(self, out: pathlib.Path, config: Any):
     import wandb
 
@@ -83,28 +83,38 @@ class Wandb:
     self.run.finish()
 
 
+TRACKERS = {"tensorboard": TensorBoard, "wandb": Wandb}
+
+
 def parse(names: str | None) -> tuple[str, ...]:
-  """``--log-to``'s names; an unknown one, or one whose package is missing, is
-  refused naming it."""
+  """``--log-to``'s names, each once; an unknown one is refused naming it.
+  Nothing is imported here: :func:`open_trackers` does that."""
   if not names:
     return ()
-  chosen = tuple(dict.fromkeys(n.strip() for n in names.split(",") if n))
+  chosen = tuple(
+      dict.fromkeys(n.strip() for n in names.split(",") if n.strip())
+  )
   for name in chosen:
     if name not in TRACKERS:
       raise ValueError(
           f"unknown --log-to {name!r}; choose from {', '.join(TRACKERS)}"
       )
-    try:
-      __import__(MODULES[name])
-    except ImportError as e:
-      raise ValueError(
-          f'--log-to {name} needs {MODULES[name]}: pip install -e ".[trackers]"'
-      ) from e
   return chosen
 
 
 def open_trackers(
     names: tuple[str, ...], out: pathlib.Path, config: Any
 ) -> list[Tracker]:
-  kinds = {"tensorboard": TensorBoard, "wandb": Wandb}
-  return [kinds[name](out, config) for name in names]
+  """The trackers ``names``; one whose package is missing is refused naming
+  the package and the extra that brings it."""
+  opened = []
+  for name in names:
+    kind = TRACKERS[name]
+    try:
+      __import__(kind.module)
+    except ImportError as e:
+      raise ValueError(
+          f'--log-to {name} needs {kind.module}: pip install -e ".[trackers]"'
+      ) from e
+    opened.append(kind(out, config))
+  return opened
