@@ -215,9 +215,8 @@ def step_times(batch_size: int, seq_len: int, repeats: int) -> dict:
     params = nnx.to_pure_dict(state)
     setups[name] = (graphdef, params, loop.build_optimizer(cfg, params)[0])
   times = train_step_times(setups, loss, batch, repeats)
-  gap = GAP
   for t in times.values():
-    t["amortised"] = amortised(t["plain"], t["refresh"], gap)
+    t["amortised"] = amortised(t["plain"], t["refresh"], GAP)
   return times
 
 
