@@ -49,7 +49,7 @@ def main():
     for seed in args.seeds:
       out = pathlib.Path(args.out) / f"{name}-seed{seed}".replace(" ", "_")
       cfg = TrainConfig(
-          task="gpt2",
+          model="gpt2",
           preset="cpu",
           steps=args.steps,
           update_proj_gap=args.update_proj_gap,

@@ -34,7 +34,7 @@ from benchmarks.memory import state_bytes
 from models import clip
 from train import loop
 from train.config import TrainConfig
-from train.tasks import task_for
+from train.objectives import OBJECTIVES
 
 # name -> (TrainConfig overrides, the sweep's first learning rate). The
 # low-rank rows without a scale use the step-size rule, the CLI's default since
@@ -74,7 +74,7 @@ ROWS = {
         5e-4,
     ),
 }
-BASE = dict(task="clip", preset="cpu", eval_every=100)
+BASE = dict(model="clip", preset="cpu", eval_every=100)
 STEPS = 400
 SCORE = "val_zero_shot_accuracy"
 LEDGER = pathlib.Path("benchmarks/results/clip-runs.jsonl")
@@ -100,12 +100,12 @@ def costs(repeats: int) -> dict:
   setups, state, loss, batch = {}, {}, None, None
   for name, (overrides, first_lr) in ROWS.items():
     cfg = TrainConfig(**BASE, lr=first_lr, **overrides)
-    task = task_for(cfg)
+    objective = OBJECTIVES[cfg.objective]
     if batch is None:
-      data = task.load_data(dataclasses.replace(cfg, out=None))
-      batch = task.batch(cfg, data, 0, slice(None))
-      loss = task.loss
-    model = task.build_model(cfg, data)
+      data = objective.load_data(dataclasses.replace(cfg, out=None))
+      batch = objective.batch(cfg, data, 0, slice(None))
+      loss = objective.loss
+    model = objective.build_model(cfg, data)
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     tx, _ = loop.build_optimizer(cfg, params)

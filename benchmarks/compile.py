@@ -32,7 +32,7 @@ from models import GPT2
 from models import gpt2
 from train import loop
 from train import parallel
-from train.tasks import TASKS
+from train.objectives import OBJECTIVES
 
 RANKS = {"llama-1b": 256, "gpt2-124m": 128}
 
@@ -69,7 +69,9 @@ def _update_program(tx, params):
 
 def _train_step_program(tx, params):
   model = nnx.eval_shape(lambda: GPT2(gpt2.PRESETS["124m"], rngs=nnx.Rngs(0)))
-  step, _ = loop.make_steps(nnx.graphdef(model), tx, TASKS["gpt2"].loss)
+  step, _ = loop.make_steps(
+      nnx.graphdef(model), tx, OBJECTIVES["causal_lm"].loss
+  )
   batch = (jax.ShapeDtypeStruct((8, 256), jnp.int32),) * 2
   state = jax.eval_shape(tx.init, params)
   return jax.jit(step, donate_argnums=(0, 1)), (params, state, batch)

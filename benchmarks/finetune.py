@@ -45,7 +45,7 @@ from models import bert
 from models import lora
 from train import loop
 from train.config import TrainConfig
-from train.tasks import task_for
+from train.objectives import OBJECTIVES
 
 SIZES = {
     "BERT-base": bert.PRESETS["base"],
@@ -96,7 +96,7 @@ ROWS = {
     ),
 }
 TASKS = {"stdlib:next": "val_accuracy", "stdlib:order": "val_matthews"}
-PRETRAIN = dict(task="bert", preset="cpu", optimizer="adamw", steps=1600)
+PRETRAIN = dict(model="bert", preset="cpu", optimizer="adamw", steps=1600)
 FINETUNE = dict(seq_len=64, eval_every=100)
 STEPS = 400
 LEDGER = pathlib.Path("benchmarks/results/finetune-runs.jsonl")
@@ -125,7 +125,7 @@ def quality(args) -> dict:
         deadline=deadline,
         dry=args.report,
         rows=ROWS,
-        base=dict(task="bert", finetune=task, init=init, **FINETUNE),
+        base=dict(model="bert", finetune=task, init=init, **FINETUNE),
         score=score,
         higher_is_better=True,
     )
@@ -193,18 +193,18 @@ def step_times(batch_size: int, seq_len: int, repeats: int) -> dict:
   setups, loss = {}, None
   for name, options in CONFIGS.items():
     cfg = TrainConfig(
-        task="bert", preset="base", finetune="stdlib:next", **options
+        model="bert", preset="base", finetune="stdlib:next", **options
     )
-    task = task_for(cfg)
+    objective = OBJECTIVES[cfg.objective]
     if loss is None:
-      examples = task.load_data(cfg)
-      batch = task.batch(
+      examples = objective.load_data(cfg)
+      batch = objective.batch(
           dataclasses.replace(cfg, batch_size=batch_size, seq_len=seq_len),
           examples,
           0,
           slice(None),
       )
-      loss = task.loss
+      loss = objective.loss
     model = bert.Bert(
         dataclasses.replace(SIZES["BERT-base"], num_labels=2),
         rngs=nnx.Rngs(0),
@@ -259,7 +259,7 @@ def measure() -> dict:
     config = dataclasses.replace(model_config, num_labels=2)
     for name, options in CONFIGS.items():
       cfg = TrainConfig(
-          task="bert", preset="base", finetune="stdlib:next", **options
+          model="bert", preset="base", finetune="stdlib:next", **options
       )
 
       def build(cfg=cfg, config=config):
@@ -274,7 +274,7 @@ def measure() -> dict:
       )
       tx, _ = loop.build_optimizer(cfg, params)
       trainable = (
-          loop.lora_trainable(params, task_for(cfg).heads)
+          loop.lora_trainable(params, OBJECTIVES[cfg.objective].heads)
           if cfg.lora_rank
           else sum(x.size for x in jax.tree.leaves(params))
       )

@@ -56,7 +56,7 @@ def dry_run(preset: str, batch: int, **fields) -> dict:
   """The dry run's summary for GPT-2 ``preset`` (rank d/4, vocabulary 50257)."""
   with tempfile.TemporaryDirectory() as out:
     cfg = TrainConfig(
-        task="gpt2",
+        model="gpt2",
         preset=preset,
         vocab_size=50257,
         batch_size=batch,
@@ -165,7 +165,7 @@ def time_steps() -> None:
     for name, extra in TIMED.items():
       with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(
-            task="gpt2",
+            model="gpt2",
             steps=steps,
             update_proj_gap=200,
             eval_every=10**6,

@@ -43,7 +43,7 @@ from models import vit
 from train import loop
 from train import optimizers as optimizers_lib
 from train import parallel
-from train.tasks import TASKS
+from train.objectives import OBJECTIVES
 
 RANKS = (128, 256, 512)
 LLAMA_1B = dict(layers=24, hidden=2048, mlp=5461, vocab=32000)
@@ -207,7 +207,7 @@ def compiled_step_memory(task: str, params, tx) -> dict:
   if task == "gpt2":
     model = nnx.eval_shape(lambda: GPT2(gpt2.PRESETS["124m"], rngs=nnx.Rngs(0)))
     batch = (jax.ShapeDtypeStruct((8, 256), jnp.int32),) * 2
-    loss = TASKS["gpt2"].loss
+    loss = OBJECTIVES["causal_lm"].loss
   else:
     model = nnx.eval_shape(
         lambda: ViT(
@@ -219,7 +219,7 @@ def compiled_step_memory(task: str, params, tx) -> dict:
         jax.ShapeDtypeStruct((32, 224, 224, 3), jnp.float32),
         jax.ShapeDtypeStruct((32,), jnp.int32),
     )
-    loss = TASKS["vit"].loss
+    loss = OBJECTIVES["image_classification"].loss
   step, _ = loop.make_steps(nnx.graphdef(model), tx, loss)
   state = jax.eval_shape(tx.init, params)
   compiled = (

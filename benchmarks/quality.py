@@ -40,6 +40,7 @@ import numpy as np
 
 from benchmarks.common import machine
 from train.config import TrainConfig
+from train.config import upgrade
 from train.loop import train
 from train.optimizers import OPTIMIZERS
 
@@ -192,7 +193,7 @@ class Runner:
   dry: bool = False  # only read finished runs
   # name -> (TrainConfig overrides, the sweep's first learning rate)
   rows: dict = dataclasses.field(default_factory=lambda: ROWS)
-  base: dict = dataclasses.field(default_factory=lambda: dict(task="gpt2"))
+  base: dict = dataclasses.field(default_factory=lambda: dict(model="gpt2"))
   score: str = "val_loss"  # a validation metric of the run's summary
   higher_is_better: bool = False
 
@@ -301,7 +302,7 @@ def same_run(saved: dict, cfg: TrainConfig) -> bool:
   saved, wanted, defaults = (
       {k: v for k, v in _as_json(c).items() if k not in unused}
       for c in (
-          saved,
+          upgrade(saved),  # runs of earlier versions
           dataclasses.asdict(cfg),
           dataclasses.asdict(TrainConfig()),
       )

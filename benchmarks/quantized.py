@@ -84,7 +84,7 @@ def quality(args) -> None:
     for seed in args.seeds:
       out = pathlib.Path(args.runs) / f"{name}-seed{seed}".replace(" ", "_")
       cfg = TrainConfig(
-          task="gpt2",
+          model="gpt2",
           steps=args.steps,
           seed=seed,
           out=str(out),

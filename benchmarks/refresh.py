@@ -142,13 +142,13 @@ def real_gradients():
   from train import data as data_lib
   from train.config import TrainConfig
   from train.loop import train
-  from train.tasks import TASKS
+  from train.objectives import OBJECTIVES
 
-  lm = TASKS["gpt2"]
+  lm = OBJECTIVES["causal_lm"]
 
   out = {}
   cfg = TrainConfig(
-      task="gpt2",
+      model="gpt2",
       preset="cpu",
       steps=200,
       out="/tmp/galore-bench-refresh",
@@ -163,7 +163,7 @@ def real_gradients():
   out[("cpu preset, step 200", 32)] = jax.grad(
       lambda p: lm.loss(nnx.merge(graphdef, p), batch)[0]
   )(result.params)
-  big = TrainConfig(task="gpt2", preset="124m")
+  big = TrainConfig(model="gpt2", preset="124m")
   model = lm.build_model(big, text)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)

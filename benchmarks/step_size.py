@@ -27,7 +27,7 @@ import galore_optax
 from benchmarks.common import machine
 from train import optimizers as optimizers_lib
 from train.config import TrainConfig
-from train.tasks import task_for
+from train.objectives import OBJECTIVES
 
 OUT = pathlib.Path("benchmarks/results/step_size")
 
@@ -65,8 +65,8 @@ def rows(rank: int, gap: int) -> dict:
 
 
 def measure(steps: int, rank: int, gap: int) -> dict:
-  cfg = TrainConfig(task="gpt2", preset="cpu", steps=steps, out=None)
-  task = task_for(cfg)
+  cfg = TrainConfig(model="gpt2", preset="cpu", steps=steps, out=None)
+  task = OBJECTIVES[cfg.objective]
   data = task.load_data(cfg)
   graphdef, params = nnx.split(task.build_model(cfg, data))
   params = nnx.to_pure_dict(params)

@@ -39,7 +39,7 @@ from benchmarks.common import train_step_times as common_train_step_times
 from models import GPT2
 from models import gpt2
 from train import optimizers as optimizers_lib
-from train.tasks import TASKS
+from train.objectives import OBJECTIVES
 
 GAP = 200
 
@@ -70,7 +70,7 @@ def train_step_times(
   data = (jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:]))
   return common_train_step_times(
       {name: (graphdef, params, tx) for name, tx in optimizers.items()},
-      TASKS["gpt2"].loss,
+      OBJECTIVES["causal_lm"].loss,
       data,
       repeats,
   )

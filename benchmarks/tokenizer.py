@@ -25,7 +25,7 @@ OUT = pathlib.Path("benchmarks/results/tokenizer")
 def run(tokenizer: str, optimizer: str, steps: int, runs: str) -> dict:
   out = pathlib.Path(runs) / f"{tokenizer.replace(':', '')}-{optimizer}"
   cfg = TrainConfig(
-      task="gpt2",
+      model="gpt2",
       optimizer=optimizer,
       tokenizer=tokenizer,
       steps=steps,

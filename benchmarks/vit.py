@@ -34,7 +34,7 @@ ROWS = {
     "fira_adamw": (dict(optimizer="fira_adamw"), 5e-4),
     "apollo_adamw": (dict(optimizer="apollo_adamw"), 5e-4),
 }
-BASE = dict(task="vit")
+BASE = dict(model="vit")
 SCORE = "val_accuracy"
 LEDGER = pathlib.Path("benchmarks/results/vit-runs.jsonl")
 OUT = pathlib.Path("benchmarks/results/vit.md")

@@ -151,7 +151,7 @@ def np_galore_adamw(
 # parallel runs: the tiny GPT-2 runs of test_parallel.py and its 4-device worker
 # refreshes at steps 0, 2, 4
 TINY = dict(
-    task="gpt2",
+    model="gpt2",
     preset="tiny",
     steps=5,
     batch_size=8,
@@ -181,7 +181,7 @@ ENGINE = dict(
     lazy_patience=1,
 )
 # ViT on digits: images split over the mesh
-VIT = dict(task="vit", mesh="data=2,fsdp=2")
+VIT = dict(model="vit", mesh="data=2,fsdp=2")
 # 8-bit moments and INT4 bases, split over fsdp
 QUANTIZED = dict(mesh="fsdp=4", moment_bits=8, projector_bits=4)
 # the layer-wise step (blocks stacked) on a mesh that splits them

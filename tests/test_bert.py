@@ -119,7 +119,7 @@ def test_glue_metrics_equal_scikit_learn_and_scipy():
 
 def _run(tmp_path, name, **kw):
   return TrainConfig(
-      task="bert",
+      model="bert",
       preset="tiny",
       steps=4,
       batch_size=8,
@@ -141,11 +141,11 @@ def test_pretraining_then_fine_tuning_from_our_own_checkpoint(tmp_path):
   assert {"val_accuracy", "val_f1", "val_matthews"} <= set(result.summary)
   # the encoder started from the pretrained one: a parameter the fine-tuning
   # did not train yet at step 0 is checked through a fresh load
-  from train.tasks import task_for
+  from train.objectives import OBJECTIVES
 
-  task = task_for(cfg)
-  data = task.load_data(cfg)
-  model = task.build_model(cfg, data)
+  objective = OBJECTIVES[cfg.objective]
+  data = objective.load_data(cfg)
+  model = objective.build_model(cfg, data)
   import orbax.checkpoint as ocp
 
   manager = ocp.CheckpointManager((tmp_path / "pre" / "checkpoints").absolute())
@@ -170,10 +170,15 @@ def test_fine_tuning_resumes_exactly(tmp_path):
 
 
 def test_bert_flags_are_checked(tmp_path, capsys):
-  with pytest.raises(ValueError, match="--finetune is an option of bert"):
-    TrainConfig(task="gpt2", finetune="stdlib:next")
-  # plain --finetune picks the default task
-  args = parse(["bert", "--finetune"])
+  with pytest.raises(
+      ValueError,
+      match=r"--finetune \(objective sequence_classification\) needs a model"
+      " that offers sequence_label, which gpt2 does not; gpt2 trains on"
+      " causal_lm",
+  ):
+    TrainConfig(model="gpt2", finetune="stdlib:next")
+  # the objective without --finetune fine-tunes on the default task
+  args = parse(["bert", "--objective", "sequence_classification"])
   del args["compare"], args["stop_after"]  # the CLI's own options
   assert TrainConfig(**args).finetune == finetune.DEFAULT_TASK
   capsys.readouterr()
@@ -196,13 +201,13 @@ def test_lora_freezes_the_base_and_trains_the_adapters_and_head(tmp_path):
   from flax import nnx
 
   from models import lora
-  from train.tasks import task_for
+  from train.objectives import OBJECTIVES
 
   cfg = _run(
       tmp_path, "lora", finetune="stdlib:next", lora_rank=2, optimizer="adamw"
   )
-  task = task_for(cfg)
-  model = task.build_model(cfg, task.load_data(cfg))
+  objective = OBJECTIVES[cfg.objective]
+  model = objective.build_model(cfg, objective.load_data(cfg))
   assert lora.add_adapters(model, 2, nnx.Rngs(cfg.seed + 1)) == 12
   before = nnx.to_pure_dict(nnx.state(model))
   result = loop.train(cfg)
@@ -225,9 +230,9 @@ def test_lora_freezes_the_base_and_trains_the_adapters_and_head(tmp_path):
 
 
 def test_lora_defaults_to_a_full_rank_optimizer():
-  cfg = TrainConfig(task="bert", finetune="stdlib:next", lora_rank=2)
+  cfg = TrainConfig(model="bert", finetune="stdlib:next", lora_rank=2)
   assert cfg.optimizer == "adamw"
-  assert TrainConfig(task="bert").optimizer == "galore_adamw"
+  assert TrainConfig(model="bert").optimizer == "galore_adamw"
 
 
 def test_lora_flags_are_checked(tmp_path):

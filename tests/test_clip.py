@@ -18,7 +18,7 @@ from train import image_text
 from train import loop
 from train import tokenizer as tokenizer_lib
 from train.config import TrainConfig
-from train.tasks import task_for
+from train.objectives import OBJECTIVES
 
 
 def _numpy_infonce(logits, weights):
@@ -83,11 +83,11 @@ def test_distinct_batches_repeat_no_image_and_no_caption():
   images, captions = pairs[pick].T
   assert len(set(images)) == len(set(captions)) == 64
   # what the CLI trains on: distinct by default
-  assert TrainConfig(task="clip").contrastive_batches == "distinct"
+  assert TrainConfig(model="clip").contrastive_batches == "distinct"
   for batches, unique in (("distinct", 64), ("random", None)):
-    cfg = TrainConfig(task="clip", contrastive_batches=batches)
-    task = task_for(cfg)
-    _, tokens = task.batch(cfg, task.load_data(cfg), 3, slice(None))
+    cfg = TrainConfig(model="clip", contrastive_batches=batches)
+    objective = OBJECTIVES[cfg.objective]
+    _, tokens = objective.batch(cfg, objective.load_data(cfg), 3, slice(None))
     n = len(np.unique(tokens, axis=0))
     assert n == unique if unique else n < 64  # 80 captions: repeats
   # fewer distinct captions than the batch: the rest is drawn freely
@@ -239,7 +239,7 @@ def test_text_tower_pools_the_first_end_of_text():
 
 def test_clip_trains_from_the_cli(tmp_path):
   cfg = TrainConfig(
-      task="clip",
+      model="clip",
       preset="tiny",
       optimizer="galore_adamw",  # at clip's default learning rate
       steps=240,
@@ -292,7 +292,7 @@ def test_clip_fine_tunes_a_hugging_face_checkpoint_with_its_tokenizer(tmp_path):
   ).save_pretrained(checkpoint)
   run = lambda name, **kw: loop.train(
       TrainConfig(
-          task="clip",
+          model="clip",
           init=str(checkpoint),
           optimizer="adamw",
           steps=2,

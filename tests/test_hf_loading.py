@@ -283,13 +283,13 @@ def test_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
 def test_the_cli_trains_from_a_checkpoint(saved, tmp_path, capsys):
   from train import config as config_lib
   from train import loop
-  from train import tasks
   from train.__main__ import main
+  from train.objectives import base
 
   theirs, path = saved["gpt2"]
   out = tmp_path / "run"
   cfg = config_lib.TrainConfig(
-      task="gpt2",
+      model="gpt2",
       init=str(path),
       steps=1,
       batch_size=2,
@@ -300,24 +300,26 @@ def test_the_cli_trains_from_a_checkpoint(saved, tmp_path, capsys):
       optimizer="adamw",
   )
   assert (
-      tasks.base_model_config(cfg).n_layers == 2
+      base.base_model_config(cfg).n_layers == 2
   )  # the checkpoint's, not the preset's
   before = loop.train(cfg).summary
   assert before["steps"] == 1
   # what trained was the checkpoint: its first loss is the torch model's
-  from train.tasks import TASKS
+  from train.objectives import OBJECTIVES
 
-  task = TASKS["gpt2"]
-  data = task.load_data(cfg)
-  tokens, targets = task.batch(cfg, data, 0, np.arange(2))
+  objective = OBJECTIVES["causal_lm"]
+  data = objective.load_data(cfg)
+  tokens, targets = objective.batch(cfg, data, 0, np.arange(2))
   with torch.no_grad():
     logits = theirs(torch.tensor(np.asarray(tokens)).long()).logits
     want = torch.nn.functional.cross_entropy(
         logits.reshape(-1, 256),
         torch.tensor(np.asarray(targets)).long().reshape(-1),
     ).item()
-  model = task.build_model(cfg, data)
-  got = float(task.loss(model, (jnp.asarray(tokens), jnp.asarray(targets)))[0])
+  model = objective.build_model(cfg, data)
+  got = float(
+      objective.loss(model, (jnp.asarray(tokens), jnp.asarray(targets)))[0]
+  )
   assert abs(got - want) < 1e-4
 
   # a checkpoint of another architecture: exit 2, the reason on stderr

@@ -24,9 +24,10 @@ from helpers import tiny_config
 
 from models import gpt2
 from train import layerwise
-from train import tasks
 from train.__main__ import main
 from train.loop import train
+from train.objectives import OBJECTIVES
+from train.objectives import causal_lm
 from train.parallel import FOOTPRINT
 
 ATOL = 2e-6  # float32: the layouts sum in other orders
@@ -56,7 +57,7 @@ def _layerwise_states(opt_state) -> list:
         dict(clip=0.05),
         # AdamW runs on the stacked blocks as it is: weight decay still skips
         # the stacked biases and norms
-        dict(task="vit", optimizer="adamw", clip=0.0, weight_decay=0.1),
+        dict(model="vit", optimizer="adamw", clip=0.0, weight_decay=0.1),
     ],
     ids=["galore-clipped", "vit-adamw"],
 )
@@ -67,7 +68,7 @@ def test_layerwise_equals_the_standard_step(tmp_path, kw):
   reference = stacked_blocks(flat_params(standard.params))
   # ViT's LayerNorm scales sit near 1, where Adam's normalised steps carry the
   # rounding differences (as in test_parallel.py)
-  atol = 2 * ATOL if kw.get("task") == "vit" else ATOL
+  atol = 2 * ATOL if kw.get("model") == "vit" else ATOL
   # remat (stacked blocks, the optimizer run block by block) equals no remat
   assert _distance(flat_params(remat.params), reference) < atol
   # the layer-wise step equals the standard one, state included (the bases
@@ -94,13 +95,13 @@ def test_layerwise_equals_the_standard_step(tmp_path, kw):
 def test_clipping_acts_and_matches_optax(tmp_path):
   # The bound of the clipped case above acts: the tiny model's first gradient
   # is far above it.
-  task = tasks.TASKS["gpt2"]
+  objective = causal_lm.OBJECTIVE
   cfg = tiny_config(tmp_path)
-  data = task.load_data(cfg)
-  graphdef, state = nnx.split(task.build_model(cfg, data))
-  batch = task.batch(cfg, data, 0, np.arange(cfg.batch_size))
+  data = objective.load_data(cfg)
+  graphdef, state = nnx.split(objective.build_model(cfg, data))
+  batch = objective.batch(cfg, data, 0, np.arange(cfg.batch_size))
   grads = jax.jit(
-      jax.grad(lambda s: task.loss(nnx.merge(graphdef, s), batch)[0])
+      jax.grad(lambda s: objective.loss(nnx.merge(graphdef, s), batch)[0])
   )(state)
   assert optax.global_norm(grads) > 10 * 0.05
   # each leaf is scaled as optax.clip_by_global_norm does, above and below it
@@ -159,8 +160,8 @@ def test_bfloat16_layerwise_run_resumes_exactly(tmp_path):
   saved = flat_params(whole.params)
   for layout in (dict(), dict(remat="block"), dict(layerwise=True)):
     cfg = tiny_config(tmp_path / "next", init=str(tmp_path / "whole"), **layout)
-    task = tasks.task_for(cfg)
-    model = task.build_model(cfg, task.load_data(cfg))
+    objective = OBJECTIVES[cfg.objective]
+    model = objective.build_model(cfg, objective.load_data(cfg))
     loaded = flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if not cfg.stacked:
       loaded = stacked_blocks(loaded)
@@ -189,17 +190,19 @@ def test_pack_round_trips_16_bit_leaves_only():
 
 
 def test_chunked_loss_equals_the_whole_batch_loss():
-  task = tasks.TASKS["gpt2"]
+  objective = causal_lm.OBJECTIVE
   cfg = gpt2.GPT2Config(
       vocab_size=50257, max_len=64, d_model=32, n_layers=1, n_heads=2
   )
   model = gpt2.GPT2(cfg, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   batch = tuple(jnp.asarray(rng.integers(0, 50257, (4, 64))) for _ in "xy")
-  assert tasks.loss_chunks(4, 64, 50257, cfg.d_model) > 1
+  assert causal_lm.loss_chunks(4, 64, 50257, cfg.d_model) > 1
   graphdef, state = nnx.split(model)
-  chunked = lambda s: task.loss(nnx.merge(graphdef, s), batch)[0]
-  whole = lambda s: task.logits_loss(nnx.merge(graphdef, s)(batch[0]), batch)[0]
+  chunked = lambda s: objective.loss(nnx.merge(graphdef, s), batch)[0]
+  whole = lambda s: objective.logits_loss(
+      nnx.merge(graphdef, s)(batch[0]), batch
+  )[0]
   assert jax.jit(chunked)(state) == pytest.approx(
       float(jax.jit(whole)(state)), rel=1e-6
   )

@@ -273,7 +273,7 @@ def test_two_processes_match_one_process_with_four_devices(
     tmp_path, four_devices
 ):
   flags = ["gpt2"] + [
-      f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "task"
+      f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "model"
   ]
   flags += [
       "--mesh=data=2,fsdp=2",

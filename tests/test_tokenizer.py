@@ -11,9 +11,9 @@ import pytest
 from train import corpus
 from train import data as data_lib
 from train import loop
-from train import tasks
 from train import tokenizer as tokenizer_lib
 from train.config import TrainConfig
+from train.objectives import causal_lm
 
 TEXT = (
     "def héllo(world):\n    return world + 'ünïcode ✓'\n\n" * 40
@@ -77,14 +77,18 @@ def test_unknown_tokenizers_are_refused():
   with pytest.raises(tokenizer_lib.TokenizerError, match="expected bpe:N"):
     tokenizer_lib.load("bpe:big")
   with pytest.raises(
-      ValueError, match="--tokenizer is an option of gpt2, bert and clip"
+      ValueError,
+      match=(
+          "--tokenizer is an option of --objective causal_lm, contrastive,"
+          " masked_lm, sequence_classification, not of image_classification"
+      ),
   ):
-    TrainConfig(task="vit", tokenizer="bpe:300")
+    TrainConfig(model="vit", tokenizer="bpe:300")
 
 
 def _run(tmp_path, name, **fields):
   cfg = TrainConfig(
-      task="gpt2",
+      model="gpt2",
       preset="tiny",
       steps=4,
       eval_every=4,
@@ -211,7 +215,7 @@ def test_gpt2_trains_and_resumes_on_token_files(tmp_path):
   root = _corpus(tmp_path / "corpus")
   whole = _run(tmp_path, "whole", data=root, memmap=True)
   cfg = TrainConfig(
-      task="gpt2",
+      model="gpt2",
       preset="tiny",
       steps=4,
       eval_every=4,
@@ -236,10 +240,10 @@ def test_memmap_is_refused_for_data_read_in_memory(tmp_path):
     corpus.open_tokens("stdlib", tokenizer_lib.load("bytes"))
   # from the CLI's loader, before a bpe tokenizer is trained on anything
   cfg = TrainConfig(
-      task="gpt2", memmap=True, tokenizer="bpe:300", out=str(tmp_path / "run")
+      model="gpt2", memmap=True, tokenizer="bpe:300", out=str(tmp_path / "run")
   )
   with pytest.raises(data_lib.DataError, match="--memmap reads local files"):
-    tasks.load_tokens(cfg)
+    causal_lm.load_tokens(cfg)
   assert not (tmp_path / "run" / tokenizer_lib.FILE).exists()
 
 
@@ -274,7 +278,7 @@ def test_bert_reads_any_tokenizer_with_its_special_tokens(tmp_path):
   ).save_pretrained(checkpoint)
   run = lambda name, **kw: loop.train(
       TrainConfig(
-          task="bert",
+          model="bert",
           init=str(checkpoint),
           finetune="stdlib:next",
           optimizer="adamw",
@@ -296,7 +300,7 @@ def test_bert_reads_any_tokenizer_with_its_special_tokens(tmp_path):
   # masked-LM pretraining with a BPE trained on the run's text
   pretrain = loop.train(
       TrainConfig(
-          task="bert",
+          model="bert",
           preset="tiny",
           tokenizer="bpe:400",
           steps=2,

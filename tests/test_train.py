@@ -14,11 +14,13 @@ import jax
 import numpy as np
 import pytest
 
+from models.registry import MODELS
 from train import config as config_lib
 from train import loop
 from train import optimizers
 from train import report
 from train.__main__ import main
+from train.__main__ import parse
 from train.loop import train
 
 TINY = dict(
@@ -58,7 +60,7 @@ def _cfg(tmp_path, **kw):
   spec = optimizers.OPTIMIZERS[kw.get("optimizer", "galore_adamw")]
   gap = {"update_proj_gap": 2} if "update_proj_gap" in spec.flags else {}
   return config_lib.TrainConfig(
-      **{"task": "gpt2", "out": str(tmp_path / "run"), **TINY, **gap, **kw}
+      **{"model": "gpt2", "out": str(tmp_path / "run"), **TINY, **gap, **kw}
   )
 
 
@@ -89,10 +91,10 @@ def test_low_rank_defaults_are_the_rule_at_the_full_rank_rate():
       "galore_lion": "lion",
       "galore_lamb": "lamb",
   }
-  for task in ("gpt2", "bert", "clip"):
+  for model in ("gpt2", "bert", "clip"):
     for low, full in counterpart.items():
-      cfg = config_lib.TrainConfig(task=task, optimizer=low)
-      assert cfg.lr == config_lib.TrainConfig(task=task, optimizer=full).lr
+      cfg = config_lib.TrainConfig(model=model, optimizer=low)
+      assert cfg.lr == config_lib.TrainConfig(model=model, optimizer=full).lr
       assert cfg.scale == ("norm" if low == "galore_sgd" else "rms")
   assert config_lib.TrainConfig(optimizer="contrib_galore").scale == 0.25
   # a number from the command line is the reference's alpha, exactly
@@ -194,7 +196,7 @@ def test_gpt2_run_writes_metrics_summary_config_and_plot(tmp_path):
 
 def test_vit_run_reports_accuracy(tmp_path):
   cfg = config_lib.TrainConfig(
-      task="vit",
+      model="vit",
       preset="tiny",
       steps=60,
       batch_size=32,
@@ -370,7 +372,10 @@ def test_compare_writes_one_table_and_one_plot(tmp_path, capsys):
         ),
         (
             ["--contrastive-batches", "distinct"],
-            "--contrastive-batches is an option of clip, not of gpt2",
+            (
+                "--contrastive-batches is an option of --objective contrastive,"
+                " not of causal_lm"
+            ),
         ),
         (
             ["--optimizer", "apollo_adamw", "--scaling-type", "row"],
@@ -618,10 +623,30 @@ def test_config_file_runs_a_run_again_and_flags_override_it(tmp_path, capsys):
   assert c["optimizer"] == "adamw" and c["rank"] is None and c["scale"] is None
   assert c["steps"] == a["steps"] and c["preset"] == "tiny"
   bad = tmp_path / "bad.yaml"
-  bad.write_text("task: gpt2\npreset: tiny\nlearning_rate: 0.1\n")
+  bad.write_text("model: gpt2\npreset: tiny\nlearning_rate: 0.1\n")
   capsys.readouterr()
   assert main(["--config", str(bad)]) == 2
   assert "'learning_rate' is not a field" in capsys.readouterr().err
+
+
+def test_config_files_of_earlier_versions_and_booleans_from_files(tmp_path):
+  old = tmp_path / "old.yaml"  # "task" was the model's field
+  old.write_text("task: bert\nfinetune: stdlib:order\nlayerwise: true\n")
+  args = parse(["--config", str(old)])
+  assert (args["model"], args["finetune"], args["layerwise"]) == (
+      "bert",
+      "stdlib:order",
+      True,
+  )
+  # the file's true boolean turned off by its --no- form
+  args = parse(["--config", str(old), "--no-layerwise"])
+  del args["compare"], args["stop_after"]
+  cfg = config_lib.TrainConfig(**args)
+  assert (cfg.objective, cfg.layerwise) == ("sequence_classification", False)
+  assert config_lib.upgrade({"task": "vit"}) == {
+      "model": "vit",
+      "objective": "image_classification",
+  }
 
 
 def _tensorboard_scalars(directory: pathlib.Path) -> dict:
@@ -701,22 +726,36 @@ def test_progress_is_one_line_per_report_in_a_pipe_and_a_bar_on_a_terminal():
     "fields, message",
     [
         (
-            dict(task="vit", vocab_size=300),
-            "--vocab-size is an option of gpt2, not of vit",
+            dict(model="vit", vocab_size=300),
+            (
+                "--vocab-size is an option of --objective causal_lm, not of"
+                " image_classification"
+            ),
         ),
         (
-            dict(task="clip", vocab_size=300),
-            "whose vocabulary is its tokenizer's",
+            dict(model="bert", objective="causal_lm"),
+            (
+                "--objective causal_lm needs a model that offers next_token,"
+                " which bert does not; bert trains on masked_lm,"
+                " sequence_classification"
+            ),
+        ),
+        (
+            dict(model="gpt2", objective="ranking"),
+            "unknown objective 'ranking'",
         ),
         (
             dict(vocab_size=300, init=str(pathlib.Path("no") / "such" / "run")),
             "with --init the checkpoint's is used",
         ),
         (
-            dict(task="bert", layerwise=True),
-            "bert's blocks take a padding mask",
+            dict(model="bert", layerwise=True),
+            "--layerwise does not run bert: its blocks take a padding mask",
         ),
-        (dict(task="clip", remat="block"), "clip has two towers"),
+        (
+            dict(model="clip", remat="block"),
+            "--remat block does not run clip: its two towers",
+        ),
         (
             dict(optimizer="adam", weight_decay=0.1),
             "adam takes no weight decay",
@@ -728,3 +767,37 @@ def test_flag_checks_are_made_by_the_config_itself(fields, message):
   # before any data, model or file is touched
   with pytest.raises(ValueError, match=re.escape(message)):
     config_lib.TrainConfig(**fields)
+
+
+def test_an_objective_is_one_module_and_each_model_has_its_own(
+    tmp_path, monkeypatch
+):
+  from train import objectives
+
+  assert {m: objectives.default_objective(m) for m in MODELS} == {
+      "gpt2": "causal_lm",
+      "vit": "image_classification",
+      "bert": "masked_lm",
+      "clip": "contrastive",
+  }
+  assert objectives.objectives_of("bert") == [
+      "masked_lm",
+      "sequence_classification",
+  ]
+  # a module dropped into the package is found by its OBJECTIVE's name
+  (tmp_path / "next_token_rank.py").write_text(
+      "from train.objectives import causal_lm\n"
+      "class Ranked(causal_lm.CausalLM):\n"
+      "  name = 'next_token_rank'\n"
+      "OBJECTIVE = Ranked()\n"
+  )
+  monkeypatch.setattr(
+      objectives, "__path__", [*objectives.__path__, str(tmp_path)]
+  )
+  monkeypatch.delitem(
+      sys.modules, "train.objectives.next_token_rank", raising=False
+  )
+  found = objectives._discover()
+  assert set(found) == {*objectives.OBJECTIVES, "next_token_rank"}
+  assert found["next_token_rank"].needs == "next_token"
+  sys.modules.pop("train.objectives.next_token_rank", None)

@@ -1,6 +1,15 @@
-"""``python -m train {gpt2,vit,bert,clip} [flags]``: train with GaLore (or any
-listed optimizer). ``--config FILE`` starts from a run's ``config.json`` (or a
-YAML file of the same fields); the flags given override it."""
+"""``python -m train MODEL [flags]``: train a model of
+:data:`models.registry.MODELS` on its objective (or ``--objective``'s) with
+GaLore or any listed optimizer. ``--config FILE`` starts from a run's
+``config.json`` (or a YAML file of the same fields); the flags given override
+it.
+
+The flags are :class:`train.config.TrainConfig`'s fields, parsed by tyro
+(chosen over draccus and simple-parsing for its typed, annotation-driven
+parsing with no conventions of its own to learn: ``Optional`` fields take
+``None``, booleans get ``--no-`` forms, so a ``--config`` file's true flag can
+be turned off), plus ``--config``, ``--compare`` and ``--stop-after``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,11 @@ import dataclasses
 import json
 import pathlib
 import sys
+import typing
+from typing import Annotated
+from typing import Optional
+
+import tyro
 
 from train import config as config_lib
 from train import report
@@ -22,62 +36,85 @@ from train.optimizers import OPTIMIZER_FLAGS
 from train.optimizers import OPTIMIZERS
 from train.parallel import ParallelError
 
+DESCRIPTION = (
+    "Train MODEL on its objective (or --objective's) with GaLore or any listed"
+    " optimizer. --config FILE starts from a run's config.json or a YAML file"
+    " of the same fields; the flags given override it."
+)
 
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-  p.add_argument("task", nargs="?", choices=sorted(config_lib.TASKS))
-  p.add_argument(
-      "--config",
-      type=pathlib.Path,
-      default=None,
-      help=(
-          "a run's config.json, or a YAML file of the same fields: its values"
-          " are the defaults, the flags given override them (its out, resume"
-          " and overwrite are not taken: the run goes where these flags say)"
-      ),
+# The invocation's own flags, beside TrainConfig's: (name, type, help).
+EXTRA_FLAGS = (
+    (
+        "config",
+        Optional[pathlib.Path],
+        (
+            "a run's config.json, or a YAML file of the same fields: its values"
+            " are the defaults, the flags given override them (its out, resume"
+            " and overwrite are not taken: the run goes where these flags say)"
+        ),
+    ),
+    (
+        "compare",
+        Optional[str],
+        (
+            "comma-separated optimizers to train on the same data and seed,"
+            " e.g. galore_adamw,adamw"
+        ),
+    ),
+    (
+        "stop_after",
+        Optional[int],
+        (
+            "end this invocation after that many steps, with a checkpoint"
+            " (resume with --resume)"
+        ),
+    ),
+)
+
+
+def _no_none_default(default: str) -> str:
+  # a None default is filled in by TrainConfig; its help says how
+  return "" if default == "None" else f"(default: {default})"
+
+
+def _arg(kind, help_text: str, *markers, metavar=None) -> type:
+  """``kind`` annotated for tyro: its help, and the metavar of the type it
+  takes (``INT`` rather than ``{None}|INT``)."""
+  inner = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+  metavars = {int: "INT", float: "FLOAT", str: "STR", pathlib.Path: "FILE"}
+  conf = tyro.conf.arg(
+      help=help_text,
+      metavar=metavar or metavars.get(inner[0]),
+      help_behavior_hint=_no_none_default,
   )
+  return Annotated[(kind, *markers, conf)]
+
+
+def flags_class() -> type:
+  """A dataclass of TrainConfig's fields (without its checks and filled-in
+  defaults, which run when the TrainConfig is built) and
+  :data:`EXTRA_FLAGS`, annotated for tyro: the model is positional, and
+  required unless ``--config`` names it."""
+  types = typing.get_type_hints(config_lib.TrainConfig)
+  fields = []
   for field in dataclasses.fields(config_lib.TrainConfig):
-    if field.name == "task":
-      continue
-    flag = "--" + field.name.replace("_", "-")
-    # None where the default depends on the task or optimizer
-    default = field.default
-    if field.type in ("bool",):
-      p.add_argument(flag, action="store_true", help=field.metadata["help"])
-    elif "const" in field.metadata:  # a flag whose value may be left out
-      p.add_argument(
-          flag,
-          nargs="?",
-          const=field.metadata["const"],
-          default=default,
-          help=field.metadata["help"],
+    help_text = field.metadata["help"].replace("%%", "%")
+    if field.name == "model":
+      kind = _arg(
+          Optional[str], help_text, tyro.conf.Positional, metavar="MODEL"
       )
+      fields.append(("model", kind, dataclasses.field(default=None)))
     else:
-      kind = {"int": int, "float": float, "str": str}.get(
-          field.type.replace("Optional[", "").rstrip("]"), str
+      kind = _arg(types[field.name], help_text)
+      fields.append(
+          (field.name, kind, dataclasses.field(default=field.default))
       )
-      p.add_argument(
-          flag, type=kind, default=default, help=field.metadata["help"]
-      )
-  p.add_argument(
-      "--compare",
-      type=str,
-      default=None,
-      help=(
-          "comma-separated optimizers to train on the same data and seed, e.g."
-          " galore_adamw,adamw"
-      ),
-  )
-  p.add_argument(
-      "--stop-after",
-      type=int,
-      default=None,
-      help=(
-          "end this invocation after that many steps, with a checkpoint (resume"
-          " with --resume)"
-      ),
-  )
-  return p
+  for name, kind, help_text in EXTRA_FLAGS:
+    fields.append((name, _arg(kind, help_text), None))
+  return dataclasses.make_dataclass("Flags", fields)
+
+
+Flags = flags_class()
 
 
 def compared_configs(args: dict, names: list[str]) -> dict:
@@ -112,9 +149,9 @@ NOT_FROM_FILE = ("out", "resume", "overwrite")
 
 
 def file_defaults(path: pathlib.Path) -> dict:
-  """``--config``'s values: the TrainConfig fields of a JSON or YAML file,
-  without :data:`NOT_FROM_FILE` and without nulls (a null is a default left
-  to the model and optimizer)."""
+  """``--config``'s values: the TrainConfig fields of a JSON or YAML file
+  (:func:`train.config.upgrade`d), without :data:`NOT_FROM_FILE` and without
+  nulls (a null is a default left to the model and optimizer)."""
   try:
     text = path.read_text()
   except OSError as e:
@@ -132,6 +169,7 @@ def file_defaults(path: pathlib.Path) -> dict:
     ) from e
   if not isinstance(values, dict):
     raise ValueError(f"--config {path}: expected a mapping of flags to values")
+  values = config_lib.upgrade(values)
   fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
   unknown = sorted(set(values) - fields)
   if unknown:
@@ -139,8 +177,11 @@ def file_defaults(path: pathlib.Path) -> dict:
         f"--config {path}: {', '.join(map(repr, unknown))} is not a field of"
         " the training config"
     )
+  types = typing.get_type_hints(config_lib.TrainConfig)
   return {
-      k: v
+      # a number where the flag takes text (--scale 0.25 or rms) as the flag
+      # would give it
+      k: str(v) if str in typing.get_args(types[k]) else v
       for k, v in values.items()
       if k not in NOT_FROM_FILE and v is not None
   }
@@ -149,20 +190,29 @@ def file_defaults(path: pathlib.Path) -> dict:
 def parse(argv=None) -> dict:
   """The flags as TrainConfig fields (plus ``compare``, ``stop_after``):
   ``--config``'s values, overridden by the flags given."""
-  p = parser()
-  config = p.parse_known_args(argv)[0].config
+  argv = sys.argv[1:] if argv is None else list(argv)
+  find_config = argparse.ArgumentParser(add_help=False)
+  find_config.add_argument("--config", type=pathlib.Path)
+  config = find_config.parse_known_args(argv)[0].config
   from_file = {} if config is None else file_defaults(config)
-  own_defaults = {k: p.get_default(k) for k in from_file}
-  p.set_defaults(**from_file)
-  args = vars(p.parse_args(argv))
+  own_defaults = Flags()
+  args = dataclasses.asdict(
+      tyro.cli(
+          Flags,
+          args=argv,
+          prog="python -m train",
+          description=DESCRIPTION,
+          default=dataclasses.replace(own_defaults, **from_file),
+      )
+  )
   del args["config"]
-  if args["task"] is None:
-    p.error("give the model to train (e.g. gpt2), or --config FILE")
+  if args["model"] is None:
+    raise ValueError("give the model to train (e.g. gpt2), or --config FILE")
   if args["optimizer"] in OPTIMIZERS:  # an unknown one: TrainConfig says so
     # the file's flags of another optimizer do not follow a new --optimizer
     for name in OPTIMIZERS[args["optimizer"]].unused_flags:
       if name in from_file and args[name] == from_file[name]:
-        args[name] = own_defaults[name]
+        args[name] = getattr(own_defaults, name)
   return args
 
 
@@ -184,7 +234,7 @@ def main(argv=None) -> int:
         pathlib.Path(base.out)
         if base.out
         else first_free(
-            pathlib.Path("runs") / f"{base.task}-compare", pathlib.Path.exists
+            pathlib.Path("runs") / f"{base.model}-compare", pathlib.Path.exists
         )
     )
     configs = {
@@ -206,7 +256,7 @@ def main(argv=None) -> int:
     report.plot_losses(
         histories,
         out / "compare.png",
-        f"{base.task} {base.preset}: " + " vs ".join(names),
+        f"{base.model} {base.preset}: " + " vs ".join(names),
         report.entropy_line(next(iter(summaries.values()))),
     )
     print(f"\n{table}\n\nwrote {out / 'compare.md'} and {out / 'compare.png'}")

@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from train.config import upgrade
+
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be resumed; the message says why."""
@@ -115,7 +117,7 @@ class Checkpointer:
       ) as e:  # unreadable: orbax and TensorStore raise many kinds
         failures.append(self._damaged(step, e))
         continue
-      saved = meta.get("config", {})
+      saved = upgrade(meta.get("config", {}))
       differ = {
           k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v
       }

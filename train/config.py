@@ -1,5 +1,5 @@
-"""Training configuration: one dataclass, with per-task and per-optimizer
-defaults, checked in one place."""
+"""Training configuration: one dataclass, with per-objective and
+per-optimizer defaults, checked in one place."""
 
 from __future__ import annotations
 
@@ -8,17 +8,37 @@ import math
 from typing import Optional
 
 import galore_optax
+from models.registry import MODELS
 from models.transformer import DTYPES
 from train import trackers
+from train.objectives import OBJECTIVES
+from train.objectives import default_objective
+from train.objectives import objectives_of
 from train.optimizers import OPTIMIZER_FLAGS
 from train.optimizers import OPTIMIZERS
-from train.tasks import TASKS
 
 CONTRASTIVE_BATCHES = ("random", "distinct")
 
 
 def _flag(name: str) -> str:
   return name.replace("_", "-")
+
+
+def upgrade(saved: dict) -> dict:
+  """A config saved by an earlier version (``config.json``, a checkpoint's
+  or a benchmark ledger's) in today's fields: ``task`` is now ``model``, and
+  ``objective`` was the model's own (or sequence_classification, fine-tuning).
+  """
+  saved = dict(saved)
+  if "task" in saved:
+    saved["model"] = saved.pop("task")
+  if "objective" not in saved and saved.get("model") in MODELS:
+    saved["objective"] = (
+        "sequence_classification"
+        if saved.get("finetune")
+        else default_objective(saved["model"])
+    )
+  return saved
 
 
 def default_rank(d_model: int) -> int:
@@ -34,10 +54,14 @@ def _field(default, help_text: str):
 class TrainConfig:
   """Everything that defines a run; saved as ``DIR/config.json``."""
 
-  task: str = _field("gpt2", "gpt2, vit, bert or clip")
-  preset: str = _field(
-      "cpu", "model size: see models.GPT2_PRESETS / VIT_PRESETS"
+  model: str = _field("gpt2", "the model: " + ", ".join(MODELS))
+  objective: Optional[str] = _field(
+      None,
+      "what it is trained to do: "
+      + ", ".join(OBJECTIVES)
+      + " (default: the model's own; with --finetune, sequence_classification)",
   )
+  preset: str = _field("cpu", "model size: see models.registry.MODELS")
   init: Optional[str] = _field(
       None,
       "start from pretrained weights: a run directory of ours (its newest"
@@ -45,16 +69,11 @@ class TrainConfig:
       " save_pretrained (config.json + safetensors); the architecture is the"
       " checkpoint's, --preset is not used",
   )
-  finetune: Optional[str] = dataclasses.field(
-      default=None,
-      metadata={
-          "help": (
-              "bert: fine-tune on a sentence classification task instead of"
-              " masked-LM pretraining: stdlib:next (the default) or"
-              " stdlib:order (offline, from the embedded data)"
-          ),
-          "const": "stdlib:next",
-      },
+  finetune: Optional[str] = _field(
+      None,
+      "sequence_classification's task (and that objective, if --objective is"
+      " not given): stdlib:next (the default) or stdlib:order (offline, from"
+      " the embedded data), or glue:NAME",
   )
   optimizer: Optional[str] = _field(
       None,
@@ -152,15 +171,17 @@ class TrainConfig:
       " (also into summary.json) and exit without training",
   )
   steps: Optional[int] = _field(
-      None, "training steps (default: 800 for gpt2, 400 for vit)"
+      None, "training steps (default: per objective, 800 for causal_lm)"
   )
   batch_size: Optional[int] = _field(
-      None, "sequences or images per step (default: 16 for gpt2, 64 for vit)"
+      None,
+      "sequences or images per step (default: per objective, 16 for causal_lm)",
   )
-  seq_len: int = _field(128, "tokens per sequence (gpt2)")
+  seq_len: int = _field(128, "tokens per sequence (text objectives)")
   vocab_size: Optional[int] = _field(
       None,
-      "gpt2: the model's vocabulary (default: the data's; at least that), e.g."
+      "causal_lm: the model's vocabulary (default: the data's; at least"
+      " that), e.g."
       " 50257 to plan GPT-2's memory on byte data",
   )
   data: Optional[str] = _field(
@@ -169,24 +190,25 @@ class TrainConfig:
   max_data_bytes: int = _field(8 * 2**20, "read at most this much text")
   memmap: bool = _field(
       False,
-      "gpt2: tokenize all of --data (local files) once into memory-mapped"
+      "causal_lm: tokenize all of --data (local files) once into memory-mapped"
       " token files beside it (DATA.tokens/) and train from them, for corpora"
       " larger than memory",
   )
   tokenizer: str = _field(
       "bytes",
-      "gpt2, bert and clip text: bytes (256 tokens), bpe:N (a byte-level BPE of"
+      "text objectives: bytes (256 tokens), bpe:N (a byte-level BPE of"
       " N tokens trained on the training split, kept in the run directory) or"
       " hf:NAME (a pretrained tokenizer: a Hub name or a local directory)",
   )
   contrastive_batches: Optional[str] = _field(
       None,
-      "clip: how training pairs are drawn: distinct (the default: no image"
-      " or caption twice in a batch) or random (with replacement)",
+      "contrastive: how training pairs are drawn: distinct (the default: no"
+      " image or caption twice in a batch) or random (with replacement)",
   )
   seed: int = _field(0, "seed of the initialisation and of the batch order")
   out: Optional[str] = _field(
-      None, "output directory (default: a new runs/<task>, runs/<task>-1, ...)"
+      None,
+      "output directory (default: a new runs/<model>, runs/<model>-1, ...)",
   )
   resume: bool = _field(
       False, "continue from the latest intact checkpoint in --out"
@@ -198,7 +220,9 @@ class TrainConfig:
   )
   log_every: int = _field(10, "steps between progress lines and metrics rows")
   eval_every: int = _field(50, "steps between evaluations")
-  eval_batches: int = _field(8, "validation batches per evaluation (gpt2)")
+  eval_batches: int = _field(
+      8, "validation batches per evaluation (causal_lm, masked_lm)"
+  )
   checkpoint_every: int = _field(100, "steps between checkpoints")
   keep_checkpoints: int = _field(2, "checkpoints kept")
   log_to: Optional[str] = _field(
@@ -235,37 +259,30 @@ class TrainConfig:
   )
 
   def __post_init__(self):
-    if self.task not in TASKS:
+    if self.model not in MODELS:
       raise ValueError(
-          f"unknown task {self.task!r}; choose one of {tuple(TASKS)}"
+          f"unknown model {self.model!r}; choose one of {tuple(MODELS)}"
       )
-    if self.finetune and self.task != "bert":
+    self._check_objective()
+    objective = OBJECTIVES[self.objective]
+    if self.contrastive_batches is not None and (
+        self.contrastive_batches not in CONTRASTIVE_BATCHES
+    ):
       raise ValueError(
-          f"--finetune is an option of bert, not of {self.task}: it fine-tunes"
-          " the encoder on sentence classification"
+          f"unknown --contrastive-batches {self.contrastive_batches!r};"
+          f" choose one of {CONTRASTIVE_BATCHES}"
       )
-    if self.tokenizer != "bytes" and self.task == "vit":
-      raise ValueError("--tokenizer is an option of gpt2, bert and clip")
-    if self.task == "clip":
-      self.contrastive_batches = self.contrastive_batches or "distinct"
-      if self.contrastive_batches not in CONTRASTIVE_BATCHES:
-        raise ValueError(
-            f"unknown --contrastive-batches {self.contrastive_batches!r};"
-            f" choose one of {CONTRASTIVE_BATCHES}"
-        )
-    elif self.contrastive_batches is not None:
-      raise ValueError(
-          f"--contrastive-batches is an option of clip, not of {self.task}"
-      )
+    if self.contrastive_batches is None and "contrastive_batches" in (
+        objective.flags
+    ):
+      self.contrastive_batches = "distinct"
     if self.log_to is not None:
       self.log_to = ",".join(trackers.parse(self.log_to)) or None
-    if self.memmap and self.task != "gpt2":
-      raise ValueError(f"--memmap is an option of gpt2, not of {self.task}")
-    presets = TASKS[self.task].presets
-    if self.preset not in presets:
+    model = MODELS[self.model]
+    if self.preset not in model.presets:
       raise ValueError(
-          f"unknown {self.task} preset {self.preset!r}; choose one of"
-          f" {sorted(presets)}"
+          f"unknown {self.model} preset {self.preset!r}; choose one of"
+          f" {sorted(model.presets)}"
       )
     if self.optimizer is None:
       self.optimizer = "adamw" if self.lora_rank is not None else "galore_adamw"
@@ -391,26 +408,17 @@ class TrainConfig:
       raise ValueError(
           "--resume needs --out: the directory of the run to continue"
       )
-    if self.vocab_size is not None and self.task != "gpt2":
-      raise ValueError(
-          f"--vocab-size is an option of gpt2, not of {self.task}"
-          + (
-              ""
-              if self.task == "vit"
-              else ", whose vocabulary is its tokenizer's"
-          )
-      )
     if self.vocab_size is not None and self.init:
       raise ValueError("--vocab-size: with --init the checkpoint's is used")
-    if self.task == "bert" and self.layerwise:
-      raise ValueError(
-          "--layerwise runs gpt2 and vit; bert's blocks take a padding mask"
-      )
-    if self.task == "clip" and (self.layerwise or self.remat == "block"):
-      raise ValueError(
-          "--layerwise and --remat block run one stack of blocks; clip has"
-          " two towers"
-      )
+    for flag, why_not in (
+        ("layerwise", model.not_layerwise),
+        ("remat", model.not_stacked),
+    ):
+      if why_not and getattr(self, flag) not in (False, "none"):
+        raise ValueError(
+            f"--{flag} {'' if flag == 'layerwise' else 'block '}does not run"
+            f" {self.model}: {why_not}"
+        )
     if self.resume and self.overwrite:
       raise ValueError(
           "--resume continues the run in --out and --overwrite replaces it:"
@@ -424,7 +432,7 @@ class TrainConfig:
         )
     if self.lr is not None and self.lr <= 0:
       raise ValueError(f"--lr must be positive, got {self.lr}")
-    for name, default in TASKS[self.task].defaults.items():
+    for name, default in objective.defaults.items():
       if getattr(self, name) is None:
         setattr(self, name, default)
     for name in (
@@ -462,10 +470,52 @@ class TrainConfig:
     if "rank" in spec.flags and self.rank is None and not self.init:
       # with --init the checkpoint's width decides (with_model_width, when
       # the run is set up: building a config reads nothing)
-      self.rank = default_rank(TASKS[self.task].presets[self.preset].d_model)
-    self.lr = self.lr or spec.lr * TASKS[self.task].lr_multiplier
+      self.rank = default_rank(model.presets[self.preset].d_model)
+    self.lr = self.lr or spec.lr * objective.lr_multiplier
     if self.warmup_steps is None:
       self.warmup_steps = max(self.steps // 10, 1)
+
+  def _check_objective(self) -> None:
+    """Fills in the objective (the model's default, or the one --finetune
+    names) and refuses flags of other objectives."""
+    named = f"--objective {self.objective}"
+    if self.objective is None and self.finetune:
+      self.objective = "sequence_classification"
+      named = "--finetune (objective sequence_classification)"
+    if self.objective is None:
+      self.objective = default_objective(self.model)
+    if self.objective not in OBJECTIVES:
+      raise ValueError(
+          f"unknown objective {self.objective!r}; choose one of"
+          f" {tuple(OBJECTIVES)}"
+      )
+    objective = OBJECTIVES[self.objective]
+    if objective.needs not in MODELS[self.model].capabilities:
+      raise ValueError(
+          f"{named} needs a model that offers"
+          f" {objective.needs}, which {self.model} does not; {self.model}"
+          f" trains on {', '.join(objectives_of(self.model))}"
+      )
+    given = {
+        "tokenizer": self.tokenizer != "bytes",
+        "memmap": self.memmap,
+        **{
+            name: getattr(self, name) is not None
+            for name in ("vocab_size", "finetune", "contrastive_batches")
+        },
+    }
+    for name, is_given in given.items():
+      takes = objective.text if name == "tokenizer" else name in objective.flags
+      if is_given and not takes:
+        owners = [
+            n
+            for n, o in OBJECTIVES.items()
+            if (o.text if name == "tokenizer" else name in o.flags)
+        ]
+        raise ValueError(
+            f"--{_flag(name)} is an option of --objective"
+            f" {', '.join(owners)}, not of {self.objective}"
+        )
 
   def _scale(self, spec):
     """``--scale`` as the optimizer takes it: a float, the name of a rule it
@@ -522,7 +572,8 @@ class TrainConfig:
   def identity(self) -> dict:
     """The fields a checkpoint must agree on to be resumed."""
     keep = (
-        "task",
+        "model",
+        "objective",
         "preset",
         "init",
         "finetune",

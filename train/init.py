@@ -1,6 +1,6 @@
 """``--init``: where a run's first weights come from.
 
-A directory of one of our own runs (its ``config.json`` names a ``task``)
+A directory of one of our own runs (its ``config.json`` names a ``model``)
 gives the parameters of its newest checkpoint, and the architecture of its
 config; anything else is a Hugging Face checkpoint (:mod:`models.hf`).
 """
@@ -27,28 +27,35 @@ from models import hf
 def is_run(source: str) -> bool:
   """Whether ``source`` is a directory written by ``python -m train``."""
   config = pathlib.Path(source) / "config.json"
-  return config.is_file() and "task" in json.loads(config.read_text())
+  return config.is_file() and run_model(source) is not None
 
 
 def run_config(source: str) -> dict:
   return json.loads((pathlib.Path(source) / "config.json").read_text())
 
 
+def run_model(source: str) -> Optional[str]:
+  """The model run ``source`` trained (``task``: an earlier version's name
+  of the field; :func:`train.config.upgrade` reads the others)."""
+  saved = run_config(source)
+  return saved.get("model", saved.get("task"))
+
+
 @functools.lru_cache(maxsize=8)
-def model_origin(source: str, task: str) -> tuple[Any, Optional[str]]:
-  """What checkpoint ``source`` of ``task`` was built from: ``(its Hugging
+def model_origin(source: str, model: str) -> tuple[Any, Optional[str]]:
+  """What checkpoint ``source`` of ``model`` was built from: ``(its Hugging
   Face model config, None)``, or ``(None, the preset of the run that started
   from scratch)``, following ``--init`` from run to run."""
   if not is_run(source):
-    return hf.checkpoint_config(source, expect_model=task), None
+    return hf.checkpoint_config(source, expect_model=model), None
   saved = run_config(source)
-  if saved["task"] != task:
+  if run_model(source) != model:
     raise hf.CheckpointMismatch(
-        f"--init {source} is a {saved['task']} run; it cannot initialise the"
-        f" {task!r} task"
+        f"--init {source} is a {run_model(source)} run; it cannot initialise"
+        f" a {model}"
     )
   if saved.get("init"):
-    return model_origin(saved["init"], task)
+    return model_origin(saved["init"], model)
   return None, saved["preset"]
 
 

@@ -281,7 +281,7 @@ def make_train_step(
     block_graphdef: one block's, e.g. ``nnx.graphdef(model.blocks)``.
     tx: the optimizer, without global-norm clipping.
     head_loss: ``(model.output, x_L, batch) -> (loss, aux)``, the loss of the
-      model's last part on the blocks' output (``Task.head_loss``).
+      model's last part on the blocks' output (``Objective.head_loss``).
     clip: the global gradient-norm bound; 0 turns clipping off.
     gather: stored parameters -> those the forward pass uses (whole under FSDP).
       It is applied to one block at a time.

@@ -1,8 +1,8 @@
 """The training loop: one jitted, donated train step over pytrees; eval, logs,
 checkpoints.
 
-What is trained is the task's business (:mod:`train.tasks`); this module only
-runs it.
+What is trained is the objective's business (:mod:`train.objectives`); this
+module only runs it.
 """
 
 from __future__ import annotations
@@ -27,17 +27,18 @@ from flax import nnx
 
 import galore_optax
 from models import lora
+from models.registry import MODELS
 from train import layerwise
 from train import parallel
 from train import report
-from train import tasks as tasks_lib
 from train import trackers
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
+from train.objectives import OBJECTIVES
+from train.objectives import Objective
+from train.objectives.base import base_model_config
 from train.optimizers import OPTIMIZERS
 from train.optimizers import galore_targets
-from train.tasks import Task
-from train.tasks import task_for
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 
@@ -149,13 +150,13 @@ def build_optimizer(
   if cfg.lora_rank:
     tx = optax.multi_transform(
         {"train": tx, "frozen": optax.set_to_zero()},
-        functools.partial(lora_labels, heads=task_for(cfg).heads),
+        functools.partial(lora_labels, heads=MODELS[cfg.model].heads),
     )
   return tx, lr
 
 
 def lora_labels(params: Any, heads: tuple[str, ...]) -> Any:
-  """'train' for LoRA's adapters and the task's head, 'frozen' elsewhere."""
+  """'train' for LoRA's adapters and the model's head, 'frozen' elsewhere."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: (
           "train"
@@ -224,8 +225,8 @@ def first_free(
 
 
 def run_directory(cfg: TrainConfig) -> pathlib.Path:
-  """Where the run writes: ``--out``, or the first of ``runs/<task>``,
-  ``runs/<task>-1``, ... that holds no run. An ``--out`` that holds one is
+  """Where the run writes: ``--out``, or the first of ``runs/<model>``,
+  ``runs/<model>-1``, ... that holds no run. An ``--out`` that holds one is
   refused unless resumed or overwritten.
   """
   if cfg.out is None:
@@ -234,7 +235,7 @@ def run_directory(cfg: TrainConfig) -> pathlib.Path:
           "a multi-process run needs --out: every process must write to the"
           " same directory"
       )
-    return first_free(pathlib.Path("runs") / cfg.task, holds_run)
+    return first_free(pathlib.Path("runs") / cfg.model, holds_run)
   out = pathlib.Path(cfg.out)
   if holds_run(out) and not (cfg.resume or cfg.overwrite):
     raise ConfigError(
@@ -297,10 +298,10 @@ class Progress:
 
 
 def evaluate(
-    task: Task, cfg: TrainConfig, eval_step, params, data, placement
+    objective: Objective, cfg: TrainConfig, eval_step, params, data, placement
 ) -> dict:
   losses, aux = [], []
-  for batch in task.eval_batches(cfg, data):
+  for batch in objective.eval_batches(cfg, data):
     n = len(batch[0])
     if (
         n % placement.size
@@ -317,7 +318,7 @@ def evaluate(
         "the validation split is smaller than one batch; lower --batch-size or"
         " --seq-len"
     )
-  return task.eval_metrics(losses, aux)
+  return objective.eval_metrics(losses, aux)
 
 
 def _read_metrics(path: pathlib.Path, upto: int) -> list[dict]:
@@ -350,8 +351,8 @@ class Run:
   """
 
   def __init__(self, cfg: TrainConfig, verbose: bool = True):
-    self.task = task = task_for(cfg)
-    cfg = cfg.with_model_width(tasks_lib.base_model_config(cfg).d_model)
+    self.objective = objective = OBJECTIVES[cfg.objective]
+    cfg = cfg.with_model_width(base_model_config(cfg).d_model)
     parallel.initialize_processes(
         cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed
     )
@@ -366,10 +367,10 @@ class Run:
     # the process that writes logs, metrics and plots
     self.lead = jax.process_index() == 0
     self.verbose = verbose and self.lead
-    self.data = data = task.load_data(cfg)
+    self.data = data = objective.load_data(cfg)
 
     def build():
-      model = task.build_model(cfg, data)
+      model = objective.build_model(cfg, data)
       if cfg.lora_rank:
         lora.add_adapters(model, cfg.lora_rank, nnx.Rngs(cfg.seed + 1))
       return model
@@ -381,7 +382,9 @@ class Run:
     self.n_params = sum(x.size for x in jax.tree.leaves(params))
     # what trains under --lora-rank: the adapters and the head
     self.n_trainable = (
-        lora_trainable(params, task.heads) if cfg.lora_rank else None
+        lora_trainable(params, MODELS[cfg.model].heads)
+        if cfg.lora_rank
+        else None
     )
     unstacked = layerwise.unstacked(params) if cfg.stacked else params
     self.tx, self.schedule = build_optimizer(
@@ -405,13 +408,15 @@ class Run:
         else self.tx.init
     )
     gather = self.placement.gather_for_compute
-    self.step_fn, eval_fn = make_steps(graphdef, self.tx, task.loss, gather)
+    self.step_fn, eval_fn = make_steps(
+        graphdef, self.tx, objective.loss, gather
+    )
     if cfg.layerwise:
       self.step_fn = layerwise.make_train_step(
           graphdef,
           nnx.graphdef(model.blocks),
           self.tx,
-          task.head_loss,
+          objective.head_loss,
           clip=cfg.clip,
           gather=gather,
       )
@@ -426,7 +431,7 @@ class Run:
     cfg, placement = self.cfg, self.placement
     rows = placement.local_rows(cfg.batch_size)
     return placement.put_batch(
-        self.task.batch(cfg, self.data, step, rows), cfg.batch_size
+        self.objective.batch(cfg, self.data, step, rows), cfg.batch_size
     )
 
   def _write(self, name: str, text: str) -> None:
@@ -445,12 +450,13 @@ class Run:
         self.step_fn, params, opt_state, self._batch(0)
     )
     summary = {
-        "task": cfg.task,
+        "model": cfg.model,
+        "objective": cfg.objective,
         "preset": cfg.preset,
         "optimizer": cfg.optimizer,
         "dry_run": True,
         "batch_size": cfg.batch_size,
-        **({"seq_len": cfg.seq_len} if self.task.unit == "tok" else {}),
+        **({"seq_len": cfg.seq_len} if self.objective.unit == "tok" else {}),
         "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
         "param_bytes": memory.param_bytes,
         "optimizer_state_bytes": memory.state_bytes,
@@ -543,7 +549,7 @@ class Run:
   def _banner(self) -> None:
     cfg, memory = self.cfg, self.memory
     print(
-        f"{cfg.task} {model_name(cfg)}: {self.n_params / 1e6:.2f}M params;"
+        f"{cfg.model} {model_name(cfg)}: {self.n_params / 1e6:.2f}M params;"
         f" data: {self.data.description}"
     )
     print(
@@ -569,9 +575,9 @@ class Run:
       TrainingDiverged: when the loss becomes non-finite (after closing logs
         and checkpoints).
     """
-    cfg, placement, task = self.cfg, self.placement, self.task
+    cfg, placement, objective = self.cfg, self.placement, self.objective
     start = self.step
-    unit, per_step = task.unit, task.items_per_step(cfg)
+    unit, per_step = objective.unit, objective.items_per_step(cfg)
     progress = Progress(cfg.steps, unit, start) if self.verbose else None
     end = (
         cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -633,7 +639,9 @@ class Run:
             )
         if done % cfg.eval_every == 0 or done == cfg.steps:
           row.update(
-              evaluate(task, cfg, self.eval_step, params, self.data, placement)
+              evaluate(
+                  objective, cfg, self.eval_step, params, self.data, placement
+              )
           )
           if self.verbose:
             progress.note(
@@ -698,7 +706,7 @@ class Run:
       report.plot_losses(
           {cfg.optimizer: self.history},
           self.out / "loss.png",
-          f"{cfg.task} {cfg.preset}",
+          f"{cfg.model} {cfg.preset}",
           report.entropy_line(summary),
       )
     if self.verbose:
@@ -708,12 +716,13 @@ class Run:
   def summary(self) -> dict:
     """What the steps so far came to: losses, validation metrics, speed,
     memory, refreshes."""
-    cfg, task, memory = self.cfg, self.task, self.memory
+    cfg, objective, memory = self.cfg, self.objective, self.memory
     history, step_times = self.history, self.step_times
     evals = [r for r in history if "val_loss" in r]
     median = float(np.median(step_times)) if step_times else float("nan")
     summary = {
-        "task": cfg.task,
+        "model": cfg.model,
+        "objective": cfg.objective,
         "preset": cfg.preset,
         "optimizer": cfg.optimizer,
         "finished": self.step == cfg.steps,
@@ -724,8 +733,8 @@ class Run:
             if evals
             else {}
         ),
-        f"{task.unit}_per_s": (
-            task.items_per_step(cfg) / median if step_times else None
+        f"{objective.unit}_per_s": (
+            objective.items_per_step(cfg) / median if step_times else None
         ),
         "median_step_ms": 1000 * median,
         "wall_time_s": self.wall_s,
@@ -733,7 +742,7 @@ class Run:
         "optimizer_state_bytes": memory.state_bytes,
         "adamw_state_bytes": memory.adamw_bytes,
         "optimizer_state_vs_adamw": memory.state_ratio,
-        **task.summary_extras(self.data),
+        **objective.summary_extras(self.data),
     }
     if cfg.uses_galore:
       # Timed at the steps that computed bases; amortised over the timed

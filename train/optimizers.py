@@ -47,8 +47,8 @@ class OptimizerSpec:
   Attributes:
     factory: ``factory(learning_rate, **keywords)``, an
       ``optax.GradientTransformation``.
-    lr: its default peak learning rate (a task scales it:
-      ``Task.lr_multiplier``). Under the step-size rule (the default
+    lr: its default peak learning rate (an objective scales it:
+      ``Objective.lr_multiplier``). Under the step-size rule (the default
       ``--scale``) a low-rank optimizer's update has its full-rank
       counterpart's size, so its rate is that counterpart's.
     family: the keywords it takes from the config (:data:`FAMILY_FLAGS`):

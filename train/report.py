@@ -199,7 +199,7 @@ def describe_dry_run(s: dict) -> str:
   width = max(len(name) for name, _ in rows)
   return "\n".join(
       [
-          f"dry run: {s['task']} {s['preset']} ({s['n_params'] / 1e6:.1f}M"
+          f"dry run: {s['model']} {s['preset']} ({s['n_params'] / 1e6:.1f}M"
           f" params), {s['optimizer']}, batch {s['batch_size']}, on"
           f" {device['layout']}; compiled in {s['compile_s']:.1f}s. Per device:"
       ]

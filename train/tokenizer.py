@@ -1,5 +1,6 @@
-"""Tokenizers for the text tasks (``--tokenizer``): raw bytes, a byte-level BPE
-trained here with Hugging Face ``tokenizers``, or a pretrained tokenizer.
+"""Tokenizers for the text objectives (``--tokenizer``): raw bytes, a
+byte-level BPE trained here with Hugging Face ``tokenizers``, or a pretrained
+tokenizer.
 
 - ``bytes``: each byte is a token (vocabulary 256), the offline default;
 - ``bpe:N``: a byte-level BPE of vocabulary N (256 byte tokens, merges, and
