@@ -58,7 +58,7 @@ def resolve(source: str) -> pathlib.Path:
       from huggingface_hub import snapshot_download
     except ImportError:
       raise CheckpointMismatch(
-          f"--init {source} needs huggingface_hub (pip install"
+          f"{source} needs huggingface_hub (pip install"
           " 'galore-optax[hf]'), or pass a local directory"
       ) from None
     path = snapshot_download(

@@ -45,7 +45,7 @@ def add_adapters(model: nnx.Module, rank: int, rngs: nnx.Rngs) -> int:
     d_in, d_out = linear.in_features, linear.out_features
     if rank > min(d_in, d_out):
       raise ValueError(
-          f"--lora-rank {rank} exceeds the layer {_path(path)!r}"
+          f"LoRA rank {rank} exceeds the layer {_path(path)!r}"
           f" ({d_in} x {d_out})"
       )
     parent = model

@@ -21,7 +21,7 @@ from flax import nnx
 # Attention and MLP weight matrices; not embeddings, norms, biases or heads.
 GALORE_TARGETS = r"/(attn|mlp)/\w+/kernel$"
 
-# --param-dtype / --compute-dtype
+# the parameter and computation dtypes a model config may name
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # The MLP's nonlinearity: GELU's tanh form (GPT-2's), its exact erf form
