@@ -1,5 +1,6 @@
 """Hugging Face ``transformers`` checkpoints (config.json + safetensors) loaded
-into this project's NNX models: GPT-2, ViT, BERT, RoBERTa and CLIP.
+into this project's NNX models: GPT-2, ViT, BERT, RoBERTa, CLIP and the LLaMA
+family (LLaMA, Mistral, Qwen2).
 
 The architecture comes from the checkpoint's ``config.json``, as
 ``from_pretrained`` does. Every tensor is accounted for: each parameter of the
@@ -32,6 +33,7 @@ from flax import nnx
 from models import bert
 from models import clip
 from models import gpt2
+from models import llama
 from models import registry
 from models import vit
 
@@ -132,6 +134,52 @@ def gpt2_config(hf: dict, where: str) -> gpt2.GPT2Config:
       mlp_ratio=_mlp_ratio(hf, d, where),
       layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
       activation=_activation(hf.get("activation_function", "gelu_new"), where),
+  )
+
+
+def llama_config(hf: dict, where: str) -> llama.LlamaConfig:
+  """LLaMA, Mistral and Qwen2: transformers 5's ``rope_parameters`` or the
+  older ``rope_theta`` and ``rope_scaling``."""
+  kind = hf["model_type"]
+  if hf.get("hidden_act", "silu") != "silu":
+    raise CheckpointMismatch(
+        f"{where}: hidden_act {hf['hidden_act']!r}; the SwiGLU MLP uses 'silu'"
+    )
+  for flag in ("attention_bias", "mlp_bias"):  # LLaMA's options
+    if kind == "llama" and hf.get(flag):
+      raise CheckpointMismatch(f"{where}: {flag} is not built here")
+  if kind == "qwen2" and hf.get("use_sliding_window"):
+    raise CheckpointMismatch(
+        f"{where}: Qwen2's use_sliding_window is not built"
+    )
+  rope = hf.get("rope_parameters") or dict(
+      hf.get("rope_scaling") or {}, rope_theta=hf.get("rope_theta", 10000.0)
+  )
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in llama.ROPE_TYPES:
+    raise CheckpointMismatch(
+        f"{where}: rope scaling {rope_type!r} is not built here (only"
+        f" {', '.join(llama.ROPE_TYPES)})"
+    )
+  return llama.LlamaConfig(
+      vocab_size=hf["vocab_size"],
+      max_len=hf["max_position_embeddings"],
+      d_model=hf["hidden_size"],
+      n_layers=hf["num_hidden_layers"],
+      n_heads=hf["num_attention_heads"],
+      n_kv_heads=hf.get("num_key_value_heads"),
+      head_dim=hf.get("head_dim"),
+      hidden=hf["intermediate_size"],
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      rope_theta=rope.get("rope_theta", 10000.0),
+      rope_type=rope_type,
+      rope_factor=rope.get("factor", 1.0),
+      rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+      rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+      rope_original_max_len=rope.get("original_max_position_embeddings", 8192),
+      sliding_window=hf.get("sliding_window") if kind == "mistral" else None,
+      tie_embeddings=hf.get("tie_word_embeddings", False),
+      qkv_bias=kind == "qwen2",
   )
 
 
@@ -294,6 +342,32 @@ def gpt2_names(config: gpt2.GPT2Config) -> dict:
   return names
 
 
+def llama_names(config: llama.LlamaConfig) -> dict:
+  """Our parameter path -> (their tensor name, conversion) for LLaMA-family
+  checkpoints (the backbone under ``model.``, ``lm_head`` beside it)."""
+  names = {
+      "embed_tokens/embedding": ("embed_tokens.weight", _same),
+      "norm/scale": ("norm.weight", _same),
+  }
+  if not config.tie_embeddings:
+    names["lm_head/kernel"] = ("lm_head.weight", _linear)
+  for i in range(config.n_layers):
+    h, b = f"layers.{i}", f"blocks/{i}"
+    names[f"{b}/attn_norm/scale"] = (f"{h}.input_layernorm.weight", _same)
+    names[f"{b}/mlp_norm/scale"] = (
+        f"{h}.post_attention_layernorm.weight",
+        _same,
+    )
+    for ours in "qkvo":
+      theirs = f"{h}.self_attn.{ours}_proj"
+      names[f"{b}/attn/{ours}/kernel"] = (f"{theirs}.weight", _linear)
+      if config.qkv_bias and ours != "o":
+        names[f"{b}/attn/{ours}/bias"] = (f"{theirs}.bias", _same)
+    for ours in ("gate", "up", "down"):
+      names[f"{b}/mlp/{ours}/kernel"] = (f"{h}.mlp.{ours}_proj.weight", _linear)
+  return names
+
+
 def _patch_kernel(w):  # Conv2d (d, c, p, p) -> Linear on (p, p, c) patches
   d = w.shape[0]
   return w.transpose(2, 3, 1, 0).reshape(-1, d)
@@ -446,6 +520,16 @@ ARCHITECTURES = {
         names=clip_names,
         ignorable=r"position_ids$",
     ),
+    **{
+        kind: Architecture(
+            prefix="model.",
+            config=llama_config,
+            names=llama_names,
+            # rotary buffers of older checkpoints; a tied output's copy
+            ignorable=r"(rotary_emb\.inv_freq$|^lm_head\.weight$)",
+        )
+        for kind in ("llama", "mistral", "qwen2")
+    },
 }
 
 

@@ -15,6 +15,7 @@ from typing import Mapping
 from models import bert
 from models import clip
 from models import gpt2
+from models import llama
 from models import vit
 
 
@@ -65,6 +66,12 @@ MODELS: dict[str, ModelSpec] = {
         ("pool/", "classifier/", "mlm_"),
         ("bert", "roberta"),
         not_layerwise="its blocks take a padding mask",
+    ),
+    "llama": ModelSpec(
+        llama.Llama,
+        llama.PRESETS,
+        ("next_token",),
+        hf_model_types=("llama", "mistral", "qwen2"),
     ),
     "clip": ModelSpec(
         clip.CLIP,

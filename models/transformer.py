@@ -241,8 +241,12 @@ def blocks(
       )
       for _ in range(n_layers)
   ]
-  if not stacked:
-    return nnx.List(layers)
+  return stack(layers) if stacked else nnx.List(layers)
+
+
+def stack(layers: list[nnx.Module]) -> nnx.Module:
+  """Layers of one structure as one module whose every leaf has a leading
+  layer axis (what :func:`run_blocks` scans over)."""
   graphdef = nnx.graphdef(layers[0])
   states = [nnx.state(layer) for layer in layers]
   return nnx.merge(graphdef, jax.tree.map(lambda *x: jnp.stack(x), *states))

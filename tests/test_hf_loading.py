@@ -43,6 +43,26 @@ CAPTIONS = np.concatenate([TOKENS[:, :10] % 250, np.full((2, 2), 255)], 1)
 CAPTIONS[0, 6] = 255
 
 
+# small LLaMA-family decoders: grouped-query attention, tied and untied
+# outputs, Llama 3's rope scaling, Mistral's sliding window (shorter than the
+# 12 tokens), Qwen2's query/key/value biases
+DECODER = dict(
+    vocab_size=256,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)
+
+
 def _text_inputs(roberta):
   tokens = np.where(MASK, TOKENS, 1 if roberta else 0)  # padding ids
   segments = np.zeros_like(SEGMENTS) if roberta else SEGMENTS
@@ -96,6 +116,41 @@ CASES = {
             projection_dim=24,
         )
     ),
+    "llama-gqa": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(num_key_value_heads=2, **DECODER)
+    ),
+    "llama3-tied": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling=LLAMA3_ROPE,
+            **DECODER,
+        )
+    ),
+    "mistral-window": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            num_key_value_heads=2, sliding_window=5, **DECODER
+        )
+    ),
+    "qwen2-tied": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            num_key_value_heads=2, tie_word_embeddings=True, **DECODER
+        )
+    ),
+}
+# the family (models.registry.MODELS) that loads each case
+FAMILY = {
+    "gpt2": "gpt2",
+    "vit": "vit",
+    "bert-mlm": "bert",
+    "bert-classifier": "bert",
+    "roberta-mlm": "bert",
+    "roberta-classifier": "bert",
+    "clip": "clip",
+    "llama-gqa": "llama",
+    "llama3-tied": "llama",
+    "mistral-window": "llama",
+    "qwen2-tied": "llama",
 }
 
 
@@ -106,6 +161,10 @@ def saved(tmp_path_factory):
   for name, build in CASES.items():
     torch.manual_seed(len(out))
     model = build().eval()
+    with torch.no_grad():  # norms and biases away from their 1 and 0
+      for p in model.parameters():
+        if p.ndim == 1:
+          p.add_(0.1 * torch.randn_like(p))
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
     out[name] = (model, path)
@@ -117,7 +176,7 @@ def _logits(name, theirs, ours, processed=lambda pixels: pixels):
   Torch's image models see ``processed(pixels)`` where ours see the pixels
   (as a checkpoint's image processor would prepare them)."""
   with torch.no_grad():
-    if name in ("gpt2",):
+    if FAMILY[name] in ("gpt2", "llama"):
       return (
           theirs(torch.tensor(TOKENS)).logits.numpy(),
           np.asarray(ours(jnp.asarray(TOKENS))),
@@ -154,13 +213,36 @@ def _logits(name, theirs, ours, processed=lambda pixels: pixels):
 @pytest.mark.parametrize("name", list(CASES))
 def test_loaded_model_gives_the_torch_models_logits(saved, name):
   theirs, path = saved[name]
-  task = name.split("-")[0].replace("roberta", "bert")
-  ours, report = hf.load(str(path), expect_model=task)
+  ours, report = hf.load(str(path), expect_model=FAMILY[name])
   assert report.fresh == []  # every parameter came from the checkpoint
   want, got = _logits(name, theirs, ours)
   assert want.shape == got.shape
   assert np.std(want) > 1e-3  # not a degenerate comparison
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max() + 1e-6)
+
+
+def test_the_decoders_options_are_the_checkpoints(saved, tmp_path):
+  # Mistral's window, shorter than the sequence, changes what it attends to
+  _, path = saved["mistral-window"]
+  windowed, report = hf.load(str(path))
+  assert report.config.sliding_window == 5
+  full, _ = hf.load(str(path), sliding_window=None)
+  assert not np.allclose(windowed(TOKENS), full(TOKENS), atol=1e-3)
+  # as Llama 3's rope scaling does; a variant not built here is refused
+  _, path = saved["llama3-tied"]
+  scaled, report = hf.load(str(path))
+  assert report.config.rope_type == "llama3" and report.config.tie_embeddings
+  plain, _ = hf.load(str(path), rope_type="default")
+  assert not np.allclose(scaled(TOKENS), plain(TOKENS), atol=1e-3)
+
+  def yarn(config):
+    config["rope_parameters"] = dict(
+        config["rope_parameters"], rope_type="yarn"
+    )
+
+  bad = _copy(path, tmp_path / "yarn", edit_config=yarn)
+  with pytest.raises(hf.CheckpointMismatch, match="rope scaling 'yarn'"):
+    hf.load(str(bad))
 
 
 def test_stacked_layers_load_the_same_weights(saved):

@@ -1,5 +1,5 @@
-"""GPT-2 and ViT: shapes, a forward/backward pass, causality, and GaLore-ready
-parameter paths."""
+"""GPT-2, ViT and LLaMA: shapes, a forward/backward pass, causality, and
+GaLore-ready parameter paths."""
 
 import re
 
@@ -11,6 +11,7 @@ from flax import nnx
 
 import galore_optax
 import models
+from models import llama
 
 
 def _params(model):
@@ -112,8 +113,71 @@ def test_each_hugging_face_model_type_loads_into_one_registered_family():
       hf.ARCHITECTURES
   )  # each once, none unconverted
   assert registry.family_of("roberta") == "bert"
-  assert registry.family_of("llama") is None
+  assert registry.family_of("mistral") == "llama"
+  assert registry.family_of("t5") is None
   for name, spec in registry.MODELS.items():
     assert spec.presets and all(
         isinstance(h, str) and h.endswith(("/", "_")) for h in spec.heads
     ), name
+
+
+def test_llama_forward_backward_causality_and_galore_targets():
+  cfg = llama.PRESETS["tiny"]  # 2 key/value heads for 4 query heads
+  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(
+      np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16))
+  )
+  logits = model(tokens)
+  assert logits.shape == (2, 16, cfg.vocab_size)
+  changed = model(tokens.at[:, 10].set((tokens[:, 10] + 1) % cfg.vocab_size))
+  np.testing.assert_allclose(changed[:, :10], logits[:, :10], atol=1e-6)
+  assert not np.allclose(changed[:, 10:], logits[:, 10:])
+  graphdef, state = nnx.split(model)
+  grads = jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2))(
+      state
+  )
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  params = _params(model)
+  paths = galore_optax.targets.leaf_paths(params)
+  targeted = [p for p in paths if re.search(models.GALORE_TARGETS, p)]
+  # the paper's seven matrices per block, nothing else
+  assert targeted == [
+      f"blocks/{i}/{m}/kernel"
+      for i in range(cfg.n_layers)
+      for m in (
+          "attn/k",
+          "attn/o",
+          "attn/q",
+          "attn/v",
+          "mlp/down",
+          "mlp/gate",
+          "mlp/up",
+      )
+  ]
+  shapes = {p: x.shape for p, x in zip(paths, jax.tree.leaves(params))}
+  assert shapes["blocks/0/attn/k/kernel"] == (64, 2 * 16)
+  assert shapes["lm_head/kernel"] == (64, cfg.vocab_size)  # untied
+
+
+@pytest.mark.parametrize("preset", ["9m", "20m", "60m", "130m"])
+def test_llama_presets_are_the_galore_repositorys_configs(preset):
+  # counted against transformers' LlamaForCausalLM of the same config.json
+  # (configs/llama_*.json of the GaLore repository: SwiGLU, untied, 32000)
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  cfg = llama.PRESETS[preset]
+  hf_config = transformers.LlamaConfig(
+      vocab_size=32000,
+      hidden_size=cfg.d_model,
+      intermediate_size=cfg.hidden,
+      num_attention_heads=cfg.n_heads,
+      num_hidden_layers=cfg.n_layers,
+      max_position_embeddings=1024,
+      rms_norm_eps=1e-6,
+  )
+  with torch.device("meta"):
+    theirs = sum(
+        p.numel() for p in transformers.LlamaForCausalLM(hf_config).parameters()
+    )
+  ours = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.split(ours)[1])) == theirs
