@@ -13,6 +13,9 @@ fit.
 
     model, report = load("hf:bert-base-uncased", num_labels=2)
     model, report = load("path/to/saved_model")
+
+:func:`save` is the way back for the causal decoders (GPT-2 and the LLaMA
+family): config.json and model.safetensors that ``from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -368,6 +371,118 @@ def llama_names(config: llama.LlamaConfig) -> dict:
   return names
 
 
+def gpt2_hf_config(config: gpt2.GPT2Config) -> dict:
+  """Our config as a ``GPT2LMHeadModel``'s config.json."""
+  act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+  return dict(
+      model_type="gpt2",
+      architectures=["GPT2LMHeadModel"],
+      vocab_size=config.vocab_size,
+      n_positions=config.max_len,
+      n_embd=config.d_model,
+      n_layer=config.n_layers,
+      n_head=config.n_heads,
+      n_inner=config.mlp_ratio * config.d_model,
+      layer_norm_epsilon=config.layer_norm_eps,
+      activation_function=act[config.activation],
+      tie_word_embeddings=True,
+      # GPT-2's <|endoftext|> where the vocabulary is GPT-2's
+      **dict.fromkeys(
+          ("bos_token_id", "eos_token_id"),
+          50256 if config.vocab_size == 50257 else None,
+      ),
+  )
+
+
+def llama_hf_config(config: llama.LlamaConfig) -> dict:
+  """Our config as config.json: Qwen2's with query/key/value biases,
+  Mistral's with a sliding window, else LLaMA's."""
+  kind = (
+      "qwen2"
+      if config.qkv_bias
+      else "mistral"
+      if config.sliding_window
+      else "llama"
+  )
+  rope = dict(rope_type=config.rope_type, rope_theta=config.rope_theta)
+  if config.rope_type != "default":
+    rope["factor"] = config.rope_factor
+  if config.rope_type == "llama3":
+    rope.update(
+        low_freq_factor=config.rope_low_freq_factor,
+        high_freq_factor=config.rope_high_freq_factor,
+        original_max_position_embeddings=config.rope_original_max_len,
+    )
+  out = dict(
+      model_type=kind,
+      architectures=[
+          {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+          + "ForCausalLM"
+      ],
+      vocab_size=config.vocab_size,
+      max_position_embeddings=config.max_len,
+      hidden_size=config.d_model,
+      intermediate_size=config.hidden,
+      num_hidden_layers=config.n_layers,
+      num_attention_heads=config.n_heads,
+      num_key_value_heads=config.kv_heads,
+      head_dim=config.head_size,
+      rms_norm_eps=config.rms_norm_eps,
+      hidden_act="silu",
+      tie_word_embeddings=config.tie_embeddings,
+      rope_parameters=rope,
+  )
+  if kind == "mistral":
+    out["sliding_window"] = config.sliding_window
+  return out
+
+
+# the families save() writes: our config -> their config.json
+HF_CONFIGS = {"gpt2": gpt2_hf_config, "llama": llama_hf_config}
+
+
+def save(
+    params: dict[str, np.ndarray], family: str, config: Any, path: str
+) -> str:
+  """Writes ``path/config.json`` and ``path/model.safetensors`` (float32)
+  from our parameters ``params`` (by path, blocks unstacked) of a ``family``
+  model of ``config``, as ``from_pretrained`` reads them; returns the
+  ``model_type`` written.
+
+  Raises:
+    CheckpointMismatch: for a family :data:`HF_CONFIGS` does not write, or
+      parameters that are not the config's.
+  """
+  from safetensors.numpy import save_file
+
+  if family not in HF_CONFIGS:
+    raise CheckpointMismatch(
+        f"writing {family} checkpoints is not built (only"
+        f" {', '.join(HF_CONFIGS)})"
+    )
+  hf_config = HF_CONFIGS[family](config)
+  kind = hf_config["model_type"]
+  arch = ARCHITECTURES[kind]
+  names = arch.names(config)
+  if set(params) != set(names):
+    raise CheckpointMismatch(
+        f"the parameters are not a {kind} model's of this config: "
+        + ", ".join(sorted(set(params) ^ set(names))[:8])
+    )
+  outside = re.compile(arch.outside)
+  tensors = {}
+  for ours, value in params.items():
+    theirs, convert = names[ours]  # _linear and _same are their own inverse
+    name = theirs if outside.search(theirs) else arch.prefix + theirs
+    tensors[name] = np.ascontiguousarray(convert(np.asarray(value, np.float32)))
+  out = pathlib.Path(path)
+  out.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  hf_config["torch_dtype"] = "float32"
+  (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  return kind
+
+
 def _patch_kernel(w):  # Conv2d (d, c, p, p) -> Linear on (p, p, c) patches
   d = w.shape[0]
   return w.transpose(2, 3, 1, 0).reshape(-1, d)
@@ -487,6 +602,8 @@ class Architecture:
   names: Callable[[Any], dict]
   # their tensors that are never ours: buffers, tied copies, unbuilt heads
   ignorable: str = r"$^"
+  # their tensor names outside the prefix (a head beside the backbone)
+  outside: str = r"$^"
 
 
 ARCHITECTURES = {
@@ -527,6 +644,7 @@ ARCHITECTURES = {
             names=llama_names,
             # rotary buffers of older checkpoints; a tied output's copy
             ignorable=r"(rotary_emb\.inv_freq$|^lm_head\.weight$)",
+            outside=r"^lm_head\.",
         )
         for kind in ("llama", "mistral", "qwen2")
     },

@@ -347,12 +347,12 @@ def test_mismatched_tensors_are_named(saved, tmp_path):
   with pytest.raises(hf.CheckpointMismatch, match=r"h\.0\.adapter\.weight"):
     hf.load(_copy(src, tmp_path / "extra", extra))
 
-  with pytest.raises(hf.CheckpointMismatch, match="model_type 'llama'"):
+  with pytest.raises(hf.CheckpointMismatch, match="model_type 't5'"):
     hf.load(
         _copy(
             src,
-            tmp_path / "llama",
-            edit_config=lambda c: c.update(model_type="llama"),
+            tmp_path / "t5",
+            edit_config=lambda c: c.update(model_type="t5"),
         )
     )
 
@@ -417,3 +417,80 @@ def test_the_cli_trains_from_a_checkpoint(saved, tmp_path, capsys):
   assert "'bert' checkpoint cannot initialise a 'gpt2' model" in (
       capsys.readouterr().err
   )
+
+
+DECODERS = [name for name in CASES if FAMILY[name] in ("gpt2", "llama")]
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_saved_checkpoints_load_in_transformers_with_our_logits(
+    saved, tmp_path, name
+):
+  _, path = saved[name]
+  ours, report = hf.load(str(path))
+  params = {k: np.asarray(v[...]) for k, v in hf.flat_params(ours).items()}
+  kind = hf.save(params, FAMILY[name], report.config, str(tmp_path / "out"))
+  assert kind == report.model_type
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+  with torch.no_grad():
+    want = back.eval()(torch.tensor(TOKENS)).logits.numpy()
+  got = np.asarray(ours(jnp.asarray(TOKENS)))
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_run_exports_and_samples(tmp_path, capsys):
+  from train.__main__ import main
+  from train.sample import pick
+
+  run, out = tmp_path / "run", tmp_path / "hf"
+  assert (
+      main([
+          "llama",
+          "--preset",
+          "tiny",
+          "--steps",
+          "20",
+          "--batch-size",
+          "4",
+          "--seq-len",
+          "32",
+          "--tokenizer",
+          "bpe:300",
+          "--max-data-bytes",
+          "200000",
+          "--out",
+          str(run),
+      ])
+      == 0
+  )
+  assert main(["export", str(run), "--out", str(out)]) == 0
+  model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  prompt = "def main(args):"
+  ids = tokenizer(prompt)["input_ids"]
+  assert len(ids) < len(prompt)  # the run's BPE, not bytes
+  # greedy decoding here is transformers' on the exported checkpoint
+  with torch.no_grad():
+    theirs = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=12,
+        do_sample=False,
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        pad_token_id=0,
+    )[0, len(ids) :]
+  capsys.readouterr()
+  assert (
+      main(["sample", str(run), "--prompt", prompt, "--max-new-tokens", "12"])
+      == 0
+  )
+  written = capsys.readouterr().out.rstrip("\n")
+  assert written == prompt + tokenizer.decode(theirs.tolist())
+  # top-p keeps the fewest likeliest tokens reaching p; temperature 0 the best
+  logits = np.log(np.array([0.1, 0.6, 0.3]))
+  rng = np.random.default_rng(0)
+  assert {pick(logits, 1.0, 0.5, rng) for _ in range(50)} == {1}
+  assert {pick(logits, 1.0, 0.8, rng) for _ in range(200)} == {1, 2}
+  assert pick(logits, 0.0, 1.0, rng) == 1
+  # what sample and export cannot do is said, exit 2
+  assert main(["sample", str(run), "--prompt", "x", "--top-p", "0"]) == 2
+  assert "--top-p must be in (0, 1]" in capsys.readouterr().err

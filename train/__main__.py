@@ -216,7 +216,62 @@ def parse(argv=None) -> dict:
   return args
 
 
+def export_command(
+    run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")],
+    out: str,
+) -> str:
+  """Write RUN's newest checkpoint as a Hugging Face checkpoint (config.json,
+  model.safetensors and the run's tokenizer) that from_pretrained loads.
+
+  Args:
+    run: the run directory.
+    out: the directory to write.
+  """
+  from train import export
+
+  return f"wrote {export.export(run, out)} to {out}"
+
+
+def sample_command(
+    run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")],
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
+  """Continue PROMPT with RUN's causal language model.
+
+  Args:
+    run: the run directory.
+    prompt: the text to continue.
+    max_new_tokens: tokens to write.
+    temperature: 0 for the most likely token each time (greedy); else the
+      softmax temperature of sampling.
+    top_p: sample from the most likely tokens whose probabilities sum to this.
+    seed: of the sampling.
+  """
+  from train import sample
+
+  return prompt + sample.sample(
+      run, prompt, max_new_tokens, temperature, top_p, seed
+  )
+
+
+# python -m train COMMAND ...: what is not training
+COMMANDS = {"export": export_command, "sample": sample_command}
+
+
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] in COMMANDS:
+    command = COMMANDS[argv[0]]
+    try:
+      print(tyro.cli(command, args=argv[1:], prog=f"python -m train {argv[0]}"))
+      return 0
+    except (ValueError, OSError) as e:  # CheckpointMismatch, TokenizerError
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   try:
     args = parse(argv)
   except ValueError as e:

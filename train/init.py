@@ -22,6 +22,7 @@ from flax import nnx
 
 import galore_optax
 from models import hf
+from models import registry
 
 
 def is_run(source: str) -> bool:
@@ -59,12 +60,14 @@ def model_origin(source: str, model: str) -> tuple[Any, Optional[str]]:
   return None, saved["preset"]
 
 
-def _newest_params(source: str) -> dict[str, np.ndarray]:
+def newest_params(source: str) -> dict[str, np.ndarray]:
+  """The parameters of run ``source``'s newest checkpoint, by path, blocks
+  unstacked and unpacked, in their stored dtype."""
   path = (pathlib.Path(source) / "checkpoints").absolute()
   manager = ocp.CheckpointManager(path)
   step = manager.latest_step()
   if step is None:
-    raise hf.CheckpointMismatch(f"--init {source}: no checkpoint in {path}")
+    raise hf.CheckpointMismatch(f"{source}: no checkpoint in {path}")
   params = manager.restore(
       step, args=ocp.args.Composite(params=ocp.args.StandardRestore())
   ).params
@@ -100,7 +103,7 @@ def load_run(source: str, model: nnx.Module, heads: tuple[str, ...]) -> list:
   Raises:
     models.hf.CheckpointMismatch: naming the parameters that do not fit.
   """
-  saved = _newest_params(source)
+  saved = newest_params(source)
   flat = hf.flat_params(model)
   if not any(re.search(r"blocks/\d+/", k) for k in flat):
     # the model's blocks are stacked (--remat block, --layerwise)
@@ -115,3 +118,23 @@ def load_run(source: str, model: nnx.Module, heads: tuple[str, ...]) -> list:
     )
   hf.set_params(model, values)
   return fresh
+
+
+def trained_model(source: str) -> tuple[str, Any, dict[str, np.ndarray]]:
+  """``(family, model config, parameters)`` of run ``source``: its model as
+  it trained (``model.json``, blocks unstacked) and its newest checkpoint's
+  parameters (:func:`newest_params`)."""
+  path = pathlib.Path(source) / "model.json"
+  if not is_run(source):
+    raise hf.CheckpointMismatch(f"{source}: not a run directory of ours")
+  if not path.is_file():
+    raise hf.CheckpointMismatch(
+        f"{source}: no model.json (runs of earlier versions lack it);"
+        " resume it to write one: python -m train --config"
+        f" {source}/config.json --out {source} --resume"
+    )
+  family = run_model(source)
+  fields = json.loads(path.read_text())
+  kind = type(next(iter(registry.MODELS[family].presets.values())))
+  config = kind(**{**fields, "stacked": False, "remat": False})
+  return family, config, newest_params(source)

@@ -341,6 +341,11 @@ class RunResult(NamedTuple):
   opt_state: Any
 
 
+# the model's config (unstacked, every size the data decided), beside
+# config.json: what export and sample rebuild the model from
+MODEL_FILE = "model.json"
+
+
 class Run:
   """One training run, set up, stepped and summed up.
 
@@ -377,6 +382,8 @@ class Run:
 
     # a dry run builds the model on abstract shapes: nothing is allocated
     model = nnx.eval_shape(build) if cfg.dry_run else build()
+    # what export and sample rebuild the model from (model.json)
+    self.model_config = model.config
     graphdef, state = nnx.split(model)
     self.params = params = nnx.to_pure_dict(state)
     self.n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -526,6 +533,10 @@ class Run:
         _read_metrics(self.metrics_path, self.start_step) if cfg.resume else []
     )
     self._write("config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    self._write(
+        MODEL_FILE,
+        json.dumps(dataclasses.asdict(self.model_config), indent=2),
+    )
     self._write(
         "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history)
     )
