@@ -14,8 +14,9 @@ fit.
     model, report = load("hf:bert-base-uncased", num_labels=2)
     model, report = load("path/to/saved_model")
 
-:func:`save` is the way back for the causal decoders (GPT-2 and the LLaMA
-family): config.json and model.safetensors that ``from_pretrained`` loads.
+:func:`save` is the way back, for every architecture: config.json and
+model.safetensors (and an image processor's config where the model normalises
+pixels) that ``from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -437,8 +438,131 @@ def llama_hf_config(config: llama.LlamaConfig) -> dict:
   return out
 
 
-# the families save() writes: our config -> their config.json
-HF_CONFIGS = {"gpt2": gpt2_hf_config, "llama": llama_hf_config}
+# our activation -> their hidden_act
+_HIDDEN_ACT = {
+    "gelu_tanh": "gelu_new",
+    "gelu": "gelu",
+    "quick_gelu": "quick_gelu",
+}
+
+
+def _processor(config, size: dict) -> dict:
+  """An image processor's config that normalises as ``config`` does (pixels
+  in [0, 255] rescaled to [0, 1] first), or nothing if it does not."""
+  if not config.pixel_mean:
+    return {}
+  return {
+      PREPROCESSOR: dict(
+          do_rescale=True,
+          rescale_factor=1 / 255,
+          do_normalize=True,
+          image_mean=list(config.pixel_mean),
+          image_std=list(config.pixel_std),
+          do_resize=True,
+          size=size,
+      )
+  }
+
+
+def vit_hf_config(config: vit.ViTConfig) -> dict:
+  """Our config as a ``ViTForImageClassification``'s config.json."""
+  return dict(
+      model_type="vit",
+      architectures=["ViTForImageClassification"],
+      image_size=config.image_size,
+      patch_size=config.patch_size,
+      num_channels=config.channels,
+      hidden_size=config.d_model,
+      num_hidden_layers=config.n_layers,
+      num_attention_heads=config.n_heads,
+      intermediate_size=config.mlp_ratio * config.d_model,
+      layer_norm_eps=config.layer_norm_eps,
+      hidden_act=_HIDDEN_ACT[config.activation],
+      qkv_bias=True,
+      id2label={str(i): f"LABEL_{i}" for i in range(config.num_classes)},
+      **_processor(
+          config, dict(height=config.image_size, width=config.image_size)
+      ),
+  )
+
+
+def bert_hf_config(config: bert.BertConfig) -> dict:
+  """Our config as BERT's (RoBERTa's where positions start after a padding
+  id) masked-LM or classifier config.json."""
+  if config.pre_ln:
+    raise CheckpointMismatch(
+        "a pre-LayerNorm encoder is neither BERT's nor RoBERTa's"
+    )
+  roberta = config.padding_position is not None
+  name = "Roberta" if roberta else "Bert"
+  head = "ForSequenceClassification" if config.num_labels else "ForMaskedLM"
+  out = dict(
+      model_type="roberta" if roberta else "bert",
+      architectures=[name + head],
+      vocab_size=config.vocab_size,
+      max_position_embeddings=config.max_len
+      + (config.padding_position + 1 if roberta else 0),
+      type_vocab_size=config.type_vocab_size,
+      hidden_size=config.d_model,
+      num_hidden_layers=config.n_layers,
+      num_attention_heads=config.n_heads,
+      intermediate_size=config.mlp_ratio * config.d_model,
+      layer_norm_eps=config.layer_norm_eps,
+      hidden_act="gelu",
+      tie_word_embeddings=True,
+  )
+  if roberta:
+    out["pad_token_id"] = config.padding_position
+  if config.num_labels:
+    out["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+  return out
+
+
+def clip_hf_config(config: clip.CLIPConfig) -> dict:
+  """Our config as a ``CLIPModel``'s config.json."""
+  shared = dict(
+      layer_norm_eps=config.layer_norm_eps,
+      hidden_act=_HIDDEN_ACT[config.activation],
+  )
+  return dict(
+      model_type="clip",
+      architectures=["CLIPModel"],
+      projection_dim=config.embed_dim,
+      logit_scale_init_value=config.logit_scale_init,
+      text_config=dict(
+          shared,
+          vocab_size=config.vocab_size,
+          max_position_embeddings=config.max_len,
+          hidden_size=config.text_width,
+          intermediate_size=config.mlp_ratio * config.text_width,
+          num_hidden_layers=config.text_layers,
+          num_attention_heads=config.text_heads,
+          # 2: transformers' legacy "pool at the largest id"
+          eos_token_id=2 if config.eot_token is None else config.eot_token,
+      ),
+      vision_config=dict(
+          shared,
+          image_size=config.image_size,
+          patch_size=config.patch_size,
+          num_channels=config.channels,
+          hidden_size=config.vision_width,
+          intermediate_size=config.mlp_ratio * config.vision_width,
+          num_hidden_layers=config.vision_layers,
+          num_attention_heads=config.vision_heads,
+      ),
+      **_processor(config, dict(shortest_edge=config.image_size)),
+  )
+
+
+# save() writes every family load() reads: our config -> their config.json
+# (and an image processor's config where the model normalises pixels)
+HF_CONFIGS = {
+    "gpt2": gpt2_hf_config,
+    "llama": llama_hf_config,
+    "vit": vit_hf_config,
+    "bert": bert_hf_config,
+    "clip": clip_hf_config,
+}
 
 
 def save(
@@ -464,20 +588,29 @@ def save(
   kind = hf_config["model_type"]
   arch = ARCHITECTURES[kind]
   names = arch.names(config)
-  if set(params) != set(names):
+  unknown = sorted(set(params) - set(names))  # names hold every head
+  if unknown:
     raise CheckpointMismatch(
         f"the parameters are not a {kind} model's of this config: "
-        + ", ".join(sorted(set(params) ^ set(names))[:8])
+        + ", ".join(unknown[:8])
     )
   outside = re.compile(arch.outside)
   tensors = {}
   for ours, value in params.items():
-    theirs, convert = names[ours]  # _linear and _same are their own inverse
-    name = theirs if outside.search(theirs) else arch.prefix + theirs
-    tensors[name] = np.ascontiguousarray(convert(np.asarray(value, np.float32)))
+    theirs, convert, *inverse = names[ours]
+    # a conversion without its inverse is its own (_linear, _same)
+    values = (inverse or [convert])[0](np.asarray(value, np.float32))
+    if not isinstance(theirs, tuple):
+      theirs, values = (theirs,), (values,)
+    for name, x in zip(theirs, values, strict=True):
+      name = name if outside.search(name) else arch.prefix + name
+      tensors[name] = np.array(x, order="C")  # (ascontiguousarray: >= 1-d)
   out = pathlib.Path(path)
   out.mkdir(parents=True, exist_ok=True)
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  processor = hf_config.pop(PREPROCESSOR, None)
+  if processor is not None:
+    (out / PREPROCESSOR).write_text(json.dumps(processor, indent=2) + "\n")
   hf_config["torch_dtype"] = "float32"
   (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   return kind
@@ -486,6 +619,17 @@ def save(
 def _patch_kernel(w):  # Conv2d (d, c, p, p) -> Linear on (p, p, c) patches
   d = w.shape[0]
   return w.transpose(2, 3, 1, 0).reshape(-1, d)
+
+
+def _conv_kernel(patch: int, channels: int) -> Callable:
+  """The inverse of :func:`_patch_kernel` for ``patch`` x ``patch`` patches
+  of ``channels`` channels."""
+  return lambda w: w.reshape(patch, patch, channels, -1).transpose(3, 2, 0, 1)
+
+
+def _split_qkv(w):  # our fused (d, 3d) kernel or (3d,) bias -> theirs, each
+  parts = np.split(w, 3, axis=-1)
+  return tuple(x.T if x.ndim == 2 else x for x in parts)
 
 
 def vit_names(config: vit.ViTConfig) -> dict:
@@ -498,6 +642,7 @@ def vit_names(config: vit.ViTConfig) -> dict:
       "patch_embed/kernel": (
           f"{e}.patch_embeddings.projection.weight",
           _patch_kernel,
+          _conv_kernel(config.patch_size, config.channels),
       ),
       "patch_embed/bias": (f"{e}.patch_embeddings.projection.bias", _same),
       **_layer_norm("ln", "layernorm"),
@@ -511,10 +656,12 @@ def vit_names(config: vit.ViTConfig) -> dict:
     names[f"{b}/attn/qkv/kernel"] = (
         tuple(f"{x}.weight" for x in qkv),
         lambda *w: np.concatenate([x.T for x in w], axis=1),
+        _split_qkv,
     )
     names[f"{b}/attn/qkv/bias"] = (
         tuple(f"{x}.bias" for x in qkv),
         lambda *b: np.concatenate(b),
+        _split_qkv,
     )
     names.update(_dense(f"{b}/attn/proj", f"{h}.attention.output.dense"))
     names.update(_dense(f"{b}/mlp/fc", f"{h}.intermediate.dense"))
@@ -576,6 +723,7 @@ def clip_names(config: clip.CLIPConfig) -> dict:
       "image/patch_embed/kernel": (
           f"{v}.embeddings.patch_embedding.weight",
           _patch_kernel,
+          _conv_kernel(config.patch_size, config.channels),
       ),
       "image/cls_token": (f"{v}.embeddings.class_embedding", _same),
       "image/pos_embed": (f"{v}.embeddings.position_embedding.weight", _same),
@@ -618,18 +766,21 @@ ARCHITECTURES = {
         config=vit_config,
         names=vit_names,
         ignorable=r"^(pooler|classifier)\.",
+        outside=r"^classifier\.",
     ),
     "bert": Architecture(
         prefix="bert.",
         config=bert_config,
         names=lambda c: bert_names(c, roberta=False),
         ignorable=r"^((cls|pooler|classifier)\.|embeddings\.position_ids$)",
+        outside=r"^(cls|classifier)\.",
     ),
     "roberta": Architecture(
         prefix="roberta.",
         config=bert_config,
         names=lambda c: bert_names(c, roberta=True),
         ignorable=r"^((lm_head|pooler|classifier)\.|embeddings\.position_ids$)",
+        outside=r"^(lm_head|classifier)\.",
     ),
     "clip": Architecture(
         prefix="",
@@ -807,7 +958,7 @@ def load(
     )
   sources, converted = {}, {}
   for ours in flat:
-    theirs, convert = names[ours]
+    theirs, convert = names[ours][:2]
     sources[ours] = theirs if isinstance(theirs, tuple) else (theirs,)
     if all(t in tensors for t in sources[ours]):
       converted[ours] = convert(*(tensors[t] for t in sources[ours]))

@@ -294,6 +294,14 @@ def test_pixels_are_normalised_as_the_checkpoints_image_processor_does(
       lambda x: (x - np.reshape(mean, shape)) / np.reshape(std, shape),
   )
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max() + 1e-6)
+  # saved, the normalisation goes to the image processor's config again
+  params = {k: np.asarray(v[...]) for k, v in hf.flat_params(ours).items()}
+  hf.save(params, name, report.config, str(tmp_path / "saved"))
+  processed = transformers.AutoImageProcessor.from_pretrained(
+      tmp_path / "saved"
+  )
+  assert (list(processed.image_mean), list(processed.image_std)) == (mean, std)
+  assert hf.load(str(tmp_path / "saved"))[1].config == report.config
   # a processor for other channels than the model's is refused
   grey = transformers.CLIPImageProcessor(image_mean=[0.5], image_std=[0.5])
   grey.save_pretrained(local)
@@ -419,22 +427,17 @@ def test_the_cli_trains_from_a_checkpoint(saved, tmp_path, capsys):
   )
 
 
-DECODERS = [name for name in CASES if FAMILY[name] in ("gpt2", "llama")]
-
-
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", list(CASES))
 def test_saved_checkpoints_load_in_transformers_with_our_logits(
     saved, tmp_path, name
 ):
-  _, path = saved[name]
+  theirs, path = saved[name]
   ours, report = hf.load(str(path))
   params = {k: np.asarray(v[...]) for k, v in hf.flat_params(ours).items()}
   kind = hf.save(params, FAMILY[name], report.config, str(tmp_path / "out"))
   assert kind == report.model_type
-  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-  with torch.no_grad():
-    want = back.eval()(torch.tensor(TOKENS)).logits.numpy()
-  got = np.asarray(ours(jnp.asarray(TOKENS)))
+  back = type(theirs).from_pretrained(tmp_path / "out").eval()
+  want, got = _logits(name, back, ours)
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
 
 
