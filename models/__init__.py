@@ -1,5 +1,6 @@
-"""Flax NNX models trained with GaLore: GPT-2, ViT, a BERT-style encoder and
-CLIP."""
+"""Flax NNX models trained with GaLore: GPT-2, ViT, a BERT-style encoder,
+CLIP and the LLaMA family (:mod:`models.llama`). :data:`MODELS` holds them
+all, by name."""
 
 from models.bert import PRESETS as BERT_PRESETS
 from models.bert import Bert

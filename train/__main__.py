@@ -1,8 +1,9 @@
 """``python -m train MODEL [flags]``: train a model of
 :data:`models.registry.MODELS` on its objective (or ``--objective``'s) with
-GaLore or any listed optimizer. ``--config FILE`` starts from a run's
-``config.json`` (or a YAML file of the same fields); the flags given override
-it.
+GaLore or any listed optimizer; ``python -m train export|sample RUN``: hand a
+run to Hugging Face, or see what it learnt. ``--config FILE`` starts from a
+run's ``config.json`` (or a YAML file of the same fields); the flags given
+override it.
 
 The flags are :class:`train.config.TrainConfig`'s fields, parsed by tyro
 (chosen over draccus and simple-parsing for its typed, annotation-driven
@@ -39,7 +40,9 @@ from train.parallel import ParallelError
 DESCRIPTION = (
     "Train MODEL on its objective (or --objective's) with GaLore or any listed"
     " optimizer. --config FILE starts from a run's config.json or a YAML file"
-    " of the same fields; the flags given override it."
+    " of the same fields; the flags given override it. Also: python -m train"
+    " export RUN --out DIR (a Hugging Face checkpoint), python -m train sample"
+    " RUN --prompt TEXT (what a causal LM learnt)."
 )
 
 # The invocation's own flags, beside TrainConfig's: (name, type, help).
