@@ -494,6 +494,25 @@ def test_a_run_exports_and_samples(tmp_path, capsys):
   assert {pick(logits, 1.0, 0.5, rng) for _ in range(50)} == {1}
   assert {pick(logits, 1.0, 0.8, rng) for _ in range(200)} == {1, 2}
   assert pick(logits, 0.0, 1.0, rng) == 1
+  # the export starts a run again, with its own tokenizer
+  again = tmp_path / "again"
+  common = ["--steps", "1", "--batch-size", "2", "--seq-len", "32"]
+  assert (
+      main([
+          "llama",
+          "--init",
+          str(out),
+          "--tokenizer",
+          f"hf:{out}",
+          *common,
+          "--max-data-bytes",
+          "200000",
+          "--out",
+          str(again),
+      ])
+      == 0
+  )
+  assert f"loaded weights from {out}" in capsys.readouterr().out
   # what sample and export cannot do is said, exit 2
   assert main(["sample", str(run), "--prompt", "x", "--top-p", "0"]) == 2
   assert "--top-p must be in (0, 1]" in capsys.readouterr().err
