@@ -446,20 +446,23 @@ def adamw_8bit(
     *,
     block_size: int = quantization.DEFAULT_BLOCK_SIZE,
     min_size: int = quantization.DEFAULT_MIN_SIZE,
+    quantize_mask: Mask = None,
 ) -> optax.GradientTransformation:
   """``optax.adamw`` with its moments in 8 bits, the baseline of 8-bit GaLore.
 
   Adam's ``mu`` and ``nu`` of every leaf with at least ``min_size`` elements
-  are kept block-wise quantized (:func:`galore_optax.quantize_state`: the
-  signed dynamic map for ``mu``, the unsigned one for ``nu``, one float32 scale
-  per ``block_size`` elements), as bitsandbytes' ``AdamW8bit`` keeps them;
-  everything else, defaults included, is ``optax.adamw``'s.
+  (and, with ``quantize_mask``, where it is True) are kept block-wise
+  quantized (:func:`galore_optax.quantize_state`: the signed dynamic map for
+  ``mu``, the unsigned one for ``nu``, one float32 scale per ``block_size``
+  elements), as bitsandbytes' ``AdamW8bit`` keeps them; everything else,
+  defaults included, is ``optax.adamw``'s.
   """
   return optax.chain(
       quantization.quantize_state(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
           block_size=block_size,
           min_size=min_size,
+          mask=quantize_mask,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

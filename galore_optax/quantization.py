@@ -415,13 +415,15 @@ def state_plan(
   )
 
 
-def quantize_tree(state: Any, plan: StatePlan) -> Any:
-  """``state`` with the large floating leaves of ``plan``'s slots
-  quantized."""
+def quantize_tree(state: Any, plan: StatePlan, mask: Any = None) -> Any:
+  """``state`` with the large floating leaves of ``plan``'s slots quantized;
+  ``mask``, a params-shaped tree of bools, keeps the leaves where it is False
+  as they are."""
 
-  def maybe(x, codebook):
+  def maybe(x, codebook, wanted=True):
     if (
-        isinstance(x, (jax.Array, np.ndarray))
+        wanted
+        and isinstance(x, (jax.Array, np.ndarray))
         and jnp.issubdtype(x.dtype, jnp.floating)
         and x.size >= plan.min_size
     ):
@@ -430,7 +432,12 @@ def quantize_tree(state: Any, plan: StatePlan) -> Any:
 
   for path, codebook in plan.slots:
     subtree = moments_lib.get_at(state, path)
-    subtree = jax.tree.map(lambda x, c=codebook: maybe(x, c), subtree)
+    if mask is None or not path:  # the whole state: no params-shaped slot
+      subtree = jax.tree.map(lambda x, c=codebook: maybe(x, c), subtree)
+    else:
+      subtree = jax.tree.map(
+          lambda x, m, c=codebook: maybe(x, c, m), subtree, mask
+      )
     state = moments_lib.set_at(state, path, subtree)
   return state
 
@@ -453,6 +460,8 @@ def quantize_state(
     bits: int = 8,
     block_size: int = DEFAULT_BLOCK_SIZE,
     min_size: int = DEFAULT_MIN_SIZE,
+    *,
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps the moments of a params-free transform ``inner`` in 8 bits.
 
@@ -470,13 +479,20 @@ def quantize_state(
     bits: 8 (the only width of the dynamic maps).
     block_size: elements per block (bitsandbytes' optimizers use 256).
     min_size: leaves with fewer elements stay in their own dtype.
+    mask: which leaves' moments are quantized: a params-shaped tree of bools,
+      or a function of the params that returns one (optax's convention, e.g.
+      ``match_paths`` negated to keep embeddings in float32, as bitsandbytes'
+      ``StableEmbedding`` does); None: every leaf of at least ``min_size``.
   """
   check_bits("bits", bits, MOMENT_BITS)
   inner = optax.with_extra_args_support(inner)
   plan = state_plan(inner, block_size, min_size)
 
+  def mask_of(params):
+    return mask(params) if callable(mask) else mask
+
   def init_fn(params):
-    return quantize_tree(inner.init(params), plan)
+    return quantize_tree(inner.init(params), plan, mask_of(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
@@ -485,6 +501,6 @@ def quantize_state(
         updates, dequantize_tree(state), None, **extra_args
     )
     out = jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates)
-    return out, quantize_tree(state, plan)
+    return out, quantize_tree(state, plan, mask_of(updates))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -180,6 +180,38 @@ def test_quantize_state_stores_moments_by_kind():
     galore_optax.quantize_state(optax.scale_by_adam(), bits=4)
 
 
+def test_a_mask_keeps_chosen_leaves_in_float32():
+  # bitsandbytes' StableEmbedding recipe: the embedding's moments in float32
+  params = {
+      "embed": {"embedding": jnp.zeros((300, 64))},
+      "w": jnp.zeros((64, 128)),
+  }
+  not_embedding = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, _: "embedding" not in jax.tree_util.keystr(path), tree
+  )
+  masked = galore_optax.adamw_8bit(1e-2, quantize_mask=not_embedding)
+  plain = optax.adamw(1e-2, weight_decay=1e-4)
+  state, plain_state = masked.init(params), plain.init(params)
+  mu = state[0].mu
+  assert quantization.is_quantized(mu["w"])
+  assert not quantization.is_quantized(mu["embed"]["embedding"])
+  for step, grads in enumerate(grad_sequence(params, 3, seed=2)):
+    updates, state = masked.update(grads, state, params)
+    want, plain_state = plain.update(grads, plain_state, params)
+    # the float32 leaf is AdamW's exactly; the quantized one only close
+    np.testing.assert_array_equal(
+        updates["embed"]["embedding"], want["embed"]["embedding"]
+    )
+    if step:
+      assert not np.array_equal(updates["w"], want["w"])
+  # a tree of bools works as the function does
+  fixed = galore_optax.quantize_state(
+      optax.scale_by_adam(), mask={"embed": {"embedding": False}, "w": True}
+  ).init(params)
+  assert not quantization.is_quantized(fixed.nu["embed"]["embedding"])
+  assert quantization.is_quantized(fixed.nu["w"])
+
+
 def _big_params():
   """Matrices large enough for their low-rank moments to be quantized."""
   shapes = {
