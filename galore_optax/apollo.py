@@ -4,6 +4,7 @@ random projection of it (APOLLO, arXiv 2412.05270)."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 from typing import NamedTuple
 from typing import Optional
 
@@ -61,6 +62,40 @@ def random_bases(
   basis = jax.random.normal(key, v.batch_shape + shape, jnp.float32)
   basis = (basis / jnp.sqrt(jnp.float32(r))).astype(dtype)
   return (basis, None) if plan.use_left else (None, basis)
+
+
+def grouped_bases(
+    seed: int,
+    plans: dict[int, targets_lib.LeafPlan],
+    dtypes: dict[int, Any],
+    count: jax.Array,
+    update_proj_gap: int,
+) -> dict[int, tuple[Optional[jax.Array], Optional[jax.Array]]]:
+  """:func:`random_bases` of every leaf of ``plans`` (leaf index -> plan) at
+  step ``count``, the same to the bit, drawn with one program per group of
+  leaves whose projections share a shape and dtype: the keys and the Gaussian
+  draws vmapped over the group, so that a model with a hundred matrices of
+  three shapes compiles three draws, not a hundred."""
+  groups: dict[Any, list[int]] = {}
+  for i, p in plans.items():
+    v = p.view
+    side = (v.m, p.rank) if p.use_left else (p.rank, v.n)
+    groups.setdefault((v.batch_shape + side, p.use_left, dtypes[i]), []).append(
+        i
+    )
+  bases = {}
+  for (shape, use_left, dtype), members in groups.items():
+    keys = jax.vmap(lambda i: projection_key(seed, i, count, update_proj_gap))(
+        jnp.asarray(members)
+    )
+    draw = lambda k, shape=shape: jax.random.normal(k, shape, jnp.float32)
+    drawn = jax.vmap(draw)(keys)
+    drawn = (
+        drawn / jnp.sqrt(jnp.float32(shape[-1 if use_left else -2]))
+    ).astype(dtype)
+    for j, i in enumerate(members):
+      bases[i] = (drawn[j], None) if use_left else (None, drawn[j])
+  return bases
 
 
 def scale_by_apollo(
@@ -169,17 +204,14 @@ def scale_by_apollo(
     leaves, treedef = jax.tree.flatten(updates)
     plans = {i: p for i, p in enumerate(plan(updates)) if p is not None}
     matrices = {i: p.view.to_matrix(leaves[i]) for i, p in plans.items()}
-    low = steps.project(
-        leaves,
+    bases = grouped_bases(
+        seed,
         plans,
-        matrices,
-        lambda i: random_bases(
-            projection_key(seed, i, state.count, update_proj_gap),
-            plans[i],
-            leaves[i].dtype,
-        ),
-        precision,
+        {i: leaves[i].dtype for i in plans},
+        state.count,
+        update_proj_gap,
     )
+    low = steps.project(leaves, plans, matrices, bases.__getitem__, precision)
     out, inner_state = steps.inner_update(
         inner, low, state.inner_state, treedef, extra_args
     )
