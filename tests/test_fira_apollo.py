@@ -444,3 +444,33 @@ def test_inject_hyperparams_and_multisteps(name):
       optax.MultiSteps(factory(1e-2, scale=0.5), 2), p0, grads
   )
   chex.assert_trees_all_close(accumulated[1::2], once, atol=1e-6)
+
+
+def test_grouped_draws_are_the_per_leaf_draws():
+  # one program per shape draws what each leaf's own key draws, to the bit
+  params = {
+      "a": jnp.zeros((64, 128)),
+      "b": jnp.zeros((64, 128)),
+      "c": jnp.zeros((128, 32)),
+      "d": jnp.zeros((96, 64), jnp.bfloat16),
+  }
+  plans = {
+      i: p
+      for i, p in enumerate(
+          galore_optax.plan_leaves(params, rank=8, proj_type="std")
+      )
+      if p is not None
+  }
+  dtypes = {i: x.dtype for i, x in enumerate(jax.tree.leaves(params))}
+  assert len(plans) == 4
+  for count in (0, 7, 13):
+    grouped = apollo_lib.grouped_bases(5, plans, dtypes, jnp.int32(count), 5)
+    for i, plan in plans.items():
+      key = apollo_lib.projection_key(5, i, jnp.int32(count), 5)
+      for want, got in zip(
+          apollo_lib.random_bases(key, plan, dtypes[i]), grouped[i]
+      ):
+        assert (want is None) == (got is None)
+        if want is not None:
+          assert want.dtype == got.dtype
+          np.testing.assert_array_equal(np.asarray(want), np.asarray(got))
