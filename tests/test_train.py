@@ -779,6 +779,7 @@ def test_an_objective_is_one_module_and_each_model_has_its_own(
       "vit": "image_classification",
       "bert": "masked_lm",
       "clip": "contrastive",
+      "llama": "causal_lm",
   }
   assert objectives.objectives_of("bert") == [
       "masked_lm",
