@@ -101,7 +101,7 @@ def flags_class() -> type:
   types = typing.get_type_hints(config_lib.TrainConfig)
   fields = []
   for field in dataclasses.fields(config_lib.TrainConfig):
-    help_text = field.metadata["help"].replace("%%", "%")
+    help_text = field.metadata["help"]
     if field.name == "model":
       kind = _arg(
           Optional[str], help_text, tyro.conf.Positional, metavar="MODEL"
@@ -139,7 +139,7 @@ def compared_configs(args: dict, names: list[str]) -> dict:
     given -= set(spec.flags if spec else ())
   if given:
     raise ValueError(
-        ", ".join(f"--{k.replace('_', '-')}" for k in sorted(given))
+        ", ".join(f"--{config_lib.flag_name(k)}" for k in sorted(given))
         + " is an option of none of the compared optimizers ("
         + ", ".join(names)
         + ")"

@@ -20,7 +20,8 @@ from train.optimizers import OPTIMIZERS
 CONTRASTIVE_BATCHES = ("random", "distinct")
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+  """A field's flag without its dashes: ``warmup_steps`` -> ``warmup-steps``."""
   return name.replace("_", "-")
 
 
@@ -135,10 +136,10 @@ class TrainConfig:
       "peak learning rate (default: per optimizer; a third of it for bert)",
   )
   schedule: str = _field(
-      "cosine", "cosine (linear warmup, cosine to 10%%) or constant"
+      "cosine", "cosine (linear warmup, cosine to 10%) or constant"
   )
   warmup_steps: Optional[int] = _field(
-      None, "warmup steps (default: 10%% of steps)"
+      None, "warmup steps (default: 10% of steps)"
   )
   weight_decay: float = _field(0.0, "decoupled weight decay on matrices")
   clip: float = _field(1.0, "global gradient-norm clipping; 0 turns it off")
@@ -307,10 +308,10 @@ class TrainConfig:
             else ""
         )
         raise ValueError(
-            f"--{_flag(name)} is not an option of --optimizer"
+            f"--{flag_name(name)} is not an option of --optimizer"
             f" {self.optimizer}, which takes "
             + (
-                ", ".join(f"--{_flag(f)}" for f in spec.flags)
+                ", ".join(f"--{flag_name(f)}" for f in spec.flags)
                 if spec.flags
                 else "none of the low-rank flags"
             )
@@ -324,8 +325,8 @@ class TrainConfig:
     ):
       if name in spec.flags and getattr(self, name) not in choices:
         raise ValueError(
-            f"unknown --{_flag(name)} {getattr(self, name)!r}; choose one of"
-            f" {choices}"
+            f"unknown --{flag_name(name)} {getattr(self, name)!r}; choose one"
+            f" of {choices}"
         )
     if self.lazy_threshold is None and self.lazy_patience not in (
         None,
@@ -339,7 +340,7 @@ class TrainConfig:
       value = getattr(self, name)
       if value is not None and value not in allowed:
         raise ValueError(
-            f"--{_flag(name)} must be one of {allowed}, got {value}"
+            f"--{flag_name(name)} must be one of {allowed}, got {value}"
         )
     if spec.family == "apollo" and self.proj_type == "full":
       raise ValueError(
@@ -369,7 +370,7 @@ class TrainConfig:
     for name in ("param_dtype", "compute_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(
-            f"unknown --{_flag(name)} {getattr(self, name)!r};"
+            f"unknown --{flag_name(name)} {getattr(self, name)!r};"
             f" choose one of {tuple(DTYPES)}"
         )
     if self.remat is None:
@@ -428,7 +429,7 @@ class TrainConfig:
       value = getattr(self, name)
       if value is not None and not (math.isfinite(value) and value >= 0):
         raise ValueError(
-            f"--{_flag(name)} must be a finite number >= 0, got {value}"
+            f"--{flag_name(name)} must be a finite number >= 0, got {value}"
         )
     if self.lr is not None and self.lr <= 0:
       raise ValueError(f"--lr must be positive, got {self.lr}")
@@ -448,7 +449,7 @@ class TrainConfig:
     ):
       if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ValueError(
-            f"--{_flag(name)} must be positive, got {getattr(self, name)}"
+            f"--{flag_name(name)} must be positive, got {getattr(self, name)}"
         )
     if self.vocab_size is not None and self.vocab_size <= 0:
       raise ValueError(f"--vocab-size must be positive, got {self.vocab_size}")
@@ -513,7 +514,7 @@ class TrainConfig:
             if (o.text if name == "tokenizer" else name in o.flags)
         ]
         raise ValueError(
-            f"--{_flag(name)} is an option of --objective"
+            f"--{flag_name(name)} is an option of --objective"
             f" {', '.join(owners)}, not of {self.objective}"
         )
 
