@@ -13,6 +13,11 @@ vocabulary 32000) at batch 1 x 256, as the paper's 7B-on-24-GB claim is made:
 AdamW, 8-bit Adam, and GaLore layer-wise in bf16 with 8-bit moments at rank
 d/4 (1024 for 7b, the paper's), each beside the others.
 
+``fsdp``: GPT-2 124M at 8 x 256 on fsdp=1, 4 and 8 simulated CPU devices
+(one process each, ``JAX_NUM_CPU_DEVICES``), the per-device footprint of
+AdamW, GaLore and layer-wise GaLore, against the target of at most 1.3 / F of
+the one-device figure plus one block's gathered weights.
+
 ``time``: the median train step of the standard and the layer-wise step (with
 and without global-norm clipping, which costs the layer-wise step a second
 backward pass), trained for real one after the other (``python -m train``'s own
@@ -21,6 +26,7 @@ steps) and on GPT-2 124M (8 x 256 tokens, vocabulary 50257, 6 steps).
 
     python -m benchmarks.fit table
     python -m benchmarks.fit llama
+    python -m benchmarks.fit fsdp
     python -m benchmarks.fit time
 """
 
@@ -189,6 +195,82 @@ def llama_table() -> None:
   print(text)
 
 
+FSDP = (1, 4, 8)
+FSDP_SETUPS = {
+    "AdamW": dict(optimizer="adamw"),
+    "GaLore": dict(optimizer="galore_adamw"),
+    "GaLore + layer-wise + remat": dict(
+        optimizer="galore_adamw", layerwise=True
+    ),
+}
+
+
+def fsdp_cell(devices: int, name: str) -> dict:
+  """One dry run on ``devices`` simulated devices, in a process of its own
+  (the device count is fixed when JAX starts)."""
+  import os
+  import subprocess
+  import sys
+
+  code = (
+      "import json, sys; from benchmarks import fit;"
+      f" s = fit.dry_run('124m', 8, mesh='fsdp={devices}',"
+      f" **fit.FSDP_SETUPS[{name!r}]);"
+      " print(json.dumps(s['per_device']))"
+  )
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
+  out = subprocess.run(
+      [sys.executable, "-c", code],
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def fsdp_table() -> None:
+  path = RESULTS / "fit-fsdp.json"
+  done = json.loads(path.read_text()) if path.exists() else {}
+  for devices in FSDP:
+    for name in FSDP_SETUPS:
+      key = f"fsdp={devices} {name}"
+      if key not in done:
+        done[key] = fsdp_cell(devices, name)
+        path.write_text(json.dumps(done, indent=1))
+        gib = done[key]["xla_train_step"]["footprint_bytes"] / GIB
+        print(f"{key}: {gib:.2f} GiB", flush=True)
+  # one block's weights, float32, gathered whole on each device
+  d = 768
+  block = (4 * d * d + 2 * 4 * d * d + 13 * d) * 4
+  lines = [
+      (
+          "Per-device footprint of GPT-2 124M's train step at 8 x 256"
+          " (vocabulary 50257), GiB, on fsdp=F simulated CPU devices (XLA"
+          " memory analysis); in parentheses the target, 1.3 / F of the"
+          " one-device figure plus one block's gathered weights"
+          f" ({block / 2**20:.0f} MiB). {machine()}"
+      ),
+      "",
+      "| setup | " + " | ".join(f"fsdp={f}" for f in FSDP) + " |",
+      "|---" * (len(FSDP) + 1) + "|",
+  ]
+  size = lambda f, name: (
+      done[f"fsdp={f} {name}"]["xla_train_step"]["footprint_bytes"]
+  )
+  for name in FSDP_SETUPS:
+    one = size(1, name)
+    cells = [
+        f"{size(f, name) / GIB:.2f}"
+        + ("" if f == 1 else f" ({(1.3 * one / f + block) / GIB:.2f})")
+        for f in FSDP
+    ]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  text = "\n".join(lines)
+  (RESULTS / "fit-fsdp.md").write_text(text + "\n")
+  print(text)
+
+
 TIMED = {  # column -> TrainConfig fields; clipping at 1.0 unless --clip 0
     "standard": dict(),
     "standard + remat": dict(remat="block"),
@@ -246,7 +328,12 @@ def time_steps() -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parts = {"table": table, "llama": llama_table, "time": time_steps}
+  parts = {
+      "table": table,
+      "llama": llama_table,
+      "fsdp": fsdp_table,
+      "time": time_steps,
+  }
   parser.add_argument("part", choices=parts)
   args = parser.parse_args()
   RESULTS.mkdir(parents=True, exist_ok=True)
