@@ -26,6 +26,7 @@ from helpers import ENGINE
 from helpers import FOLLOWUPS
 from helpers import LAYERWISE
 from helpers import LAYOUTS
+from helpers import LLAMA
 from helpers import QUANTIZED
 from helpers import RESUMED
 from helpers import VIT
@@ -213,6 +214,7 @@ def main(out: pathlib.Path) -> None:
   )
   for name, layout in (
       ("layerwise", LAYERWISE),
+      ("llama", LLAMA),
       ("quantized_run", QUANTIZED),
       ("quantized_pmap", dict(QUANTIZED, mesh=None, parallel="pmap")),
   ):

@@ -182,6 +182,9 @@ ENGINE = dict(
 )
 # ViT on digits: images split over the mesh
 VIT = dict(model="vit", mesh="data=2,fsdp=2")
+# LLaMA's grouped-query attention and rotary embeddings split over the mesh,
+# in the layer-wise step
+LLAMA = dict(model="llama", mesh="data=2,fsdp=2", layerwise=True)
 # 8-bit moments and INT4 bases, split over fsdp
 QUANTIZED = dict(mesh="fsdp=4", moment_bits=8, projector_bits=4)
 # the layer-wise step (blocks stacked) on a mesh that splits them

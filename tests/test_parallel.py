@@ -19,6 +19,7 @@ import pytest
 from helpers import ENGINE
 from helpers import FOLLOWUPS
 from helpers import LAYOUTS
+from helpers import LLAMA
 from helpers import QUANTIZED
 from helpers import TINY
 from helpers import VIT
@@ -98,6 +99,17 @@ def test_vit_on_a_mesh_trains_like_one_device(tmp_path, four_devices):
   # layouts' rounding differences (observed up to 2.9e-6 on this machine).
   assert _close(params, flat_params(reference.params)) < 2 * ATOL
   assert abs(summary["val_accuracy"] - reference.summary["val_accuracy"]) < 1e-6
+
+
+def test_llama_on_a_mesh_trains_like_one_device(tmp_path, four_devices):
+  params, summary = _load(four_devices, "llama")
+  reference = train(
+      tiny_config(tmp_path, **{**LLAMA, "mesh": None}), verbose=False
+  )
+  assert _close(params, flat_params(reference.params)) < ATOL
+  assert summary["val_loss"] == pytest.approx(
+      reference.summary["val_loss"], abs=1e-5
+  )
 
 
 def test_layerwise_step_on_a_mesh_trains_like_one_device(
