@@ -452,7 +452,7 @@ def test_a_run_exports_and_samples(tmp_path, capsys):
           "--preset",
           "tiny",
           "--steps",
-          "20",
+          "8",
           "--batch-size",
           "4",
           "--seq-len",
