@@ -128,12 +128,7 @@ class Bert(nnx.Module):
   def embed(self, inputs: Inputs) -> jax.Array:
     """-> the first block's input (batch, length, d_model)."""
     tokens, segments, mask = inputs
-    length = tokens.shape[-1]
-    if length > self.config.max_len:
-      raise ValueError(
-          f"sequence length {length} exceeds the model's max_len"
-          f" {self.config.max_len}"
-      )
+    transformer.check_length(tokens.shape[-1], self.config.max_len)
     x = (
         transformer.embed(self.tok.embedding[...], tokens)
         + transformer.embed(self.pos.embedding[...], self.positions(mask))

@@ -216,8 +216,7 @@ class TextTower(nnx.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     cfg = self.config
     t = tokens.shape[1]
-    if t > cfg.max_len:
-      raise ValueError(f"{t} text tokens exceed max_len {cfg.max_len}")
+    transformer.check_length(t, cfg.max_len)
     x = transformer.embed(self.tok.embedding[...], tokens)
     x = (x + self.pos_embed[:t]).astype(transformer.DTYPES[cfg.dtype])
     x = self.ln_final(transformer.run_blocks(self.blocks, x, remat=cfg.remat))

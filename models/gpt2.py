@@ -88,11 +88,7 @@ class GPT2(nnx.Module):
     """(batch, length) int -> the first block's input (batch, length,
     d_model)."""
     length = tokens.shape[-1]
-    if length > self.config.max_len:
-      raise ValueError(
-          f"sequence length {length} exceeds the model's max_len"
-          f" {self.config.max_len}"
-      )
+    transformer.check_length(length, self.config.max_len)
     x = transformer.embed(self.wte.embedding[...], tokens) + self.wpe(
         jnp.arange(length)
     )

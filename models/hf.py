@@ -372,9 +372,16 @@ def llama_names(config: llama.LlamaConfig) -> dict:
   return names
 
 
+# our activation -> their hidden_act (or GPT-2's activation_function)
+_HIDDEN_ACT = {
+    "gelu_tanh": "gelu_new",
+    "gelu": "gelu",
+    "quick_gelu": "quick_gelu",
+}
+
+
 def gpt2_hf_config(config: gpt2.GPT2Config) -> dict:
   """Our config as a ``GPT2LMHeadModel``'s config.json."""
-  act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "quick_gelu": "quick_gelu"}
   return dict(
       model_type="gpt2",
       architectures=["GPT2LMHeadModel"],
@@ -385,7 +392,7 @@ def gpt2_hf_config(config: gpt2.GPT2Config) -> dict:
       n_head=config.n_heads,
       n_inner=config.mlp_ratio * config.d_model,
       layer_norm_epsilon=config.layer_norm_eps,
-      activation_function=act[config.activation],
+      activation_function=_HIDDEN_ACT[config.activation],
       tie_word_embeddings=True,
       # GPT-2's <|endoftext|> where the vocabulary is GPT-2's
       **dict.fromkeys(
@@ -436,14 +443,6 @@ def llama_hf_config(config: llama.LlamaConfig) -> dict:
   if kind == "mistral":
     out["sliding_window"] = config.sliding_window
   return out
-
-
-# our activation -> their hidden_act
-_HIDDEN_ACT = {
-    "gelu_tanh": "gelu_new",
-    "gelu": "gelu",
-    "quick_gelu": "quick_gelu",
-}
 
 
 def _processor(config, size: dict) -> dict:

@@ -256,12 +256,7 @@ class Llama(nnx.Module):
   def embed(self, tokens: jax.Array) -> jax.Array:
     """(batch, length) int -> the first block's input (batch, length,
     d_model)."""
-    length = tokens.shape[-1]
-    if length > self.config.max_len:
-      raise ValueError(
-          f"sequence length {length} exceeds the model's max_len"
-          f" {self.config.max_len}"
-      )
+    transformer.check_length(tokens.shape[-1], self.config.max_len)
     x = transformer.embed(self.embed_tokens.embedding[...], tokens)
     return x.astype(transformer.DTYPES[self.config.dtype])
 

@@ -53,6 +53,14 @@ def replicated(x: jax.Array) -> jax.Array:
   return x
 
 
+def check_length(length: int, max_len: int) -> None:
+  """Refuses a sequence longer than a model's positions."""
+  if length > max_len:
+    raise ValueError(
+        f"sequence length {length} exceeds the model's max_len {max_len}"
+    )
+
+
 def embed(table: jax.Array, ids: jax.Array) -> jax.Array:
   """``table[ids]``: (vocab, d) and (*batch) -> (*batch, d), sharded like
   ``ids`` on an explicit mesh."""
