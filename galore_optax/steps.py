@@ -16,6 +16,7 @@ from typing import Sequence
 from typing import TypeVar
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from galore_optax import projection
@@ -94,6 +95,54 @@ def rescale(
   return scaling.limit_growth(
       full * ratio.astype(full.dtype), previous_norm, first
   )
+
+
+def fira_update(
+    full: jax.Array,
+    out: jax.Array,
+    low: jax.Array,
+    left: Optional[jax.Array],
+    right: Optional[jax.Array],
+    alpha: Any,
+    previous_norm: jax.Array,
+    first: jax.Array,
+    precision: jax.lax.PrecisionLike,
+) -> tuple[jax.Array, jax.Array]:
+  """``alpha back(N) + S``, with ``S`` Fira's residual ``G - alpha back(R)``
+  as :func:`rescale` scales and limits it, for a basis on one side that is
+  orthonormal (``left^T left = I`` or ``right right^T = I``), with one
+  full-size product instead of two::
+
+    c = ||N|| / ||R|| per channel, divided by the limiter's factor
+    update = c G + alpha back(N - c R)
+
+  The limiter needs ``||c' (G - alpha back(R))||`` (``c'`` the ratio alone);
+  each channel's residual norm comes from the basis's orthonormality,
+  ``||g||^2 - (2 alpha - alpha^2) ||r||^2``, so the residual itself is never
+  formed. ``(update, ||S||)``, the second the next ``previous_norm``.
+  """
+  axes = scaling.projected_axes(left is not None, right is not None)
+  ratio = scaling.norm_ratio(out, low, axes)
+  square = lambda x, axes: jnp.sum(
+      jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=True
+  )
+  alpha32 = jnp.asarray(alpha, jnp.float32)
+  residual = jnp.maximum(
+      square(full, axes) - (2 * alpha32 - alpha32**2) * square(low, axes), 0.0
+  )
+  norm = jnp.sqrt(jnp.sum(ratio**2 * residual, axis=(-2, -1)))
+  factor = (
+      jnp.maximum(
+          norm / (previous_norm + scaling.RATIO_EPS), scaling.GROWTH_LIMIT
+      )
+      / scaling.GROWTH_LIMIT
+  )
+  factor = jnp.where(first, 1.0, factor)
+  c = (ratio / factor[..., None, None]).astype(full.dtype)
+  back = projection.project_back(
+      alpha * (out - c * low), left, right, precision=precision
+  )
+  return c * full + back, norm / factor
 
 
 def find_states(opt_state: Any, state_type: type[State]) -> list[State]:

@@ -421,6 +421,10 @@ def scale_by_galore(
       )
     return out, with_moments(inner_state, records, treedef), records
 
+  # Fira's residual from one full-size product where the bases are
+  # orthonormal (not quantized ones)
+  fused_residual = projector_bits is None
+
   def back_project_step(
       leaves, plans, matrices, records, low, out, norms, count
   ):
@@ -429,6 +433,19 @@ def scale_by_galore(
     for i, p in plans.items():
       sides = _sides(p, records[i])
       alpha, factor = step_size.galore_factors(scale, p, matrices[i], low[i])
+      if residual is not None and fused_residual and p.use_left != p.use_right:
+        back, norms[i] = steps.fira_update(
+            matrices[i],
+            out[i],
+            low[i],
+            *sides,
+            alpha,
+            norms[i],
+            count == 0,
+            precision,
+        )
+        out[i] = p.view.from_matrix(factor * back).astype(leaves[i].dtype)
+        continue
       back = alpha * projection.project_back(
           out[i], *sides, precision=precision
       )

@@ -27,6 +27,9 @@ with warnings.catch_warnings():
 
 import galore_optax
 from galore_optax import apollo as apollo_lib
+from galore_optax import projection
+from galore_optax import scaling
+from galore_optax import steps
 
 SHAPES = {"tall": (12, 7), "wide": (6, 11)}
 HP = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.1)
@@ -474,3 +477,29 @@ def test_grouped_draws_are_the_per_leaf_draws():
         if want is not None:
           assert want.dtype == got.dtype
           np.testing.assert_array_equal(np.asarray(want), np.asarray(got))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fira_update_from_one_product_is_the_explicit_residual(side):
+  # c G + alpha back(N - c R) against alpha back(N) + limit(ratio (G -
+  # alpha back(R))), the residual formed, on an orthonormal basis
+  rng = np.random.default_rng(3)
+  g = jnp.asarray(rng.standard_normal((48, 40)), jnp.float32)
+  basis, _ = np.linalg.qr(
+      rng.standard_normal((48 if side == "left" else 40, 8))
+  )
+  left = jnp.asarray(basis, jnp.float32) if side == "left" else None
+  right = jnp.asarray(basis.T, jnp.float32) if side == "right" else None
+  low = projection.project(g, left, right)
+  out = jnp.asarray(rng.standard_normal(low.shape), jnp.float32)
+  alpha, axes = 0.5, scaling.projected_axes(left is not None, right is not None)
+  for previous, first in ((jnp.float32(0.0), True), (jnp.float32(0.3), False)):
+    got, got_norm = steps.fira_update(
+        g, out, low, left, right, alpha, previous, first, "highest"
+    )
+    outside = g - alpha * projection.project_back(low, left, right)
+    limited, norm = steps.rescale(outside, out, low, axes, previous, first)
+    want = alpha * projection.project_back(out, left, right) + limited
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_norm, norm, rtol=1e-5)
+  assert float(norm) < 1.02 * 0.3  # the limiter acted in the second case
