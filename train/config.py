@@ -497,22 +497,15 @@ class TrainConfig:
           f" {objective.needs}, which {self.model} does not; {self.model}"
           f" trains on {', '.join(objectives_of(self.model))}"
       )
-    given = {
-        "tokenizer": self.tokenizer != "bytes",
-        "memmap": self.memmap,
-        **{
-            name: getattr(self, name) is not None
-            for name in ("vocab_size", "finetune", "contrastive_batches")
-        },
-    }
-    for name, is_given in given.items():
-      takes = objective.text if name == "tokenizer" else name in objective.flags
-      if is_given and not takes:
-        owners = [
-            n
-            for n, o in OBJECTIVES.items()
-            if (o.text if name == "tokenizer" else name in o.flags)
-        ]
+    # the flags some objective reads: --tokenizer (any that reads text) and
+    # each one's own
+    takes = lambda o, name: o.text if name == "tokenizer" else name in o.flags
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for name in dict.fromkeys(
+        ["tokenizer", *(f for o in OBJECTIVES.values() for f in o.flags)]
+    ):
+      if getattr(self, name) != defaults[name] and not takes(objective, name):
+        owners = [n for n, o in OBJECTIVES.items() if takes(o, name)]
         raise ValueError(
             f"--{flag_name(name)} is an option of --objective"
             f" {', '.join(owners)}, not of {self.objective}"
