@@ -71,3 +71,21 @@ def trainable(path: str, heads: tuple[str, ...]) -> bool:
   """Whether the parameter at ``path`` trains under LoRA: an adapter, or the
   task's head (paths starting with one of ``heads``)."""
   return bool(re.search(r"(^|/)lora_[ab]$", path)) or path.startswith(heads)
+
+
+def merge(params: dict) -> dict:
+  """Parameters by path with each adapted layer folded back into a plain
+  one: ``.../base_module/kernel`` + ``lora_a @ lora_b`` as ``.../kernel``,
+  ``.../base_module/bias`` as ``.../bias``; others as they are. The model
+  without adapters computes what the adapted one did."""
+  out = {}
+  for path, value in params.items():
+    layer, adapted, rest = path.rpartition("/base_module/")
+    if not adapted:
+      if not re.search(r"(^|/)lora_[ab]$", path):
+        out[path] = value
+      continue
+    if rest == "kernel":
+      value = value + params[f"{layer}/lora_a"] @ params[f"{layer}/lora_b"]
+    out[f"{layer}/{rest}"] = value
+  return out

@@ -181,3 +181,24 @@ def test_llama_presets_are_the_galore_repositorys_configs(preset):
     )
   ours = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
   assert sum(x.size for x in jax.tree.leaves(nnx.split(ours)[1])) == theirs
+
+
+def test_lora_adapters_merge_into_a_plain_model():
+  from models import hf
+  from models import lora
+
+  cfg = llama.PRESETS["tiny"]
+  adapted = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  assert lora.add_adapters(adapted, 4, nnx.Rngs(1)) == 7 * cfg.n_layers
+  params = {k: np.asarray(v[...]) for k, v in hf.flat_params(adapted).items()}
+  rng = np.random.default_rng(0)
+  for k in params:  # B starts at zero: give the adapters something to add
+    if k.endswith("lora_b"):
+      params[k] = rng.standard_normal(params[k].shape).astype(np.float32)
+  hf.set_params(adapted, params)
+  plain = llama.Llama(cfg, rngs=nnx.Rngs(2))
+  merged = lora.merge(params)
+  assert set(merged) == set(hf.flat_params(plain))
+  hf.set_params(plain, merged)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)))
+  np.testing.assert_allclose(plain(tokens), adapted(tokens), atol=1e-4)

@@ -22,6 +22,7 @@ from flax import nnx
 
 import galore_optax
 from models import hf
+from models import lora
 from models import registry
 
 
@@ -123,7 +124,7 @@ def load_run(source: str, model: nnx.Module, heads: tuple[str, ...]) -> list:
 def trained_model(source: str) -> tuple[str, Any, dict[str, np.ndarray]]:
   """``(family, model config, parameters)`` of run ``source``: its model as
   it trained (``model.json``, blocks unstacked) and its newest checkpoint's
-  parameters (:func:`newest_params`)."""
+  parameters (:func:`newest_params`, LoRA adapters merged)."""
   path = pathlib.Path(source) / "model.json"
   if not is_run(source):
     raise hf.CheckpointMismatch(f"{source}: not a run directory of ours")
@@ -137,4 +138,5 @@ def trained_model(source: str) -> tuple[str, Any, dict[str, np.ndarray]]:
   fields = json.loads(path.read_text())
   kind = type(next(iter(registry.MODELS[family].presets.values())))
   config = kind(**{**fields, "stacked": False, "remat": False})
-  return family, config, newest_params(source)
+  # a LoRA run's adapters folded into the weights they adapt
+  return family, config, lora.merge(newest_params(source))
