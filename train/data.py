@@ -342,7 +342,11 @@ def eval_image_batches(
 # Hugging Face
 
 
-def hf_dataset(name: str):
+def hf_dataset(name: str, streaming: bool = False):
+  """Dataset ``name`` (an alias of :data:`HF_ALIASES`, ``NAME[:CONFIG]`` or a
+  local directory) through ``datasets``; ``streaming`` reads rows as they are
+  asked for, so that taking the first megabytes of a corpus (C4's 300 GB)
+  downloads only those."""
   try:
     import datasets
   except ImportError:
@@ -353,7 +357,7 @@ def hf_dataset(name: str):
   if ":" in name and name not in HF_ALIASES:
     path, config = name.split(":", 1)
   try:
-    return datasets.load_dataset(path, config)
+    return datasets.load_dataset(path, config, streaming=streaming)
   except (
       Exception
   ) as e:  # unreachable hub, unknown name, ...: say which and why, then stop
@@ -368,19 +372,18 @@ def held_out_split(ds) -> Optional[str]:
 
 
 def _load_hf_text(name: str, max_bytes: int) -> TextData:
-  ds = hf_dataset(name)
+  ds = hf_dataset(name, streaming=True)  # the first max_bytes are read
   if "train" not in ds:
     raise DataError(f"hf:{name} has no train split (splits: {list(ds)})")
-  column = (
-      "text"
-      if "text" in ds["train"].column_names
-      else ds["train"].column_names[0]
-  )
+  first = next(iter(ds["train"]), None)
+  if not first:
+    raise DataError(f"hf:{name}: its train split is empty")
+  column = "text" if "text" in first else next(iter(first))
 
   def join(split, limit):
     out, total = [], 0
-    for text in split[column]:
-      data = text.encode("utf-8")
+    for row in split:
+      data = row[column].encode("utf-8")
       out.append(data)
       total += len(data) + 1
       if total >= limit:
