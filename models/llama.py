@@ -214,8 +214,11 @@ class Block(nnx.Module):
     self.mlp_norm = norm()
     self.mlp = MLP(config, dtypes=dtypes, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: None = None) -> jax.Array:
-    # mask: run_blocks' argument; a causal decoder has no padding to mask
+  def __call__(
+      self, x: jax.Array, mask: Optional[jax.Array] = None
+  ) -> jax.Array:
+    # mask: run_blocks' argument, unused: a causal decoder has no padding
+    del mask
     x = x + self.attn(self.attn_norm(x))
     return x + self.mlp(self.mlp_norm(x))
 
