@@ -124,9 +124,7 @@ def compared_configs(args: dict, names: list[str]) -> dict:
   """``--compare``'s configs, every one checked before anything trains. Each
   optimizer takes the flags it has (``--svd`` goes to galore_adamw, not to
   adamw); a flag none of them has is refused."""
-  defaults = {
-      f.name: f.default for f in dataclasses.fields(config_lib.TrainConfig)
-  }
+  defaults = config_lib.field_defaults()
   given = {k for k in OPTIMIZER_FLAGS if args[k] != defaults[k]}
   if not names:
     raise ValueError("--compare needs optimizer names, e.g. galore_adamw,adamw")

@@ -298,7 +298,7 @@ class TrainConfig:
           f"--optimizer {self.optimizer} takes no weight decay; use its 'w'"
           " variant"
       )
-    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    defaults = field_defaults()
     for name in spec.unused_flags:
       # None: left out by an earlier check of this config
       if getattr(self, name) not in (None, defaults[name]):
@@ -500,7 +500,7 @@ class TrainConfig:
     # the flags some objective reads: --tokenizer (any that reads text) and
     # each one's own
     takes = lambda o, name: o.text if name == "tokenizer" else name in o.flags
-    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    defaults = field_defaults()
     for name in dict.fromkeys(
         ["tokenizer", *(f for o in OBJECTIVES.values() for f in o.flags)]
     ):
@@ -596,3 +596,9 @@ class TrainConfig:
     )
     unused = OPTIMIZERS[self.optimizer].unused_flags
     return {k: getattr(self, k) for k in keep if k not in unused}
+
+
+def field_defaults() -> dict:
+  """Each TrainConfig field's default, before a config fills it in (None
+  where the model, objective or optimizer decides)."""
+  return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
