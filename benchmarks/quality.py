@@ -196,6 +196,7 @@ class Runner:
   base: dict = dataclasses.field(default_factory=lambda: dict(model="gpt2"))
   score: str = "val_loss"  # a validation metric of the run's summary
   higher_is_better: bool = False
+  sweep_points: int = 4  # learning rates of a sweep before any extension
 
   @classmethod
   def for_sitting(cls, args, steps: int, **fields) -> Runner:
@@ -339,7 +340,7 @@ def tune(name: str, runner: Runner) -> dict:
   """Row ``name``'s sweep at seed 0 and its best learning rate's seeds; fields
   are missing where runs are pending."""
   start = LADDER.index(runner.rows[name][1])
-  lrs = list(LADDER[start : start + 4])
+  lrs = list(LADDER[start : start + runner.sweep_points])
   sweep = {}
   for lr in lrs:
     done = runner(name, lr, SEEDS[0])
