@@ -67,9 +67,12 @@ def add_adapters(model: nnx.Module, rank: int, rngs: nnx.Rngs) -> int:
   return len(found)
 
 
-def trainable(path: str, heads: tuple[str, ...]) -> bool:
+def trainable(path: str, heads: tuple[str, ...], rest: bool = False) -> bool:
   """Whether the parameter at ``path`` trains under LoRA: an adapter, or the
-  task's head (paths starting with one of ``heads``)."""
+  task's head (paths starting with one of ``heads``); with ``rest``, every
+  parameter but the adapted layers' base weights."""
+  if rest:
+    return "/base_module/" not in f"/{path}"
   return bool(re.search(r"(^|/)lora_[ab]$", path)) or path.startswith(heads)
 
 

@@ -229,6 +229,45 @@ def test_lora_freezes_the_base_and_trains_the_adapters_and_head(tmp_path):
   assert result.summary["optimizer_state_bytes"] < 2 * 4 * trainable + 64
 
 
+def test_lora_train_rest_trains_all_but_the_adapted_base_weights(tmp_path):
+  # the LoRA pretraining baseline (ReLoRA's, GaLore's): embeddings, norms and
+  # output train beside the adapters
+  import jax
+  from flax import nnx
+
+  from models import lora
+  from train.objectives import OBJECTIVES
+
+  cfg = TrainConfig(
+      model="llama",
+      preset="tiny",
+      steps=2,
+      batch_size=4,
+      seq_len=16,
+      max_data_bytes=2**16,
+      lora_rank=4,
+      lora_train_rest=True,
+      out=str(tmp_path / "llama"),
+  )
+  objective = OBJECTIVES[cfg.objective]
+  model = objective.build_model(cfg, objective.load_data(cfg))
+  lora.add_adapters(model, 4, nnx.Rngs(cfg.seed + 1))
+  flat = lambda tree: {
+      "/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
+      for p, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
+  before = flat(nnx.to_pure_dict(nnx.state(model)))
+  result = loop.train(cfg, verbose=False)
+  after = flat(result.params)
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  base = {k for k in before if "/base_module/" in k}
+  assert base and {"embed_tokens/embedding", "norm/scale"} <= changed
+  assert changed == set(before) - base
+  assert result.summary["trainable_params"] == sum(
+      v.size for k, v in before.items() if k not in base
+  )
+
+
 def test_lora_defaults_to_a_full_rank_optimizer():
   cfg = TrainConfig(model="bert", finetune="stdlib:next", lora_rank=2)
   assert cfg.optimizer == "adamw"
@@ -242,6 +281,8 @@ def test_lora_flags_are_checked(tmp_path):
     _run(tmp_path, "b", lora_rank=2, optimizer="adamw", remat="block")
   with pytest.raises(ValueError, match="must be positive"):
     _run(tmp_path, "c", lora_rank=0, optimizer="adamw")
+  with pytest.raises(ValueError, match="goes with --lora-rank"):
+    _run(tmp_path, "d", lora_train_rest=True)
 
 
 def _glue_copy(path, name):

@@ -92,6 +92,12 @@ class TrainConfig:
       " GaLore targets, base weights frozen, adapters and head trained, with"
       " a full-rank --optimizer (adamw)",
   )
+  lora_train_rest: bool = _field(
+      False,
+      "with --lora-rank: train every parameter but the adapted layers' base"
+      " weights (embeddings, norms, output), as the LoRA pretraining"
+      " baselines of ReLoRA and GaLore do",
+  )
   update_proj_gap: int = _field(
       50, "GaLore T: steps between subspace refreshes"
   )
@@ -466,6 +472,8 @@ class TrainConfig:
             "--lora-rank adapts the blocks one by one: drop --layerwise and"
             " --remat block"
         )
+    if self.lora_train_rest and self.lora_rank is None:
+      raise ValueError("--lora-train-rest goes with --lora-rank")
     if self.rank is not None and self.rank <= 0:
       raise ValueError(f"--rank must be positive, got {self.rank}")
     if "rank" in spec.flags and self.rank is None and not self.init:
@@ -572,6 +580,7 @@ class TrainConfig:
         "init",
         "finetune",
         "lora_rank",
+        "lora_train_rest",
         "optimizer",
         *OPTIMIZER_FLAGS,
         "batch_size",

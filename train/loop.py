@@ -150,29 +150,37 @@ def build_optimizer(
   if cfg.lora_rank:
     tx = optax.multi_transform(
         {"train": tx, "frozen": optax.set_to_zero()},
-        functools.partial(lora_labels, heads=MODELS[cfg.model].heads),
+        functools.partial(
+            lora_labels,
+            heads=MODELS[cfg.model].heads,
+            rest=cfg.lora_train_rest,
+        ),
     )
   return tx, lr
 
 
-def lora_labels(params: Any, heads: tuple[str, ...]) -> Any:
-  """'train' for LoRA's adapters and the model's head, 'frozen' elsewhere."""
+def lora_labels(params: Any, heads: tuple[str, ...], rest: bool = False) -> Any:
+  """'train' for what trains under LoRA (:func:`models.lora.trainable`),
+  'frozen' elsewhere."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: (
           "train"
-          if lora.trainable(galore_optax.targets.path_str(path), heads)
+          if lora.trainable(galore_optax.targets.path_str(path), heads, rest)
           else "frozen"
       ),
       params,
   )
 
 
-def lora_trainable(params: Any, heads: tuple[str, ...]) -> int:
+def lora_trainable(
+    params: Any, heads: tuple[str, ...], rest: bool = False
+) -> int:
   """How many parameters train under LoRA (:func:`lora_labels`)."""
   return sum(
       x.size
       for x, label in zip(
-          jax.tree.leaves(params), jax.tree.leaves(lora_labels(params, heads))
+          jax.tree.leaves(params),
+          jax.tree.leaves(lora_labels(params, heads, rest)),
       )
       if label == "train"
   )
@@ -387,9 +395,9 @@ class Run:
     graphdef, state = nnx.split(model)
     self.params = params = nnx.to_pure_dict(state)
     self.n_params = sum(x.size for x in jax.tree.leaves(params))
-    # what trains under --lora-rank: the adapters and the head
+    # what trains under --lora-rank
     self.n_trainable = (
-        lora_trainable(params, MODELS[cfg.model].heads)
+        lora_trainable(params, MODELS[cfg.model].heads, cfg.lora_train_rest)
         if cfg.lora_rank
         else None
     )
