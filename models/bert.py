@@ -149,7 +149,11 @@ class Bert(nnx.Module):
     if self.config.num_labels:
       return self.classifier(jnp.tanh(self.pool(x[:, 0])))
     x = self.mlm_ln(jax.nn.gelu(self.mlm_dense(x), approximate=False))
-    return self.tok.attend(x) + self.mlm_bias[...]  # tied output embedding
+    # tied output embedding
+    return (
+        transformer.logits(x, self.tok.embedding[...], self.tok.dtype)
+        + self.mlm_bias[...]
+    )
 
   def __call__(self, inputs: Inputs) -> jax.Array:
     return self.output(self.features(inputs))

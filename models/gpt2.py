@@ -96,7 +96,10 @@ class GPT2(nnx.Module):
 
   def output(self, x: jax.Array) -> jax.Array:
     """The last block's output -> logits (batch, length, vocab)."""
-    return self.wte.attend(self.ln_f(x))  # tied output embedding
+    # tied output embedding
+    return transformer.logits(
+        self.ln_f(x), self.wte.embedding[...], self.wte.dtype
+    )
 
   def features(self, tokens: jax.Array) -> jax.Array:
     """The last block's output."""

@@ -267,8 +267,10 @@ class Llama(nnx.Module):
     """The last block's output -> logits (batch, length, vocab)."""
     x = self.norm(x)
     if self.config.tie_embeddings:
-      return self.embed_tokens.attend(x)
-    return self.lm_head(x)
+      table, dtype = self.embed_tokens.embedding[...], self.embed_tokens.dtype
+    else:
+      table, dtype = self.lm_head.kernel[...].T, self.lm_head.dtype
+    return transformer.logits(x, table, dtype)
 
   def features(self, tokens: jax.Array) -> jax.Array:
     """The last block's output."""

@@ -11,6 +11,7 @@ leaf gains a leading axis of length ``n_layers`` instead.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 from typing import Union
 
@@ -61,13 +62,85 @@ def check_length(length: int, max_len: int) -> None:
     )
 
 
+# The (vocab, width) matrices: the token embeddings (also the tied outputs) and
+# an untied output kernel (width, vocab). On an FSDP mesh they stay split in
+# the forward pass (:func:`embed`, :func:`logits`), so that no device holds a
+# whole table, or its gradient.
+VOCABULARY_TABLES = r"(^|/)((wte|embed_tokens|tok)/embedding|lm_head/kernel)$"
+
+
+def is_vocabulary_table(path: str) -> bool:
+  """Whether a parameter's path (``galore_optax.path_str``) is one of
+  :data:`VOCABULARY_TABLES`."""
+  return re.search(VOCABULARY_TABLES, path) is not None
+
+
+def _split(table: jax.Array, like: jax.Array):
+  """Where a (vocab, width) ``table`` is split on an explicit mesh: (the mesh
+  axes of its vocabulary and of its width, the mesh axes of ``like`` 's
+  leading axis less those), or None where the table is whole."""
+  table_spec = jax.typeof(table).sharding.spec
+  if len(table_spec) != 2 or not any(table_spec):
+    return None
+  axes = lambda entry: entry if isinstance(entry, tuple) else (entry,)
+  vocab, width = table_spec
+  lead = jax.typeof(like).sharding.spec
+  taken = axes(vocab) + axes(width)
+  rows = tuple(
+      a for a in axes(lead[0] if len(lead) else None) if a not in taken
+  )
+  return vocab, width, tuple(a for a in rows if a) or None
+
+
 def embed(table: jax.Array, ids: jax.Array) -> jax.Array:
   """``table[ids]``: (vocab, d) and (*batch) -> (*batch, d), sharded like
-  ``ids`` on an explicit mesh."""
+  ``ids`` on an explicit mesh.
+
+  A table split over devices (FSDP) is looked up where it lies: the ids of
+  every device of its axis are gathered (they are small), each device looks up
+  its share, and the rows go back to their own devices, whole.
+  """
   spec = jax.typeof(ids).sharding.spec
-  return table.at[ids].get(
-      out_sharding=jax.P(*spec, None) if any(spec) else None
-  )
+  split = _split(table, ids)
+  if split is None:
+    return table.at[ids].get(
+        out_sharding=jax.P(*spec, None) if any(spec) else None
+    )
+  _, width, rows = split
+  rest = (None,) * (ids.ndim - 1)
+  ids = jax.sharding.reshard(ids, jax.P(rows, *rest))
+  x = table.at[ids].get(out_sharding=jax.P(rows, *rest, width))
+  return jax.sharding.reshard(x, jax.P(*spec, None))
+
+
+def logits(x: jax.Array, table: jax.Array, dtype=None) -> jax.Array:
+  """``x @ table.T``: (*batch, d) and (vocab, d) -> (*batch, vocab), in
+  ``dtype`` (default: both promoted), sharded like ``x`` on an explicit mesh.
+
+  A table split over devices (FSDP) stays so: the rows of every device of its
+  axis are gathered (activations, small beside the table), each device
+  computes its share of the logits (its vocabulary, or its partial sums over
+  its slice of the width), and the logits go back to their rows' devices.
+  """
+  dtype = dtype or jnp.result_type(x.dtype, table.dtype)
+  x, table = x.astype(dtype), table.astype(dtype)
+  spec = jax.typeof(x).sharding.spec
+  split = _split(table, x)
+  if split is None:
+    return jnp.einsum(
+        "...d,vd->...v",
+        x,
+        table,
+        out_sharding=jax.P(*spec[:-1], None) if any(spec) else None,
+    )
+  vocab, width, rows = split
+  rest = (None,) * (x.ndim - 2)
+  x = jax.sharding.reshard(x, jax.P(rows, *rest, width))
+  # split by vocabulary: each device its columns of the logits; by width: the
+  # partial sums are reduced onto the rows' devices
+  out = jax.P(rows, *rest, vocab) if vocab else jax.P(spec[0], *rest, None)
+  y = jnp.einsum("...d,vd->...v", x, table, out_sharding=out)
+  return jax.sharding.reshard(y, jax.P(spec[0], *rest, None))
 
 
 def _dense(

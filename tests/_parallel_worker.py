@@ -3,7 +3,8 @@ simulated CPU devices.
 
 ``python tests/_parallel_worker.py OUT``: for each layout, writes
 ``OUT/<name>.npz`` (the final parameters, keyed by path) and ``OUT/<name>.json``
-(the run's summary; ``layerwise`` is the layer-wise step's), plus
+(the run's summary; ``layerwise`` is the layer-wise step's; ``vocab<N>`` a
+dry run's), plus
 ``OUT/shardings.json`` (the specs that galore_adamw's state takes under an
 explicit mesh), ``OUT/quantized.json`` (the same for quantized state, and its
 distance to one device), ``OUT/spread.json`` (which device computed which
@@ -24,11 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from helpers import ENGINE
 from helpers import FOLLOWUPS
+from helpers import LARGE_VOCABULARIES
 from helpers import LAYERWISE
 from helpers import LAYOUTS
 from helpers import LLAMA
 from helpers import QUANTIZED
 from helpers import RESUMED
+from helpers import SPLIT_WIDTH
 from helpers import VIT
 from helpers import flat_params
 from helpers import tiny_config
@@ -217,12 +220,24 @@ def main(out: pathlib.Path) -> None:
       ("llama", LLAMA),
       ("quantized_run", QUANTIZED),
       ("quantized_pmap", dict(QUANTIZED, mesh=None, parallel="pmap")),
+      ("split_width", SPLIT_WIDTH),
   ):
     save(
         out,
         name,
         train(tiny_config(out / "runs" / name, **layout), verbose=False),
     )
+  for vocab in LARGE_VOCABULARIES:
+    name = f"vocab{vocab}"
+    cfg = tiny_config(
+        out / "runs" / name,
+        **{**SPLIT_WIDTH, "vocab_size": vocab},
+        batch_size=4,
+        seq_len=8,
+        dry_run=True,
+    )
+    summary = train(cfg, verbose=False).summary
+    (out / f"{name}.json").write_text(json.dumps(summary))
   # Checkpoint under fsdp=4, resume under data=2,fsdp=2.
   first, second = RESUMED
   for name, options in FOLLOWUPS.items():

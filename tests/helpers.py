@@ -189,6 +189,11 @@ LLAMA = dict(model="llama", mesh="data=2,fsdp=2", layerwise=True)
 QUANTIZED = dict(mesh="fsdp=4", moment_bits=8, projector_bits=4)
 # the layer-wise step (blocks stacked) on a mesh that splits them
 LAYERWISE = dict(mesh="data=2,fsdp=2", layerwise=True)
+# a vocabulary fsdp=4 does not divide: the table is split along its width
+SPLIT_WIDTH = dict(mesh="fsdp=4", layerwise=True, vocab_size=258)
+# vocabulary tables far larger than the rest of the tiny model, split along
+# the vocabulary (32768) or along the width (32770) over fsdp=4
+LARGE_VOCABULARIES = (32768, 32770)
 # Fira and APOLLO: 3 steps on fsdp=4, resumed on data=2,fsdp=2
 FOLLOWUPS = {
     "fira": dict(optimizer="fira_adamw"),

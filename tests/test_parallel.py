@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from helpers import ENGINE
 from helpers import FOLLOWUPS
+from helpers import LARGE_VOCABULARIES
 from helpers import LAYOUTS
 from helpers import LLAMA
 from helpers import QUANTIZED
+from helpers import SPLIT_WIDTH
 from helpers import TINY
 from helpers import VIT
 from helpers import flat_params
@@ -129,6 +131,31 @@ def test_layerwise_step_on_a_mesh_trains_like_one_device(
       summary["refresh"]["bases_computed"]
       == reference_summary["refresh"]["bases_computed"]
   )
+
+
+def test_a_table_split_along_its_width_trains_like_one_device(
+    tmp_path, four_devices
+):
+  # 258 rows do not split over 4 devices: the table and its lookup, output and
+  # gradient stay split along the width instead
+  params, _ = _load(four_devices, "split_width")
+  reference = train(
+      tiny_config(tmp_path, **{**SPLIT_WIDTH, "mesh": None}), verbose=False
+  )
+  assert _close(params, flat_params(reference.params)) < ATOL
+
+
+@pytest.mark.parametrize("vocab", LARGE_VOCABULARIES)
+def test_no_device_holds_a_whole_vocabulary_table(four_devices, vocab):
+  # the tiny model's table (vocab x 64, float32) is most of its weights, and
+  # 4 x 8 tokens make small logits. Gathering the table and its gradient whole
+  # held 4 tables in temporaries (32 MiB); split, a few shards of it
+  per_device = json.loads((four_devices / f"vocab{vocab}.json").read_text())[
+      "per_device"
+  ]
+  table = vocab * 64 * 4
+  assert per_device["param_bytes"] < 0.4 * table
+  assert per_device["xla_train_step"]["temp_size_bytes"] < 1.5 * table
 
 
 def test_fsdp_splits_the_optimizer_state(four_devices, one_device):

@@ -15,7 +15,11 @@ default) or left to XLA (``auto``):
   twin of the mesh so both axis types agree;
 - for the forward pass the parameters are gathered whole (``reshard`` to
   replicated; its transpose reduce-scatters the gradients back), so models need
-  no sharding annotations beyond their batch axis.
+  no sharding annotations beyond their batch axis; the vocabulary tables
+  (:data:`models.transformer.VOCABULARY_TABLES`) are not:
+  :func:`models.transformer.embed` and :func:`~models.transformer.logits`
+  compute with them split, so a large vocabulary's table and its gradient are
+  never whole on a device.
 
 ``--parallel pmap`` is the classic data-parallel path: parameters and state
 replicated with a leading device axis, ``jax.pmap`` over the local devices,
@@ -37,6 +41,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from galore_optax import sharding as sharding_lib
+from galore_optax.targets import path_str
+from models import transformer
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # the batch is split over every device
@@ -311,8 +317,16 @@ class MeshPlacement:
 
   def gather_for_compute(self, params: Any) -> Any:
     """The parameters whole on every device, for the forward pass (explicit
-    axes; XLA decides under auto)."""
-    return jax.tree.map(sharding_lib.replicate, params)
+    axes; XLA decides under auto), but for the vocabulary tables: the models
+    compute with those where they lie."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            x
+            if transformer.is_vocabulary_table(path_str(path))
+            else sharding_lib.replicate(x)
+        ),
+        params,
+    )
 
   def compile_step(
       self, step: Callable, params: Any, opt_state: Any, batch: Any
