@@ -416,9 +416,9 @@ def state_plan(
 
 
 def quantize_tree(state: Any, plan: StatePlan, mask: Any = None) -> Any:
-  """``state`` with the large floating leaves of ``plan``'s slots quantized;
-  ``mask``, a params-shaped tree of bools, keeps the leaves where it is False
-  as they are."""
+  """``state`` with the large floating leaves of ``plan``'s slots quantized
+  (those already quantized kept); ``mask``, a params-shaped tree of bools,
+  keeps the leaves where it is False as they are."""
 
   def maybe(x, codebook, wanted=True):
     if (
@@ -433,10 +433,15 @@ def quantize_tree(state: Any, plan: StatePlan, mask: Any = None) -> Any:
   for path, codebook in plan.slots:
     subtree = moments_lib.get_at(state, path)
     if mask is None or not path:  # the whole state: no params-shaped slot
-      subtree = jax.tree.map(lambda x, c=codebook: maybe(x, c), subtree)
+      subtree = jax.tree.map(
+          lambda x, c=codebook: maybe(x, c), subtree, is_leaf=is_quantized
+      )
     else:
       subtree = jax.tree.map(
-          lambda x, m, c=codebook: maybe(x, c, m), subtree, mask
+          lambda x, m, c=codebook: maybe(x, c, m),
+          subtree,
+          mask,
+          is_leaf=is_quantized,
       )
     state = moments_lib.set_at(state, path, subtree)
   return state
@@ -462,6 +467,7 @@ def quantize_state(
     min_size: int = DEFAULT_MIN_SIZE,
     *,
     mask: Any = None,
+    per_leaf: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps the moments of a params-free transform ``inner`` in 8 bits.
 
@@ -473,6 +479,14 @@ def quantize_state(
   cast to the gradients' dtypes. The state has ``inner``'s structure with
   :class:`QuantizedArray` s in place of the large moment arrays.
 
+  With ``per_leaf`` (the default), each quantized leaf is dequantized, updated
+  and requantized on its own, in a ``lax.cond`` that XLA neither fuses with the
+  others nor runs beside them, so the step holds one leaf's float32 moments at
+  a time instead of every leaf's (GPT-2 124M's blocks: 0.1 GiB of temporaries
+  instead of 0.7). It needs an ``inner`` that updates each leaf on its own, as
+  Adam, Lion, momentum and every element-wise transform do; pass
+  ``per_leaf=False`` for one that couples leaves (a global norm inside it).
+
   Args:
     inner: a transform that does not read params, e.g.
       ``optax.scale_by_adam()``.
@@ -483,10 +497,13 @@ def quantize_state(
       or a function of the params that returns one (optax's convention, e.g.
       ``match_paths`` negated to keep embeddings in float32, as bitsandbytes'
       ``StableEmbedding`` does); None: every leaf of at least ``min_size``.
+    per_leaf: update the quantized leaves one at a time (above).
   """
   check_bits("bits", bits, MOMENT_BITS)
   inner = optax.with_extra_args_support(inner)
   plan = state_plan(inner, block_size, min_size)
+  # the whole state is one slot where its moments could not be found
+  per_leaf = per_leaf and all(path for path, _ in plan.slots)
 
   def mask_of(params):
     return mask(params) if callable(mask) else mask
@@ -497,10 +514,86 @@ def quantize_state(
   def update_fn(updates, state, params=None, **extra_args):
     del params
     state = restore_quantized(state, jax.eval_shape(init_fn, updates))
-    out, state = inner.update(
-        updates, dequantize_tree(state), None, **extra_args
-    )
+    if per_leaf:
+      out, state = update_by_leaf(inner, plan, updates, state, extra_args)
+    else:
+      out, state = inner.update(
+          updates, dequantize_tree(state), None, **extra_args
+      )
+      state = quantize_tree(state, plan, mask_of(updates))
     out = jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates)
-    return out, quantize_tree(state, plan, mask_of(updates))
+    return out, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def update_by_leaf(
+    inner: optax.GradientTransformationExtraArgs,
+    plan: StatePlan,
+    updates: Any,
+    state: Any,
+    extra_args: dict,
+) -> tuple[Any, Any]:
+  """``inner.update`` of ``updates`` on ``state``, whose slots (``plan``'s,
+  none the whole state) hold :class:`QuantizedArray` s where quantized; the
+  updates and the new state, quantized where it was.
+
+  ``inner`` runs once for the leaves in their own dtype together and once for
+  each quantized leaf in a ``lax.cond``: a conditional is not fused, and its
+  temporaries are live only while it runs. Each run sees ``state`` with its
+  slots narrowed to a list of its leaves; the entries outside the slots (a
+  step count) come from the last run. ``inner`` must update each leaf on its
+  own (:func:`quantize_state`'s ``per_leaf``)."""
+  grads, treedef = jax.tree.flatten(updates)
+  paths = [path for path, _ in plan.slots]
+  slots = [treedef.flatten_up_to(moments_lib.get_at(state, p)) for p in paths]
+
+  def run(grads, *moments):
+    """``inner`` on a list of leaves: their gradients and each slot's
+    entries."""
+    narrowed = state
+    for path, entries in zip(paths, moments):
+      narrowed = moments_lib.set_at(narrowed, path, dequantize_tree(entries))
+    out, new = inner.update(grads, narrowed, None, **extra_args)
+    requantized = [
+        [
+            quantize(x, codebook, plan.block_size) if is_quantized(old) else x
+            for x, old in zip(moments_lib.get_at(new, path), entries)
+        ]
+        for (path, codebook), entries in zip(plan.slots, moments)
+    ]
+    return out, requantized, new
+
+  def never(*values):  # the branch not taken
+    return jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, *values)
+    )
+
+  out = [None] * len(grads)
+  moments = [[None] * len(grads) for _ in paths]
+  quantized = [
+      any(is_quantized(s[i]) for s in slots) for i in range(len(grads))
+  ]
+  plain = [i for i, q in enumerate(quantized) if not q]
+  groups = ([plain] if plain else []) + [
+      [i] for i, q in enumerate(quantized) if q
+  ]
+  # a predicate XLA cannot fold, so that each conditional stays one
+  taken = jax.lax.optimization_barrier(jnp.array(True))
+  new = state
+  for group in groups:
+    values = (
+        [grads[i] for i in group],
+        *([s[i] for i in group] for s in slots),
+    )
+    if group is plain:
+      group_out, group_moments, new = run(*values)
+    else:
+      group_out, group_moments, new = jax.lax.cond(taken, run, never, *values)
+    for j, i in enumerate(group):
+      out[i] = group_out[j]
+      for k in range(len(paths)):
+        moments[k][i] = group_moments[k][j]
+  for path, entries in zip(paths, moments):
+    new = moments_lib.set_at(new, path, treedef.unflatten(entries))
+  return treedef.unflatten(out), new

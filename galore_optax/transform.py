@@ -243,6 +243,8 @@ def scale_by_galore(
       "projector_bits", projector_bits, (None, *quantization.PROJECTOR_BITS)
   )
   state_plan = None if moment_bits is None else quantization.state_plan(inner)
+  # quantized moments updated leaf by leaf, unless the plan could not find them
+  by_leaf = state_plan is not None and all(p for p, _ in state_plan.slots)
 
   def store_inner(inner_state):
     if state_plan is None:
@@ -342,6 +344,18 @@ def scale_by_galore(
       )
     return inner_state
 
+  def dequantize_targeted(inner_state, plans, treedef):
+    """The inner state with the targeted leaves' (low-rank) moments
+    dequantized; the others stay quantized for :func:`update_by_leaf`."""
+    for path, _ in state_plan.slots:
+      column = treedef.flatten_up_to(moments_lib.get_at(inner_state, path))
+      for i in plans:
+        column[i] = quantization.dequantize_tree(column[i])
+      inner_state = moments_lib.set_at(
+          inner_state, path, treedef.unflatten(column)
+      )
+    return inner_state
+
   def refresh_step(state, inner_state, plans, matrices, flat):
     """1. Each targeted leaf's :class:`refresh_lib.LeafRecord`, with a new
     basis (and its moments transported or reset) where it is due; and its
@@ -400,9 +414,19 @@ def scale_by_galore(
     state, whose step count restarted at its last refresh (what the shared
     update computed for these leaves is discarded; XLA drops it)."""
     inner_state = with_moments(inner_state, records, treedef)
-    out, inner_state = steps.inner_update(
-        inner, low, inner_state, treedef, extra_args
-    )
+    if by_leaf:
+      out, inner_state = quantization.update_by_leaf(
+          inner,
+          state_plan,
+          treedef.unflatten(list(low)),
+          inner_state,
+          extra_args,
+      )
+      out = treedef.flatten_up_to(out)
+    else:
+      out, inner_state = steps.inner_update(
+          inner, low, inner_state, treedef, extra_args
+      )
     if config.scalars is None:
       return out, inner_state, records
     for i in plans:
@@ -476,7 +500,11 @@ def scale_by_galore(
     flat = treedef.flatten_up_to
     plans = {i: p for i, p in enumerate(plan(updates)) if p is not None}
     matrices = {i: p.view.to_matrix(leaves[i]) for i, p in plans.items()}
-    inner_state = quantization.dequantize_tree(state.inner_state)
+    inner_state = (
+        dequantize_targeted(state.inner_state, plans, treedef)
+        if by_leaf
+        else quantization.dequantize_tree(state.inner_state)
+    )
 
     records, stored = refresh_step(state, inner_state, plans, matrices, flat)
     low = steps.project(
