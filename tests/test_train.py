@@ -649,6 +649,47 @@ def test_config_files_of_earlier_versions_and_booleans_from_files(tmp_path):
   }
 
 
+def test_adamw8bit_keeps_the_embeddings_moments_in_float32(tmp_path):
+  # bitsandbytes' StableEmbedding recipe by default; --quantize-embeddings
+  # quantizes them as every other large leaf, as runs before the flag did
+  import jax
+
+  from benchmarks.quality import same_run
+  from galore_optax import quantization
+  from train import loop
+
+  shapes = {
+      "wte": {"embedding": jax.ShapeDtypeStruct((256, 64), "float32")},
+      "blocks": {
+          "0": {
+              "mlp": {
+                  "fc": {"kernel": jax.ShapeDtypeStruct((64, 256), "float32")}
+              }
+          }
+      },
+  }
+  for quantize in (False, True):
+    cfg = config_lib.TrainConfig(
+        optimizer="adamw8bit", quantize_embeddings=quantize, out=str(tmp_path)
+    )
+    tx, _ = loop.build_optimizer(cfg, shapes)
+    mu = jax.eval_shape(tx.init, shapes)[1][0].mu
+    assert quantization.is_quantized(mu["blocks"]["0"]["mlp"]["fc"]["kernel"])
+    assert quantization.is_quantized(mu["wte"]["embedding"]) == quantize
+  # a ledger row of an earlier version is a run of --quantize-embeddings
+  old = {"model": "gpt2", "optimizer": "adamw8bit", "lr": 2e-3}
+  assert config_lib.upgrade(old)["quantize_embeddings"] is True
+  assert same_run(
+      old,
+      config_lib.TrainConfig(
+          optimizer="adamw8bit", lr=2e-3, quantize_embeddings=True
+      ),
+  )
+  assert not same_run(
+      old, config_lib.TrainConfig(optimizer="adamw8bit", lr=2e-3)
+  )
+
+
 def _tensorboard_scalars(directory: pathlib.Path) -> dict:
   """(tag, step) -> value of the scalars in a TFRecord event file."""
   import struct

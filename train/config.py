@@ -27,10 +27,14 @@ def flag_name(name: str) -> str:
 
 def upgrade(saved: dict) -> dict:
   """A config saved by an earlier version (``config.json``, a checkpoint's
-  or a benchmark ledger's) in today's fields: ``task`` is now ``model``, and
-  ``objective`` was the model's own (or sequence_classification, fine-tuning).
+  or a benchmark ledger's) in today's fields: ``task`` is now ``model``,
+  ``objective`` was the model's own (or sequence_classification, fine-tuning),
+  and adamw8bit quantized the embeddings' moments.
   """
   saved = dict(saved)
+  if saved.get("optimizer") == "adamw8bit":
+    # before the flag, adamw8bit quantized every leaf of at least min_size
+    saved.setdefault("quantize_embeddings", True)
   if "task" in saved:
     saved["model"] = saved.pop("task")
   if "objective" not in saved and saved.get("model") in MODELS:
@@ -136,6 +140,11 @@ class TrainConfig:
   )
   projector_bits: Optional[int] = _field(
       None, "GaLore: keep the bases block-wise in INT8 or INT4 (8 or 4)"
+  )
+  quantize_embeddings: bool = _field(
+      False,
+      "adamw8bit: quantize the embedding tables' moments too (default: kept"
+      " in float32, as bitsandbytes' StableEmbedding keeps them)",
   )
   lr: Optional[float] = _field(
       None,

@@ -34,6 +34,7 @@ FAMILY_FLAGS = {
         "moment_bits",
         "projector_bits",
     ),
+    "8bit": ("quantize_embeddings",),
 }
 OPTIMIZER_FLAGS = tuple(
     dict.fromkeys(flag for flags in FAMILY_FLAGS.values() for flag in flags)
@@ -53,7 +54,8 @@ class OptimizerSpec:
       counterpart's size, so its rate is that counterpart's.
     family: the keywords it takes from the config (:data:`FAMILY_FLAGS`):
       ``'full'`` none, ``'galore'`` galore_optax's GaLore keywords,
-      ``'apollo'`` APOLLO's, ``'contrib'`` optax.contrib.galore's.
+      ``'apollo'`` APOLLO's, ``'contrib'`` optax.contrib.galore's, ``'8bit'``
+      8-bit AdamW's.
     defaults: its own defaults for flags of its family where they differ from
       the CLI's (rank d_model // 4, ``--scale rms``).
     scale_rules: the rules it takes for ``--scale`` besides a number.
@@ -89,6 +91,10 @@ class OptimizerSpec:
     ``axis_name``: the pmap axis GaLore spreads its refreshes over."""
     if self.family == "full":
       return {}
+    if self.family == "8bit":
+      return (
+          {} if cfg.quantize_embeddings else dict(quantize_mask=not_embeddings)
+      )
     subspace = dict(
         rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale
     )
@@ -111,6 +117,14 @@ class OptimizerSpec:
         moment_bits=cfg.moment_bits,
         projector_bits=cfg.projector_bits,
     )
+
+
+def not_embeddings(params: Any) -> Any:
+  """True but for the embedding tables (``.../embedding``, every
+  ``nnx.Embed``): the leaves whose moments 8-bit AdamW quantizes by default,
+  keeping the embeddings' in float32 as bitsandbytes' ``StableEmbedding``
+  does."""
+  return galore_optax.match_paths(".", exclude=r"(^|/)embedding$")(params)
 
 
 def galore_targets() -> Callable[[Any], Any]:
@@ -185,7 +199,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         optax.contrib.galore, 1e-2, "contrib", dict(scale=0.25)
     ),
     "adamw": OptimizerSpec(optax.adamw, 3e-3, elementwise=True),
-    "adamw8bit": OptimizerSpec(galore_optax.adamw_8bit, 3e-3),
+    "adamw8bit": OptimizerSpec(galore_optax.adamw_8bit, 3e-3, "8bit"),
     "adam": OptimizerSpec(
         optax.adam, 3e-3, weight_decay=False, elementwise=True
     ),
