@@ -564,9 +564,10 @@ def update_by_leaf(
     ]
     return out, requantized, new
 
-  def never(*values):  # the branch not taken
+  def never(*values):  # the branch not taken: zeros placed as run's outputs
     return jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, *values)
+        lambda s: sharding.zeros(s.shape, s.dtype, sharding.spec_of(s), s),
+        jax.eval_shape(run, *values),
     )
 
   out = [None] * len(grads)
