@@ -385,6 +385,12 @@ class StatePlan(NamedTuple):
   block_size: int
   min_size: int
 
+  @property
+  def by_leaf(self) -> bool:
+    """Whether the moments were found, so that :func:`update_by_leaf` can
+    update them leaf by leaf (not where the whole state is one slot)."""
+    return all(path for path, _ in self.slots)
+
 
 def state_plan(
     inner: Any,
@@ -502,8 +508,7 @@ def quantize_state(
   check_bits("bits", bits, MOMENT_BITS)
   inner = optax.with_extra_args_support(inner)
   plan = state_plan(inner, block_size, min_size)
-  # the whole state is one slot where its moments could not be found
-  per_leaf = per_leaf and all(path for path, _ in plan.slots)
+  per_leaf = per_leaf and plan.by_leaf
 
   def mask_of(params):
     return mask(params) if callable(mask) else mask

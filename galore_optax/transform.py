@@ -243,8 +243,7 @@ def scale_by_galore(
       "projector_bits", projector_bits, (None, *quantization.PROJECTOR_BITS)
   )
   state_plan = None if moment_bits is None else quantization.state_plan(inner)
-  # quantized moments updated leaf by leaf, unless the plan could not find them
-  by_leaf = state_plan is not None and all(p for p, _ in state_plan.slots)
+  by_leaf = state_plan is not None and state_plan.by_leaf
 
   def store_inner(inner_state):
     if state_plan is None:

@@ -23,6 +23,10 @@ def _path(key: tuple) -> str:
   return "/".join(str(k) for k in key)
 
 
+# the adapters' own parameters
+ADAPTER_PARAMS = re.compile(r"(^|/)lora_[ab]$")
+
+
 def add_adapters(model: nnx.Module, rank: int, rngs: nnx.Rngs) -> int:
   """Wraps the targeted linear layers of ``model`` in ``nnx.LoRA`` adapters of
   rank ``rank``, in place; returns how many.
@@ -73,7 +77,7 @@ def trainable(path: str, heads: tuple[str, ...], rest: bool = False) -> bool:
   parameter but the adapted layers' base weights."""
   if rest:
     return "/base_module/" not in f"/{path}"
-  return bool(re.search(r"(^|/)lora_[ab]$", path)) or path.startswith(heads)
+  return bool(ADAPTER_PARAMS.search(path)) or path.startswith(heads)
 
 
 def merge(params: dict) -> dict:
@@ -85,7 +89,7 @@ def merge(params: dict) -> dict:
   for path, value in params.items():
     layer, adapted, rest = path.rpartition("/base_module/")
     if not adapted:
-      if not re.search(r"(^|/)lora_[ab]$", path):
+      if not ADAPTER_PARAMS.search(path):
         out[path] = value
       continue
     if rest == "kernel":
