@@ -85,6 +85,20 @@ def galore_adamw(
   weight_decay)`` with ``c_t = sqrt(1 - b2^t) / (1 - b1^t)``, Adam's moments
   ``m, v`` kept in the subspace (:func:`galore_optax.scale_by_reference_adam`),
   and the reference defaults (eps 1e-6, no weight decay).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> tx = galore_optax.galore_adamw(1e-3, weight_decay=0.01, rank=8)
+    >>> state = tx.init(params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> galore = galore_optax.find_states(state, galore_optax.GaLoreState)[0]
+    >>> galore.projector.right["w"].shape  # V_r^T: 64 x 32 projects its 32 side
+    (8, 32)
+    >>> galore.inner_state.mu["w"].shape  # Adam's moments: 64 x 8, not 64 x 32
+    (64, 8)
   """
   return optax.chain(
       _galore(
@@ -127,6 +141,18 @@ def fira_adamw(
   whole update afterwards; under ``moments='reset'``, where each leaf restarts
   its own correction at a refresh, the correction stays inside the subspace
   step. The default scale 0.25 is the one of Fira's pretraining scripts.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> tx = galore_optax.fira_adamw(1e-3, rank=8, scale="rms")
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> fira = galore_optax.find_states(state, galore_optax.GaLoreState)[0]
+    >>> fira.residual_norm["w"].shape  # one float32 per matrix: the limiter
+    ()
   """
   per_leaf_count = moments == "reset"
   correction = (
@@ -174,6 +200,18 @@ def apollo_adamw(
 
   With ``optax.inject_hyperparams`` list ``rank``, ``update_proj_gap``,
   ``scaling_type``, ``proj_type`` and ``seed`` in ``static_args``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> tx = galore_optax.apollo_adamw(1e-3, rank=8, scale="rms")
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> apollo = galore_optax.find_states(state, galore_optax.ApolloState)[0]
+    >>> apollo.inner_state.mu["w"].shape  # low-rank moments, and no basis
+    (64, 8)
   """
   return optax.chain(
       apollo_lib.scale_by_apollo(
@@ -215,7 +253,19 @@ def apollo_mini(
     precision: jax.lax.PrecisionLike = projection.DEFAULT_PRECISION,
 ) -> optax.GradientTransformationExtraArgs:
   """APOLLO-Mini: :func:`apollo_adamw` at rank 1 with one scaling factor per
-  matrix and the paper's scale 128, for about SGD's memory."""
+  matrix and the paper's scale 128, for about SGD's memory.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> tx = galore_optax.apollo_mini(1e-3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates["w"].shape
+    (64, 32)
+  """
   return apollo_adamw(**locals())
 
 
@@ -241,7 +291,22 @@ def galore_adam(
     residual: Optional[str] = None,
     group_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """GaLore-Adam: :func:`galore_adamw` without weight decay."""
+  """GaLore-Adam: :func:`galore_adamw` without weight decay.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> tx = optax.chain(
+    ...     optax.clip_by_global_norm(1.0),
+    ...     galore_optax.galore_adam(1e-3, rank=8, update_proj_gap=50),
+    ... )
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> int(galore_optax.bases_computed(state))  # the refresh at step 0
+    1
+  """
   return galore_adamw(
       learning_rate, b1, b2, eps, 0.0, **_galore_options(locals())
   )
@@ -274,6 +339,19 @@ def galore_sgd(
 
   Without ``momentum`` the subspace holds no state and the update is
   ``-lr * scale * back(project(G))``, a projected gradient step.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> tx = galore_optax.galore_sgd(0.1, momentum=0.9, rank=8, scale="norm")
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> # the 'norm' rule: the step has the gradient's norm (no momentum yet)
+    >>> bool(jnp.isclose(optax.global_norm(updates["w"]),
+    ...                  0.1 * optax.global_norm(grads["w"]), rtol=1e-4))
+    True
   """
   inner = (
       optax.identity()
@@ -311,7 +389,19 @@ def galore_lion(
     group_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """GaLore-Lion: ``optax.scale_by_lion`` (sign of interpolated momentum) in the
-  subspace."""
+  subspace.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> tx = galore_optax.galore_lion(1e-4, rank=8, scale="rms")
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> print(f'{float(jnp.abs(updates["b"]).max()):.0e}')  # Lion's sign step
+    1e-04
+  """
   return optax.chain(
       _galore(optax.scale_by_lion(b1=b1, b2=b2), locals()),
       optax.scale_by_learning_rate(learning_rate),
@@ -372,6 +462,17 @@ def galore_adafactor(
   averages updates already multiplied by the learning rate (here it averages
   them before), and weight decay acts on the weights before the update (here
   after it, as in every alias of this package).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> tx = galore_optax.galore_adafactor(1e-2, rank=8)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates["w"].shape
+    (64, 32)
   """
   inner = [
       _params_from_updates(
@@ -427,6 +528,18 @@ def galore_lamb(
   The back-projected Adam direction ``d`` becomes ``d + weight_decay * p`` and
   is rescaled layer by layer by ``||p|| / ||d + weight_decay * p||`` (LAMB's
   trust ratio, computed on full weights, as ``optax.lamb`` does).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> params = jax.tree.map(jnp.ones_like, params)  # trust ratio: ||p|| > 0
+    >>> tx = galore_optax.galore_lamb(1e-3, weight_decay=0.01, rank=8)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates["w"].shape
+    (64, 32)
   """
   return optax.chain(
       _galore(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), locals()),
@@ -456,6 +569,20 @@ def adamw_8bit(
   ``mu``, the unsigned one for ``nu``, one float32 scale per ``block_size``
   elements), as bitsandbytes' ``AdamW8bit`` keeps them; everything else,
   defaults included, is ``optax.adamw``'s.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> params = {"w": jnp.zeros((256, 64)), "b": jnp.zeros(64)}
+    >>> tx = galore_optax.adamw_8bit(1e-3)
+    >>> state = tx.init(params)
+    >>> mu = galore_optax.find_states(state, optax.ScaleByAdamState)[0].mu
+    >>> type(mu["w"]).__name__, mu["w"].codes.dtype  # 16384 elements: 8 bits
+    ('QuantizedArray', dtype('uint8'))
+    >>> type(mu["b"]).__name__  # under min_size: float32
+    'ArrayImpl'
   """
   return optax.chain(
       quantization.quantize_state(

@@ -151,6 +151,15 @@ def memory_report(
       allocated).
     optimizer: any optax transform, e.g. :func:`galore_optax.galore_adamw`.
     baseline: what to compare against; default ``optax.adamw(1e-3)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, galore_optax
+    >>> params = {"w": jax.ShapeDtypeStruct((768, 3072), jnp.float32)}
+    >>> report = galore_optax.memory_report(
+    ...     params, galore_optax.galore_adamw(1e-3, rank=128))
+    >>> # (768 + 2 * 3072) * 128 / (2 * 768 * 3072)
+    >>> print(f"{report.state_ratio:.3f}")
+    0.188
   """
   baseline = optax.adamw(1e-3) if baseline is None else baseline
   state, state_other = _state_bytes_by_leaf(optimizer, params)

@@ -504,6 +504,14 @@ def quantize_state(
       ``match_paths`` negated to keep embeddings in float32, as bitsandbytes'
       ``StableEmbedding`` does); None: every leaf of at least ``min_size``.
     per_leaf: update the quantized leaves one at a time (above).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((256, 64))}
+    >>> tx = galore_optax.quantize_state(optax.scale_by_adam())
+    >>> state = tx.init(params)
+    >>> state.nu["w"].codes.shape, state.nu["w"].absmax.shape  # 64 blocks
+    ((64, 256), (64,))
   """
   check_bits("bits", bits, MOMENT_BITS)
   inner = optax.with_extra_args_support(inner)

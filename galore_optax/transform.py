@@ -204,6 +204,26 @@ def scale_by_galore(
   Raises:
     ValueError, TypeError: at construction for bad options, at init for bad
       leaves, naming the option or the leaf.
+
+  Example:
+    Any params-free optax transform runs in the subspace; here SGD with
+    momentum, the projected matrices under the 'norm' rule:
+
+    >>> import jax, jax.numpy as jnp, optax, galore_optax
+    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> tx = optax.chain(
+    ...     galore_optax.scale_by_galore(
+    ...         optax.trace(0.9), rank=8, scale="norm"
+    ...     ),
+    ...     optax.scale_by_learning_rate(0.1),
+    ... )
+    >>> state = tx.init(params)
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
+    ...          "b": jnp.ones(32)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> galore = galore_optax.find_states(state, galore_optax.GaLoreState)[0]
+    >>> galore.inner_state.trace["w"].shape  # the momentum buffer: 64 x 8
+    (64, 8)
   """
   inner = optax.with_extra_args_support(
       optax.scale_by_adam() if inner is None else inner
