@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
+import shlex
 import time
 
 import jax
@@ -77,8 +79,15 @@ def _train_step_program(tx, params):
   return jax.jit(step, donate_argnums=(0, 1)), (params, state, batch)
 
 
+# An instruction of the compiled program that yields a scalar: s32[], pred[]...
+_SCALAR = re.compile(r"^\s*(?:ROOT )?%\S+ = \w+\[\] ", re.M)
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = ", re.M)
+
+
 def measure(tx, program, params) -> dict:
-  """Seconds to trace and lower, seconds to compile, XLA's temporaries."""
+  """Seconds to trace and lower, seconds to compile, XLA's temporaries, the
+  state's leaves and the compiled program's instructions (all, and those that
+  yield a scalar: bookkeeping such as refresh schedules and flags)."""
   fn, args = program(tx, params)
   start = time.perf_counter()
   lowered = fn.lower(*args)
@@ -86,11 +95,15 @@ def measure(tx, program, params) -> dict:
   start = time.perf_counter()
   compiled = lowered.compile()
   compiled_s = time.perf_counter() - start
+  text = compiled.as_text()
   return dict(
       trace_lower_s=traced,
       compile_s=compiled_s,
       temp_bytes=parallel.compiled_memory(compiled)["temp_size_bytes"],
       hlo_chars=len(lowered.as_text()),
+      state_leaves=len(jax.tree.leaves(args[1])),
+      instructions=len(_INSTRUCTION.findall(text)),
+      scalar_instructions=len(_SCALAR.findall(text)),
   )
 
 
@@ -117,17 +130,26 @@ def render(results: dict) -> str:
         "",
         (
             "| optimizer | trace + lower (s) | compile (s) | total vs adamw |"
-            " XLA temporaries (MiB) | StableHLO (kchars) |"
+            " XLA temporaries (MiB) | StableHLO (kchars) | state leaves |"
+            " compiled instructions (scalar) |"
         ),
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
       total = r["trace_lower_s"] + r["compile_s"]
       ratio = total / (base["trace_lower_s"] + base["compile_s"])
+      # rows of earlier results files lack the census
+      census = (
+          f" {r['state_leaves']:,} | {r['instructions']:,}"
+          f" ({r['scalar_instructions']:,}) |"
+          if "state_leaves" in r
+          else " - | - |"
+      )
       lines.append(
           f"| {name} | {r['trace_lower_s']:.1f} | {r['compile_s']:.1f} |"
           f" {ratio:.2f}x | {r['temp_bytes'] / 2**20:,.0f} |"
           f" {r['hlo_chars'] / 1000:,.0f} |"
+          + census
       )
   return "\n".join(lines)
 
@@ -149,7 +171,7 @@ def main(argv=None) -> None:
       results[tree][name] = measure(tx, program, params)
       print(tree, name, results[tree][name], flush=True)
   command = "python -m benchmarks.compile" + "".join(
-      f" --{k} {' '.join(v)}"
+      f" --{k} {' '.join(map(shlex.quote, v))}"
       for k, v in (("trees", args.trees), ("rows", args.rows))
       if v and v != p.get_default(k)
   )
