@@ -242,8 +242,9 @@ def test_clip_trains_from_the_cli(tmp_path):
       model="clip",
       preset="tiny",
       optimizer="galore_adamw",  # at clip's default learning rate
-      steps=240,
-      eval_every=240,
+      # 160 steps: val loss 3.89 and zero-shot 23% at seed 0, clear of the bounds
+      steps=160,
+      eval_every=160,
       out=str(tmp_path / "run"),
   )
   summary = loop.train(cfg, verbose=False).summary
