@@ -11,7 +11,7 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # benchmarks/, for the results pages
+sys.path.insert(0, str(ROOT))  # the checkout's galore_optax, and docs.results
 
 import galore_optax  # noqa: E402
 from docs import results  # noqa: E402

@@ -21,13 +21,8 @@ _SOURCE_LINK = re.compile(
 )
 
 
-def _page(title: str, body: str) -> str:
-  return f"# {title}\n\n{body}"
-
-
-def write_pages(results: pathlib.Path, out: pathlib.Path) -> list[str]:
-  """Writes ``out/index.md`` and one page per raw table; returns the pages'
-  names (without ``.md``), the index first."""
+def write_pages(results: pathlib.Path, out: pathlib.Path) -> None:
+  """Writes ``out/index.md`` and one page per raw table of ``results``."""
   if out.exists():
     shutil.rmtree(out)
   out.mkdir(parents=True)
@@ -38,7 +33,7 @@ def write_pages(results: pathlib.Path, out: pathlib.Path) -> list[str]:
   for f in raw:
     text = f.read_text()
     # every raw table starts with the command that wrote it and the machine
-    (out / f.name).write_text(_page(f"Raw results: {f.stem}", text))
+    (out / f.name).write_text(f"# Raw results: {f.stem}\n\n{text}")
   benchmarks = (results.parents[1] / "BENCHMARKS.md").read_text()
   benchmarks = _RESULTS_LINK.sub("](", benchmarks)
   benchmarks = _SOURCE_LINK.sub(r"`\2`", benchmarks)
@@ -49,4 +44,3 @@ def write_pages(results: pathlib.Path, out: pathlib.Path) -> list[str]:
       + f"```{{toctree}}\n:maxdepth: 1\n\n{toc}\n```\n"
   )
   (out / "index.md").write_text(index)
-  return ["index"] + [f.stem for f in raw]

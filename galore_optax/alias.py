@@ -263,8 +263,9 @@ def apollo_mini(
     >>> tx = galore_optax.apollo_mini(1e-3)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)
-    >>> updates["w"].shape
-    (64, 32)
+    >>> apollo = galore_optax.find_states(state, galore_optax.ApolloState)[0]
+    >>> apollo.inner_state.mu["w"].shape  # rank 1: 64 numbers per moment
+    (64, 1)
   """
   return apollo_adamw(**locals())
 

@@ -242,7 +242,7 @@ def test_clip_trains_from_the_cli(tmp_path):
       model="clip",
       preset="tiny",
       optimizer="galore_adamw",  # at clip's default learning rate
-      # 160 steps: val loss 3.89 and zero-shot 23% at seed 0, clear of the bounds
+      # 160 steps: val loss 3.89, zero-shot 23% at seed 0, clear of the bounds
       steps=160,
       eval_every=160,
       out=str(tmp_path / "run"),
