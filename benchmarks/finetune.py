@@ -128,6 +128,9 @@ def quality(args) -> dict:
         base=dict(model="bert", finetune=task, init=init, **FINETUNE),
         score=score,
         higher_is_better=True,
+        # the encoder is PRETRAIN's, wherever --runs put it: a ledger run
+        # made on it in another scratch directory is the same run
+        scratch=("out", "init"),
     )
     results[task] = quality_lib.tune_rows(runner, ROWS)
   return results

@@ -197,6 +197,8 @@ class Runner:
   score: str = "val_loss"  # a validation metric of the run's summary
   higher_is_better: bool = False
   sweep_points: int = 4  # learning rates of a sweep before any extension
+  # config fields naming paths in the sitting's scratch directory: not compared
+  scratch: tuple[str, ...] = ("out",)
 
   @classmethod
   def for_sitting(cls, args, steps: int, **fields) -> Runner:
@@ -242,7 +244,7 @@ class Runner:
     finished and this sitting may not start it."""
     cfg = self.config(name, lr, seed)
     for entry in read_ledger(self.ledger):
-      if same_run(entry["config"], cfg):
+      if same_run(entry["config"], cfg, self.scratch):
         return entry
     if self.dry:
       return None
@@ -289,19 +291,24 @@ def read_ledger(path: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def _as_json(config: dict) -> dict:
+def _as_json(config: dict, scratch=("out",)) -> dict:
   # where a run's scratch directory was does not make it another run
-  return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "out"}
+  return {
+      k: v
+      for k, v in json.loads(json.dumps(config)).items()
+      if k not in scratch
+  }
 
 
-def same_run(saved: dict, cfg: TrainConfig) -> bool:
+def same_run(saved: dict, cfg: TrainConfig, scratch=("out",)) -> bool:
   """Whether the ledger's ``saved`` configuration is a run of ``cfg``. Fields
   added to TrainConfig after the run was made count as equal at their
-  defaults; flags the optimizer does not take are not compared."""
+  defaults; flags the optimizer does not take, and the ``scratch`` fields
+  (paths into a sitting's scratch directory), are not compared."""
   # runs made before a config left out the flags its optimizer does not take
   unused = set(OPTIMIZERS[cfg.optimizer].unused_flags)
   saved, wanted, defaults = (
-      {k: v for k, v in _as_json(c).items() if k not in unused}
+      {k: v for k, v in _as_json(c, scratch).items() if k not in unused}
       for c in (
           upgrade(saved),  # runs of earlier versions
           dataclasses.asdict(cfg),

@@ -690,6 +690,22 @@ def test_adamw8bit_keeps_the_embeddings_moments_in_float32(tmp_path):
   )
 
 
+def test_a_ledger_run_is_found_whatever_its_scratch_paths():
+  # benchmarks.finetune fine-tunes an encoder it pretrains in the sitting's
+  # scratch directory: the runs of another sitting are the same runs
+  from benchmarks.quality import same_run
+
+  cfg = config_lib.TrainConfig(
+      model="bert", init="/tmp/b/pretrained", out="/tmp/b/run", lr=1e-4
+  )
+  saved = dataclasses.asdict(
+      dataclasses.replace(cfg, init="runs/a/pretrained", out="runs/a/run")
+  )
+  assert not same_run(saved, cfg)
+  assert same_run(saved, cfg, scratch=("out", "init"))
+  assert not same_run(saved, dataclasses.replace(cfg, lr=2e-4), ("init",))
+
+
 def _tensorboard_scalars(directory: pathlib.Path) -> dict:
   """(tag, step) -> value of the scalars in a TFRecord event file."""
   import struct
