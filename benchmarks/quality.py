@@ -181,6 +181,11 @@ class OutOfTime(Exception):
 LEDGER = pathlib.Path("benchmarks/results/quality-runs.jsonl")
 
 
+# Config fields naming paths in a sitting's scratch directory: where a run's
+# files went does not make it another run.
+SCRATCH = ("out",)
+
+
 @dataclasses.dataclass
 class Runner:
   """Runs (or reuses from the ledger) one configuration at a time under a
@@ -197,8 +202,7 @@ class Runner:
   score: str = "val_loss"  # a validation metric of the run's summary
   higher_is_better: bool = False
   sweep_points: int = 4  # learning rates of a sweep before any extension
-  # config fields naming paths in the sitting's scratch directory: not compared
-  scratch: tuple[str, ...] = ("out",)
+  scratch: tuple[str, ...] = SCRATCH  # config fields not compared
 
   @classmethod
   def for_sitting(cls, args, steps: int, **fields) -> Runner:
@@ -291,8 +295,7 @@ def read_ledger(path: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def _as_json(config: dict, scratch=("out",)) -> dict:
-  # where a run's scratch directory was does not make it another run
+def _as_json(config: dict, scratch=SCRATCH) -> dict:
   return {
       k: v
       for k, v in json.loads(json.dumps(config)).items()
@@ -300,7 +303,7 @@ def _as_json(config: dict, scratch=("out",)) -> dict:
   }
 
 
-def same_run(saved: dict, cfg: TrainConfig, scratch=("out",)) -> bool:
+def same_run(saved: dict, cfg: TrainConfig, scratch=SCRATCH) -> bool:
   """Whether the ledger's ``saved`` configuration is a run of ``cfg``. Fields
   added to TrainConfig after the run was made count as equal at their
   defaults; flags the optimizer does not take, and the ``scratch`` fields

@@ -532,10 +532,9 @@ def galore_lamb(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, galore_optax
-    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.ones(32)}  # ||p|| > 0
     >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
     ...          "b": jnp.ones(32)}
-    >>> params = jax.tree.map(jnp.ones_like, params)  # trust ratio: ||p|| > 0
     >>> tx = galore_optax.galore_lamb(1e-3, weight_decay=0.01, rank=8)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)
@@ -572,10 +571,7 @@ def adamw_8bit(
   defaults included, is ``optax.adamw``'s.
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, galore_optax
-    >>> params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros(32)}
-    >>> grads = {"w": jax.random.normal(jax.random.key(0), (64, 32)),
-    ...          "b": jnp.ones(32)}
+    >>> import jax.numpy as jnp, optax, galore_optax
     >>> params = {"w": jnp.zeros((256, 64)), "b": jnp.zeros(64)}
     >>> tx = galore_optax.adamw_8bit(1e-3)
     >>> state = tx.init(params)
